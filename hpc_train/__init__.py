@@ -1,0 +1,25 @@
+"""hpc_train: MPI-based toolkit for training models on HPC machines.
+
+Every rank runs the same program: `import hpc_train as ht; ht.init()`, then
+`ht.allreduce(grad, op="mean")` and friends. MPI is initialized by `init()` (or
+the first collective), not by importing this package.
+"""
+
+from .comm import (
+    CollectiveMismatchError,
+    allgather,
+    allreduce,
+    allreduce_async,
+    broadcast,
+    reduce_scatter,
+    shared_empty,
+)
+from .runtime import init, local_rank, local_size, node_index, num_nodes, rank, size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CollectiveMismatchError", "allgather", "allreduce", "allreduce_async", "broadcast", "init",
+    "local_rank", "local_size", "node_index", "num_nodes", "rank", "reduce_scatter",
+    "shared_empty", "size",
+]

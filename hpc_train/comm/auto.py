@@ -1,0 +1,96 @@
+"""`auto`: choose an allreduce algorithm by message size and topology.
+
+The table maps a topology key to size thresholds, e.g.
+`{"1x2": [[65536, "mpi"], [null, "shm"]]}`: up to 64 KiB use `mpi`, above use
+`shm`. Keys are "NODESxRANKS_PER_NODE" for exact shapes and "single-node" /
+"multi-node" as fallbacks. The shipped table was measured on the development
+machine; `hpc-train bench allreduce --tune` measures the machine at hand and
+writes a table that takes precedence (HPC_TRAIN_TUNING names another file).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+TUNING_VARIABLE = "HPC_TRAIN_TUNING"
+USER_TABLE = Path.home() / ".config" / "hpc_train" / "allreduce_tuning.json"
+HOST_ALGORITHMS = ("mpi", "ring", "shm", "hierarchical")
+
+
+def topology_key(topology) -> str:
+    if topology.uniform:
+        return f"{topology.num_nodes}x{topology.node_sizes[0]}"
+    return "mixed"
+
+
+def fallback_key(topology) -> str:
+    return "single-node" if topology.num_nodes == 1 else "multi-node"
+
+
+def validate_table(tables: dict, source: str) -> dict:
+    """Check a table's shape and algorithm names; a bad file is named, not half-used."""
+    if not isinstance(tables, dict):
+        raise ValueError(f"{source}: 'tables' must be an object of topology -> rules")
+    for key, rules in tables.items():
+        if not isinstance(rules, list) or not rules:
+            raise ValueError(f"{source}: tables[{key!r}] must be a non-empty list of [max_bytes, algorithm]")
+        for rule in rules:
+            if (not isinstance(rule, list) or len(rule) != 2 or rule[1] not in HOST_ALGORITHMS
+                    or not (rule[0] is None or isinstance(rule[0], int))):
+                raise ValueError(
+                    f"{source}: tables[{key!r}] rule {rule!r}: expected [max_bytes or null, "
+                    f"one of {HOST_ALGORITHMS}]"
+                )
+        if rules[-1][0] is not None:
+            raise ValueError(f"{source}: tables[{key!r}] must end with a [null, algorithm] rule")
+    return tables
+
+
+def read_table(path: Path | str) -> dict:
+    with open(path) as f:
+        doc = json.load(f)
+    return validate_table(doc.get("tables"), str(path))
+
+
+@functools.cache
+def active_tables() -> dict:
+    """The shipped table, overlaid by the user's tuned table, overlaid by $HPC_TRAIN_TUNING."""
+    shipped = resources.files("hpc_train").joinpath("tuning/allreduce.json")
+    tables = dict(validate_table(json.loads(shipped.read_text())["tables"], str(shipped)))
+    for path in (USER_TABLE, os.environ.get(TUNING_VARIABLE)):
+        if path and Path(path).is_file():
+            tables.update(read_table(path))
+    return tables
+
+
+def choose(nbytes: int, topology) -> str:
+    """The algorithm for an allreduce of nbytes on this topology (host memory)."""
+    tables = active_tables()
+    rules = tables.get(topology_key(topology)) or tables[fallback_key(topology)]
+    algorithm = next(algo for max_bytes, algo in rules if max_bytes is None or nbytes <= max_bytes)
+    if algorithm == "shm" and topology.num_nodes > 1:
+        return "hierarchical"
+    if algorithm == "hierarchical" and topology.num_nodes == 1:
+        return "shm"
+    return algorithm
+
+
+def save_table(path: Path | str, key: str, rules: list, provenance: dict) -> Path:
+    """Merge `rules` for topology `key` into the JSON table at path (written atomically)."""
+    path = Path(path)
+    doc = {"version": 1, "tables": {}}
+    if path.is_file():
+        doc = json.loads(path.read_text())
+    doc.setdefault("tables", {})[key] = rules
+    doc.setdefault("provenance", {})[key] = provenance
+    validate_table(doc["tables"], str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    active_tables.cache_clear()
+    return path

@@ -1,0 +1,238 @@
+"""Public collectives: argument handling, validation and dispatch to an algorithm.
+
+Algorithms see flat, contiguous arrays of one dtype (send may be recv for in
+place). Everything else is settled here: output allocation, non-contiguous and
+read-only inputs, zero-length arrays, `mean`, device staging and the optional
+cross-rank check.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import backend
+from . import auto, hierarchical, mpi_algo, ring
+from .check import describe, verify_same
+from .group import Group, group_for
+from .ops import ReduceOp, reduce_op, scale_mean, validate
+from .shm import SharedArray, allreduce_shared
+
+ALGORITHMS = ("auto", "mpi", "ring", "shm", "hierarchical")
+# Algorithms that can run on device memory when MPI is CUDA-aware; others stage through the host.
+DEVICE_ALGORITHMS = ("mpi", "ring")
+CHECK_VARIABLE = "HPC_TRAIN_CHECK"
+
+
+def check_by_default() -> bool:
+    return os.environ.get(CHECK_VARIABLE, "0") == "1"
+
+
+def _shm(group: Group, send, recv, op: ReduceOp, xp=np) -> None:
+    group.node_window().allreduce(send, recv, op)
+
+
+_ALLREDUCE = {
+    "mpi": mpi_algo.allreduce,
+    "ring": ring.allreduce,
+    "shm": _shm,
+    "hierarchical": hierarchical.allreduce,
+}
+
+
+def resolve_algorithm(algorithm: str, nbytes: int, group: Group, on_device: bool) -> str:
+    """Turn `auto` into a concrete algorithm; reject names and topologies that cannot work."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+    if algorithm == "auto":
+        return "mpi" if on_device else auto.choose(nbytes, group.topology)
+    if algorithm == "shm" and group.topology.num_nodes > 1:
+        raise ValueError(
+            f"algorithm 'shm' needs every rank on one node; this communicator spans "
+            f"{group.topology.num_nodes} nodes (use 'hierarchical' or 'auto')"
+        )
+    return algorithm
+
+
+def _output(out, shape, dtype, xp, what: str):
+    """The array the result goes to: `out` after checking it, or a new one."""
+    if out is None:
+        return xp.empty(shape, dtype=dtype)
+    result = backend.as_array(out)
+    if result.shape != tuple(shape) or result.dtype != dtype:
+        raise ValueError(
+            f"{what}: out has shape {result.shape} dtype {result.dtype}, "
+            f"expected shape {tuple(shape)} dtype {dtype}"
+        )
+    if not result.flags.writeable:
+        raise ValueError(f"{what}: out is read-only")
+    return result
+
+
+def _flat_input(arr, xp):
+    """A flat contiguous view of arr, copying only when arr is not contiguous."""
+    return (arr if arr.flags.c_contiguous else xp.ascontiguousarray(arr)).reshape(-1)
+
+
+def _maybe_check(check, group: Group, what: str, **fields) -> None:
+    if check or (check is None and check_by_default()):
+        verify_same(group.comm, what, describe(**fields))
+
+
+def _execute(run, send, result, xp, *, staged: bool, in_place: bool) -> None:
+    """run(send_flat, recv_flat) into result, through pinned host buffers when `staged`.
+
+    Non-contiguous results are computed in a contiguous temporary and copied back.
+    """
+    contiguous = result.flags.c_contiguous
+    if in_place:
+        recv = send
+    else:
+        recv = result.reshape(-1) if contiguous else xp.empty(result.size, result.dtype)
+    if staged:
+        host_send = backend.staging.to_host(send, "send")
+        host_recv = host_send if in_place else (
+            backend.staging.host_buffer("recv", recv.nbytes).view(recv.dtype))
+        run(host_send, host_recv)
+        backend.staging.to_device(host_recv, recv)
+    else:
+        backend.sync_device(send)
+        run(send, recv)
+    if not contiguous:
+        result[...] = recv.reshape(result.shape)
+
+
+def allreduce(x, op: str = "sum", algorithm: str = "auto", out=None, *, comm=None,
+              check: bool | None = None, name: str = ""):
+    """Reduce x element-wise over all ranks; every rank gets the result.
+
+    Returns `out` when given (`out=x` reduces in place), else a new array. The
+    input is never modified unless it is `out`. `check=True` (default with
+    HPC_TRAIN_CHECK=1) first verifies that all ranks pass the same shape, dtype,
+    op and algorithm, raising CollectiveMismatchError on every rank otherwise.
+    """
+    group = group_for(comm)
+    arr = backend.as_array(x)
+    spec = reduce_op(op)
+    validate(arr.dtype, spec)
+    xp = backend.xp_of(arr)
+    in_place = out is not None and (out is x or backend.as_array(out) is arr)
+    result = arr if in_place else _output(out, arr.shape, arr.dtype, xp, f"allreduce {name}")
+    shared_offset = None
+    if in_place and isinstance(arr, SharedArray):
+        shared_offset = arr.shared_offset(group.topology.node)
+    _maybe_check(check, group, f"allreduce {name}".strip(), shape=arr.shape, dtype=arr.dtype.str,
+                 op=spec.name, algorithm=algorithm, shared=shared_offset)
+    if arr.size == 0:
+        return result
+    on_device = xp is not np
+    chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device)
+    staged = _staged(xp) or (on_device and chosen not in DEVICE_ALGORITHMS)
+    if staged:
+        chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device=False)
+    if shared_offset is not None and chosen in ("shm", "hierarchical"):
+        hook = hierarchical.inter_node_hook(group, spec)
+        allreduce_shared(arr._shared, shared_offset, arr, spec, inter_node=hook)
+    else:
+        algorithm_fn = _ALLREDUCE[chosen]
+        _execute(lambda s, r: algorithm_fn(group, s, r, spec, backend.xp_of(s)),
+                 _flat_input(arr, xp), result, xp, staged=staged, in_place=in_place)
+    if spec.scale_by_size:
+        scale_mean(result, group.size, xp)
+    return result
+
+
+def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, comm=None,
+                   check: bool | None = None, name: str = ""):
+    """This rank's block of the element-wise reduction of flattened x.
+
+    Blocks follow `partition(x.size, size)`: sizes differ by at most one element,
+    the first blocks taking the remainder.
+    """
+    group = group_for(comm)
+    arr = backend.as_array(x)
+    spec = reduce_op(op)
+    validate(arr.dtype, spec)
+    xp = backend.xp_of(arr)
+    counts, offsets = ring.partition(arr.size, group.size)
+    mine = counts[group.rank]
+    result = _output(out, (mine,), arr.dtype, xp, f"reduce_scatter {name}")
+    _maybe_check(check, group, f"reduce_scatter {name}".strip(), shape=arr.shape,
+                 dtype=arr.dtype.str, op=spec.name, algorithm=algorithm)
+    if arr.size == 0:
+        return result
+    chosen = _block_algorithm(algorithm)
+
+    def run(send, recv):
+        sxp = backend.xp_of(send)
+        if chosen == "mpi":
+            mpi_algo.reduce_scatter(group, send, recv, counts, spec, sxp)
+        else:
+            acc = group.scratch("rs-acc", send.size, send.dtype, sxp)
+            ring.reduce_scatter(group, group.comm, send, acc, spec, sxp)
+            recv[...] = acc[offsets[group.rank] : offsets[group.rank] + mine]
+
+    _execute(run, _flat_input(arr, xp), result, xp, staged=_staged(xp), in_place=False)
+    if spec.scale_by_size:
+        scale_mean(result, group.size, xp)
+    return result
+
+
+def allgather(x, algorithm: str = "auto", out=None, *, comm=None, check: bool | None = None,
+              name: str = ""):
+    """Concatenate every rank's x along axis 0 (first dimensions may differ)."""
+    group = group_for(comm)
+    arr = backend.as_array(x)
+    arr = arr.reshape(1) if arr.ndim == 0 else arr
+    xp = backend.xp_of(arr)
+    _maybe_check(check, group, f"allgather {name}".strip(), trailing_shape=arr.shape[1:],
+                 dtype=arr.dtype.str, algorithm=algorithm)
+    chosen = _block_algorithm(algorithm)
+    firsts = np.empty(group.size, np.int64)
+    group.comm.Allgather(np.array([arr.shape[0]], np.int64), firsts)
+    row = int(np.prod(arr.shape[1:], dtype=np.int64))
+    counts = [int(f) * row for f in firsts]
+    offsets = [sum(counts[:q]) for q in range(group.size)]
+    result = _output(out, (int(firsts.sum()), *arr.shape[1:]), arr.dtype, xp, f"allgather {name}")
+    if result.size == 0:
+        return result
+
+    def run(send, recv):
+        if chosen == "mpi":
+            mpi_algo.allgather(group, send, recv, counts, offsets)
+        else:
+            start = offsets[group.rank]
+            recv[start : start + send.size] = send
+            ring.allgather_blocks(group.comm, recv, counts, offsets)
+
+    _execute(run, _flat_input(arr, xp), result, xp, staged=_staged(xp), in_place=False)
+    return result
+
+
+def broadcast(x, root: int = 0, *, comm=None, check: bool | None = None, name: str = ""):
+    """Copy root's x into x on every rank (in place); returns x."""
+    group = group_for(comm)
+    if not 0 <= root < group.size:
+        raise ValueError(f"broadcast {name}: root {root} is not a rank of a {group.size}-rank communicator")
+    arr = backend.as_array(x)
+    xp = backend.xp_of(arr)
+    _maybe_check(check, group, f"broadcast {name}".strip(), shape=arr.shape, dtype=arr.dtype.str,
+                 root=root)
+    if arr.size:
+        _execute(lambda _send, buf: mpi_algo.broadcast(group, buf, root), _flat_input(arr, xp),
+                 arr, xp, staged=_staged(xp), in_place=True)
+    return x
+
+
+def _staged(xp) -> bool:
+    """Device memory goes through host buffers unless MPI is CUDA-aware."""
+    return xp is not np and not backend.cuda_awareness().aware
+
+
+def _block_algorithm(algorithm: str) -> str:
+    """reduce_scatter and allgather offer `mpi` and `ring`; `auto` picks `mpi`."""
+    if algorithm not in ("auto", "mpi", "ring"):
+        raise ValueError(
+            f"algorithm {algorithm!r}: reduce_scatter and allgather offer 'auto', 'mpi', 'ring'")
+    return "mpi" if algorithm == "auto" else algorithm

@@ -1,0 +1,172 @@
+"""Shared-memory allreduce among the ranks of one node (`MPI.Win.Allocate_shared`).
+
+Every rank maps every other rank's segment of a node-shared window, so a
+reduction reads peers' data directly instead of receiving copies through MPI.
+
+Copy-in path (any input): the array is cut into chunks that stream through a
+ring of NBUF chunk buffers per rank. Step t copies chunk t in, reduces this
+rank's slice of chunk t-1 in place (reading the same slice from every rank's
+buffer), and copies all slices of chunk t-2 out from their owners; one node
+barrier separates steps. Buffers are reused every NBUF chunks and the chunk
+counter carries over between calls, so no trailing barrier is needed.
+
+Zero-copy path (the input was allocated with `shared_empty` and is reduced in
+place): the copy-in disappears; ranks reduce their slices of each other's arrays
+directly. A trailing barrier keeps a rank from overwriting its array while
+peers still read it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .ops import ReduceOp
+from .ring import partition
+
+CHUNK_BYTES = int(os.environ.get("HPC_TRAIN_SHM_CHUNK", 1 << 20)) // 64 * 64
+NBUF = 4
+
+
+class SharedSegments:
+    """A node-shared window of `nbytes` per rank; `segments[q]` is rank q's bytes, mapped here."""
+
+    def __init__(self, node_comm, nbytes: int):
+        from mpi4py import MPI
+
+        self.comm = node_comm
+        self.nbytes = nbytes
+        info = MPI.Info.Create()
+        info.Set("alloc_shared_noncontig", "true")
+        self.win = MPI.Win.Allocate_shared(nbytes, 1, info=info, comm=node_comm)
+        info.Free()
+        self.segments = [
+            np.frombuffer(self.win.Shared_query(q)[0], dtype=np.uint8, count=nbytes)
+            for q in range(node_comm.Get_size())
+        ]
+        mine = self.segments[node_comm.Get_rank()]
+        mine.fill(0)  # first touch here, not inside a timed collective
+        self.address = mine.ctypes.data if nbytes else 0
+        node_comm.Barrier()
+
+    def free(self) -> None:
+        """Release the window (collective over the node)."""
+        self.segments = []
+        self.win.Free()
+
+
+class NodeWindow:
+    """The per-communicator chunk ring used by the copy-in path."""
+
+    def __init__(self, node_comm, chunk_bytes: int = CHUNK_BYTES):
+        self.comm = node_comm
+        self.chunk_bytes = chunk_bytes
+        self.shared = SharedSegments(node_comm, NBUF * chunk_bytes)
+        self.counter = 0
+
+    def slot(self, owner: int, chunk: int, dtype) -> np.ndarray:
+        b = chunk % NBUF
+        raw = self.shared.segments[owner][b * self.chunk_bytes : (b + 1) * self.chunk_bytes]
+        return raw.view(dtype)
+
+    def allreduce(self, send, recv, op: ReduceOp, inter_node=None) -> None:
+        """recv = node-wide reduction of send (send may be recv).
+
+        `inter_node(piece)`, when given, reduces this rank's fully node-reduced slice
+        of each chunk across nodes in place (hierarchical allreduce).
+        """
+        comm, p, r = self.comm, self.comm.Get_size(), self.comm.Get_rank()
+        per = self.chunk_bytes // send.dtype.itemsize
+        n = send.size
+        nchunks = -(-n // per)
+        ufunc = op.ufunc()
+        base = self.counter
+        for t in range(nchunks + 2):
+            if t < nchunks:
+                lo, hi = t * per, min(n, (t + 1) * per)
+                self.slot(r, base + t, send.dtype)[: hi - lo] = send[lo:hi]
+            if 1 <= t <= nchunks:
+                c = t - 1
+                counts, offsets = partition(min(n, (c + 1) * per) - c * per, p)
+                a, b = offsets[r], offsets[r] + counts[r]
+                views = [self.slot(q, base + c, send.dtype)[a:b] for q in range(p)]
+                _reduce_into(views, r, ufunc)
+                if inter_node is not None:
+                    inter_node(views[r])
+            if t >= 2:
+                c = t - 2
+                lo = c * per
+                counts, offsets = partition(min(n, lo + per) - lo, p)
+                for q in range(p):
+                    a, b = offsets[q], offsets[q] + counts[q]
+                    recv[lo + a : lo + b] = self.slot(q, base + c, send.dtype)[a:b]
+            if t <= nchunks:
+                comm.Barrier()
+        self.counter += nchunks
+
+
+def _reduce_into(views, r: int, ufunc) -> None:
+    """views[r] = reduction of all views, in place, starting from rank r's own data."""
+    target = views[r]
+    p = len(views)
+    for k in range(1, p):
+        ufunc(target, views[(r + k) % p], out=target)
+
+
+def allreduce_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
+                     chunk_bytes: int = CHUNK_BYTES, inter_node=None) -> None:
+    """In-place allreduce of `array`, which lies at byte `offset` of this rank's shared segment."""
+    comm, p, r = alloc.comm, alloc.comm.Get_size(), alloc.comm.Get_rank()
+    n, dtype = array.size, array.dtype
+    arrays = [alloc.segments[q][offset : offset + array.nbytes].view(dtype) for q in range(p)]
+    arrays[r] = array.reshape(-1)
+    per = max(1, chunk_bytes // dtype.itemsize)
+    nchunks = -(-n // per)
+    ufunc = op.ufunc()
+    comm.Barrier()  # every rank's input is complete
+    for t in range(nchunks + 1):
+        if t < nchunks:
+            lo = t * per
+            counts, offsets = partition(min(n, lo + per) - lo, p)
+            a, b = lo + offsets[r], lo + offsets[r] + counts[r]
+            views = [x[a:b] for x in arrays]
+            _reduce_into(views, r, ufunc)
+            if inter_node is not None:
+                inter_node(views[r])
+        if t >= 1:
+            lo = (t - 1) * per
+            counts, offsets = partition(min(n, lo + per) - lo, p)
+            for q in range(p):
+                if q != r:
+                    a, b = lo + offsets[q], lo + offsets[q] + counts[q]
+                    arrays[r][a:b] = arrays[q][a:b]
+        comm.Barrier()
+
+
+class SharedArray(np.ndarray):
+    """A numpy array in node-shared memory; reduced in place without copy-in."""
+
+    _shared: SharedSegments | None = None
+
+    def __array_finalize__(self, obj):
+        self._shared = getattr(obj, "_shared", None)
+
+    def shared_offset(self, comm) -> int | None:
+        """Byte offset inside this rank's segment, if this array can take the zero-copy path."""
+        alloc = self._shared
+        if alloc is None or alloc.comm is not comm or not self.flags.c_contiguous:
+            return None
+        offset = self.ctypes.data - alloc.address
+        return offset if offset >= 0 and offset + self.nbytes <= alloc.nbytes else None
+
+
+def shared_empty(node_comm, shape, dtype=np.float32) -> SharedArray:
+    """Allocate an uninitialized array in node-shared memory (collective over the node)."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    alloc = SharedSegments(node_comm, count * dtype.itemsize)
+    mine = alloc.segments[node_comm.Get_rank()]
+    array = mine.view(dtype)[:count].reshape(shape).view(SharedArray)
+    array._shared = alloc
+    return array

@@ -1,0 +1,229 @@
+"""MPI start-up shared by every rank.
+
+`init()` creates the world, node-local and cross-node communicators, installs the
+abort-on-exception hooks (one failing rank ends the job instead of leaving the
+others blocked until walltime) and prefixes log records with `[rank/size]`.
+MPI itself is imported lazily so that `env_local_rank()` can be read, and a GPU
+bound, before `MPI_Init` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+
+log = logging.getLogger("hpc_train")
+
+# Variables through which launchers announce a process's rank on its node.
+LOCAL_RANK_VARIABLES = (
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "PMI_LOCAL_RANK",
+    "SLURM_LOCALID",
+)
+PRETEND_RANKS_PER_NODE = "HPC_TRAIN_RANKS_PER_NODE"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where a communicator's ranks sit: node-local and cross-node sub-communicators.
+
+    `node` holds the ranks of one shared-memory node (or of one pretended node, see
+    HPC_TRAIN_RANKS_PER_NODE); `cross` holds the ranks with the same local rank on
+    every node; `leaders` holds local rank 0 of every node (COMM_NULL elsewhere).
+    """
+
+    comm: object
+    node: object
+    cross: object
+    leaders: object
+    node_index: int
+    num_nodes: int
+    node_sizes: tuple[int, ...]
+    pretended: bool
+
+    @property
+    def uniform(self) -> bool:
+        """True when every node holds the same number of ranks."""
+        return len(set(self.node_sizes)) == 1
+
+
+def env_local_rank() -> int | None:
+    """The node-local rank the launcher announced, readable before MPI_Init."""
+    for name in LOCAL_RANK_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def pretended_ranks_per_node() -> int | None:
+    """HPC_TRAIN_RANKS_PER_NODE as an int, or None; a bad value is named."""
+    value = os.environ.get(PRETEND_RANKS_PER_NODE)
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{PRETEND_RANKS_PER_NODE}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def build_topology(comm) -> Topology:
+    """Split `comm` into node and cross-node communicators (collective over `comm`)."""
+    from mpi4py import MPI
+
+    shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    per_node = pretended_ranks_per_node()
+    if per_node is not None:
+        node = shared.Split(color=shared.Get_rank() // per_node, key=comm.Get_rank())
+        shared.Free()
+    else:
+        node = shared
+    local_rank = node.Get_rank()
+    leaders = comm.Split(color=0 if local_rank == 0 else MPI.UNDEFINED, key=comm.Get_rank())
+    node_index = leaders.Get_rank() if local_rank == 0 else 0
+    node_index = node.bcast(node_index, root=0)
+    cross = comm.Split(color=local_rank, key=node_index)
+    node_sizes = tuple(comm.allgather((node_index, node.Get_size())))
+    sizes = tuple(size for _, size in sorted(set(node_sizes)))
+    return Topology(
+        comm=comm,
+        node=node,
+        cross=cross,
+        leaders=leaders,
+        node_index=node_index,
+        num_nodes=len(sizes),
+        node_sizes=sizes,
+        pretended=per_node is not None,
+    )
+
+
+class _Runtime:
+    def __init__(self, world):
+        self.world = world
+        self.topology = build_topology(world)
+
+
+_runtime: _Runtime | None = None
+_init_lock = threading.Lock()
+
+
+def init(abort_on_exception: bool = True, log_level: int | str | None = None) -> _Runtime:
+    """Initialize MPI and hpc_train's communicators; idempotent.
+
+    Call once near the top of an SPMD program (every rank). Later calls return
+    the same runtime.
+    """
+    global _runtime
+    with _init_lock:
+        if _runtime is not None:
+            return _runtime
+        from mpi4py import MPI
+
+        _runtime = _Runtime(MPI.COMM_WORLD)
+        setup_logging(log_level)
+        if abort_on_exception:
+            install_abort_hooks()
+        return _runtime
+
+
+def initialized() -> bool:
+    return _runtime is not None
+
+
+def runtime() -> _Runtime:
+    return init() if _runtime is None else _runtime
+
+
+def world():
+    """MPI.COMM_WORLD, after init()."""
+    return runtime().world
+
+
+def topology() -> Topology:
+    return runtime().topology
+
+
+def rank() -> int:
+    return runtime().world.Get_rank()
+
+
+def size() -> int:
+    return runtime().world.Get_size()
+
+
+def local_rank() -> int:
+    """Rank on this node; before init() it comes from the launcher's environment."""
+    if _runtime is None:
+        announced = env_local_rank()
+        if announced is not None:
+            return announced
+    return topology().node.Get_rank()
+
+
+def local_size() -> int:
+    return topology().node.Get_size()
+
+
+def node_index() -> int:
+    return topology().node_index
+
+
+def num_nodes() -> int:
+    return topology().num_nodes
+
+
+class RankFormatter(logging.Formatter):
+    """Prefix every record with `[rank/size]` so interleaved output stays readable."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            prefix = f"[{MPI.COMM_WORLD.Get_rank()}/{MPI.COMM_WORLD.Get_size()}] "
+        else:
+            prefix = "[-/-] "
+        return prefix + super().format(record)
+
+
+def setup_logging(level: int | str | None = None) -> None:
+    """Attach a rank-prefixed stderr handler to the `hpc_train` logger once."""
+    if not any(isinstance(h.formatter, RankFormatter) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(RankFormatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    level = level or os.environ.get("HPC_TRAIN_LOG_LEVEL", "WARNING")
+    log.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def abort_job(exc_type, exc, tb, where: str = "") -> None:
+    """Log the traceback with the rank, then MPI_Abort the whole job."""
+    from mpi4py import MPI
+
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    rank_ = MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() else -1
+    log.critical("uncaught exception%s on rank %d, aborting the job:\n%s", where, rank_, text)
+    for handler in log.handlers:
+        handler.flush()
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(1)
+
+
+def install_abort_hooks() -> None:
+    """Make an uncaught exception on any rank, in any thread, end the job."""
+
+    def excepthook(exc_type, exc, tb):
+        abort_job(exc_type, exc, tb)
+
+    def thread_excepthook(args):
+        if args.exc_type is SystemExit:
+            return
+        abort_job(args.exc_type, args.exc_value, args.exc_traceback, f" in thread {args.thread.name}")
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
