@@ -4,9 +4,10 @@ Every rank maps every other rank's segment of a node-shared window, so a
 reduction reads peers' data directly instead of receiving copies through MPI.
 
 Copy-in path (any input): the array is cut into chunks that stream through a
-ring of NBUF chunk buffers per rank. Step t copies chunk t in, reduces this
-rank's slice of chunk t-1 in place (reading the same slice from every rank's
-buffer), and copies all slices of chunk t-2 out from their owners; one node
+ring of NBUF chunk buffers per rank. Step t publishes the slices of chunk t
+that other ranks reduce, reduces this rank's own slice of chunk t-1 (its own
+data read straight from the input, the peers' from their buffers) into its
+buffer, and copies all slices of chunk t-2 out from their owners; one node
 barrier separates steps. Buffers are reused every NBUF chunks and the chunk
 counter carries over between calls, so no trailing barrier is needed.
 
@@ -25,7 +26,7 @@ import numpy as np
 from .ops import ReduceOp
 from .ring import partition
 
-CHUNK_BYTES = int(os.environ.get("HPC_TRAIN_SHM_CHUNK", 1 << 20)) // 64 * 64
+CHUNK_BYTES = int(os.environ.get("HPC_TRAIN_SHM_CHUNK", 512 << 10)) // 64 * 64
 NBUF = 4
 
 
@@ -83,35 +84,40 @@ class NodeWindow:
         ufunc = op.ufunc()
         base = self.counter
         for t in range(nchunks + 2):
-            if t < nchunks:
-                lo, hi = t * per, min(n, (t + 1) * per)
-                self.slot(r, base + t, send.dtype)[: hi - lo] = send[lo:hi]
+            if t < nchunks:  # publish the slices other ranks reduce; ours is read from send
+                lo = t * per
+                counts, offsets = partition(min(n, lo + per) - lo, p)
+                slot = self.slot(r, base + t, send.dtype)
+                for q in range(p):
+                    if q != r:
+                        a, b = offsets[q], offsets[q] + counts[q]
+                        slot[a:b] = send[lo + a : lo + b]
             if 1 <= t <= nchunks:
-                c = t - 1
-                counts, offsets = partition(min(n, (c + 1) * per) - c * per, p)
+                lo = (t - 1) * per
+                counts, offsets = partition(min(n, lo + per) - lo, p)
                 a, b = offsets[r], offsets[r] + counts[r]
-                views = [self.slot(q, base + c, send.dtype)[a:b] for q in range(p)]
-                _reduce_into(views, r, ufunc)
+                sources = [self.slot(q, base + t - 1, send.dtype)[a:b] for q in range(p)]
+                target, sources[r] = sources[r], send[lo + a : lo + b]
+                _reduce_into(target, sources, r, ufunc)
                 if inter_node is not None:
-                    inter_node(views[r])
+                    inter_node(target)
             if t >= 2:
-                c = t - 2
-                lo = c * per
+                lo = (t - 2) * per
                 counts, offsets = partition(min(n, lo + per) - lo, p)
                 for q in range(p):
                     a, b = offsets[q], offsets[q] + counts[q]
-                    recv[lo + a : lo + b] = self.slot(q, base + c, send.dtype)[a:b]
+                    recv[lo + a : lo + b] = self.slot(q, base + t - 2, send.dtype)[a:b]
             if t <= nchunks:
                 comm.Barrier()
         self.counter += nchunks
 
 
-def _reduce_into(views, r: int, ufunc) -> None:
-    """views[r] = reduction of all views, in place, starting from rank r's own data."""
-    target = views[r]
-    p = len(views)
-    for k in range(1, p):
-        ufunc(target, views[(r + k) % p], out=target)
+def _reduce_into(target, sources, r: int, ufunc) -> None:
+    """target = reduction of all sources (p >= 2), starting from rank r's own; target may alias it."""
+    p = len(sources)
+    ufunc(sources[r], sources[(r + 1) % p], out=target)
+    for k in range(2, p):
+        ufunc(target, sources[(r + k) % p], out=target)
 
 
 def allreduce_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
@@ -120,7 +126,6 @@ def allreduce_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
     comm, p, r = alloc.comm, alloc.comm.Get_size(), alloc.comm.Get_rank()
     n, dtype = array.size, array.dtype
     arrays = [alloc.segments[q][offset : offset + array.nbytes].view(dtype) for q in range(p)]
-    arrays[r] = array.reshape(-1)
     per = max(1, chunk_bytes // dtype.itemsize)
     nchunks = -(-n // per)
     ufunc = op.ufunc()
@@ -130,10 +135,10 @@ def allreduce_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
             lo = t * per
             counts, offsets = partition(min(n, lo + per) - lo, p)
             a, b = lo + offsets[r], lo + offsets[r] + counts[r]
-            views = [x[a:b] for x in arrays]
-            _reduce_into(views, r, ufunc)
+            sources = [x[a:b] for x in arrays]
+            _reduce_into(sources[r], sources, r, ufunc)
             if inter_node is not None:
-                inter_node(views[r])
+                inter_node(sources[r])
         if t >= 1:
             lo = (t - 1) * per
             counts, offsets = partition(min(n, lo + per) - lo, p)
