@@ -66,11 +66,15 @@ lint: setup
 	$(VENV)/bin/ruff check $(RUFF_ARGS) hpc_train kernels io bench tests
 
 test-serial: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not mpi" tests
 
+# 2 and 4 ranks on one node, then pretended nodes of 2 ranks (4 ranks: even nodes,
+# 3 ranks: uneven) so that hierarchical allreduce crosses node boundaries.
 test-mpi: setup
 	bash tests/run_mpi.sh 2 $(MPI_TIMEOUT)
 	bash tests/run_mpi.sh 4 $(MPI_TIMEOUT)
+	HPC_TRAIN_RANKS_PER_NODE=2 bash tests/run_mpi.sh 3 $(MPI_TIMEOUT)
+	HPC_TRAIN_RANKS_PER_NODE=2 bash tests/run_mpi.sh 4 $(MPI_TIMEOUT)
 
 test: lint test-serial test-mpi
 

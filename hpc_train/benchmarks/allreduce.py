@@ -86,7 +86,8 @@ def count_wrong(result: np.ndarray, p: int, op: str) -> int:
         expected = base
     else:
         expected = np.prod(base[None, :] + ranks[:, None], axis=0)
-    return int(np.count_nonzero(result.astype(np.float64) != expected.astype(result.dtype).astype(np.float64)))
+    want = expected.astype(result.dtype).astype(np.float64)
+    return int(np.count_nonzero(result.astype(np.float64) != want))
 
 
 class Case:

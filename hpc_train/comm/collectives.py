@@ -17,7 +17,7 @@ from . import auto, hierarchical, mpi_algo, ring
 from .check import describe, verify_same
 from .group import Group, group_for
 from .ops import ReduceOp, mpi_wire_dtype, reduce_op, scale_mean, validate
-from .shm import SharedArray, allreduce_shared
+from .shm import SharedArray
 
 ALGORITHMS = ("auto", "mpi", "ring", "shm", "hierarchical")
 # Algorithms that can run on device memory when MPI is CUDA-aware; others stage through the host.
@@ -193,8 +193,7 @@ def _allreduce(x, op, algorithm, out, comm, check, name):
         _direct_plans[(x.shape, x.strides, x.dtype, op, algorithm)] = _direct_mpi_plan(
             group.comm, spec.mpi(), group.size if spec.scale_by_size else 0)
     if shared_offset is not None and chosen in ("shm", "hierarchical"):
-        hook = hierarchical.inter_node_hook(group, spec)
-        allreduce_shared(arr._shared, shared_offset, arr, spec, inter_node=hook)
+        hierarchical.allreduce_in_shared(group, arr, shared_offset, spec)
     else:
         algorithm_fn = _ALLREDUCE[chosen]
         _execute(lambda s, r: algorithm_fn(group, s, r, spec, backend.xp_of(s)),

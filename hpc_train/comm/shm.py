@@ -113,8 +113,12 @@ class NodeWindow:
 
 
 def _reduce_into(target, sources, r: int, ufunc) -> None:
-    """target = reduction of all sources (p >= 2), starting from rank r's own; target may alias it."""
+    """target = reduction of all sources, starting from rank r's own; target may alias it."""
     p = len(sources)
+    if p == 1:
+        if target is not sources[0]:
+            target[...] = sources[0]
+        return
     ufunc(sources[r], sources[(r + 1) % p], out=target)
     for k in range(2, p):
         ufunc(target, sources[(r + k) % p], out=target)
