@@ -17,7 +17,7 @@ from . import auto, hierarchical, mpi_algo, ring
 from .check import describe, verify_same
 from .group import Group, group_for
 from .ops import ReduceOp, mpi_wire_dtype, reduce_op, scale_mean, validate
-from .shm import SharedArray
+from .shm import FLAG_OPCODES, SharedArray
 
 ALGORITHMS = ("auto", "mpi", "ring", "shm", "hierarchical")
 # Algorithms that can run on device memory when MPI is CUDA-aware; others stage through the host.
@@ -139,6 +139,29 @@ def _direct_mpi_plan(comm, mpi_op, divisor: int):
     return run
 
 
+def _direct_flag_plan(context, opcode: int):
+    def run(x, out):
+        if out is None:
+            out = np.empty_like(x)
+        elif out is not x and (type(out) is not np.ndarray or out.shape != x.shape):
+            raise _NotDirect
+        context.allreduce(x, out, opcode)  # checks everything before it communicates
+        return out
+
+    return run
+
+
+def _direct_plan(group: Group, chosen: str, spec: ReduceOp, arr):
+    """A plan for C-contiguous host arrays whose call is one MPI_Allreduce or one flag call."""
+    if chosen == "mpi" and mpi_wire_dtype(arr.dtype) == arr.dtype:
+        return _direct_mpi_plan(group.comm, spec.mpi(), group.size if spec.scale_by_size else 0)
+    if chosen in ("shm", "hierarchical") and group.topology.num_nodes == 1:
+        flags = group.node_window().flags
+        if flags is not None and flags.accepts(arr):
+            return _direct_flag_plan(flags.context, FLAG_OPCODES[spec.name])
+    return None
+
+
 def reset_plans() -> None:
     """Forget cached algorithm choices (after the auto table changed)."""
     _direct_plans.clear()
@@ -188,10 +211,11 @@ def _allreduce(x, op, algorithm, out, comm, check, name):
     staged = _staged(xp) or (on_device and chosen not in DEVICE_ALGORITHMS)
     if staged:
         chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device=False)
-    if (chosen == "mpi" and comm is None and not check and not _CHECK_DEFAULT and type(x) is np.ndarray
-            and arr.flags.c_contiguous and mpi_wire_dtype(arr.dtype) == arr.dtype):
-        _direct_plans[(x.shape, x.strides, x.dtype, op, algorithm)] = _direct_mpi_plan(
-            group.comm, spec.mpi(), group.size if spec.scale_by_size else 0)
+    if (comm is None and not check and not _CHECK_DEFAULT and type(x) is np.ndarray
+            and arr.flags.c_contiguous and shared_offset is None):
+        plan = _direct_plan(group, chosen, spec, arr)
+        if plan is not None:
+            _direct_plans[(x.shape, x.strides, x.dtype, op, algorithm)] = plan
     if shared_offset is not None and chosen in ("shm", "hierarchical"):
         hierarchical.allreduce_in_shared(group, arr, shared_offset, spec)
     else:

@@ -28,6 +28,13 @@ from .ring import partition
 
 CHUNK_BYTES = int(os.environ.get("HPC_TRAIN_SHM_CHUNK", 512 << 10)) // 64 * 64
 NBUF = 4
+# Messages up to this size take the flag-synchronized C path (flagshm.c) when it is built;
+# larger ones its chunk pipeline, whose barriers are flags too.
+FLAG_SLOT_BYTES = int(os.environ.get("HPC_TRAIN_SHM_SMALL", 256 << 10)) // 64 * 64
+FLAG_CHUNK_BYTES = int(os.environ.get("HPC_TRAIN_SHM_FLAG_CHUNK", 256 << 10)) // 64 * 64
+FLAG_OPCODES = {"sum": 0, "prod": 1, "max": 2, "min": 3, "mean": 4}
+_FLAG_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.int8, np.uint8, np.int16,
+                                                np.uint16, np.int32, np.uint32, np.int64, np.uint64))
 
 
 class SharedSegments:
@@ -57,14 +64,38 @@ class SharedSegments:
         self.win.Free()
 
 
+class FlagPath:
+    """The C paths of flagshm.c: flag-synchronized, no MPI barrier, no Python per chunk."""
+
+    def __init__(self, node_comm, module, slot_bytes: int = FLAG_SLOT_BYTES,
+                 chunk_bytes: int = FLAG_CHUNK_BYTES):
+        self.slot_bytes = slot_bytes
+        self.shared = SharedSegments(node_comm, module.segment_bytes(slot_bytes, chunk_bytes))
+        addresses = [segment.ctypes.data for segment in self.shared.segments]
+        self.context = module.context(addresses, node_comm.Get_rank(), slot_bytes, chunk_bytes)
+
+    @staticmethod
+    def takes(array) -> bool:
+        """Exactly the element types the C side reduces, decided identically on every rank."""
+        return array.dtype in _FLAG_DTYPES and array.dtype.isnative
+
+    def accepts(self, array) -> bool:
+        """Whether the single-call small path takes this array."""
+        return array.nbytes <= self.slot_bytes and self.takes(array)
+
+
 class NodeWindow:
-    """The per-communicator chunk ring used by the copy-in path."""
+    """A communicator's shared-memory workspace: the chunk ring and the small-message flags."""
 
     def __init__(self, node_comm, chunk_bytes: int = CHUNK_BYTES):
+        from .native import load
+
         self.comm = node_comm
         self.chunk_bytes = chunk_bytes
         self.shared = SharedSegments(node_comm, NBUF * chunk_bytes)
         self.counter = 0
+        module = load(node_comm) if node_comm.Get_size() > 1 else None
+        self.flags = FlagPath(node_comm, module) if module is not None else None
 
     def slot(self, owner: int, chunk: int, dtype) -> np.ndarray:
         b = chunk % NBUF
@@ -77,6 +108,14 @@ class NodeWindow:
         `inter_node(piece)`, when given, reduces this rank's fully node-reduced slice
         of each chunk across nodes in place (hierarchical allreduce).
         """
+        if inter_node is None and self.flags is not None and self.flags.takes(send):
+            # `mean` is scaled by the caller, after the algorithm
+            code = FLAG_OPCODES["sum" if op.scale_by_size else op.name]
+            if send.nbytes <= self.flags.slot_bytes:
+                self.flags.context.allreduce(send, recv, code)
+            else:
+                self.flags.context.pipeline(send, recv, code)
+            return
         comm, p, r = self.comm, self.comm.Get_size(), self.comm.Get_rank()
         per = self.chunk_bytes // send.dtype.itemsize
         n = send.size
