@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 
 from . import backend, runtime
+from .comm import auto
 
 
 def gpu_devices() -> list[str]:
@@ -53,6 +54,7 @@ def collect() -> dict:
         "nodes": topo.num_nodes,
         "ranks_per_node": list(topo.node_sizes),
         "pretended_nodes": topo.pretended,
+        "auto_table": auto.topology_key(topo),
         "hosts": sorted(set(hosts)) if hosts else [],
         "cuda_aware": cuda.aware,
         "cuda_aware_how": cuda.how,

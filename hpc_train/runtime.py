@@ -46,6 +46,7 @@ class Topology:
     num_nodes: int
     node_sizes: tuple[int, ...]
     pretended: bool
+    host_ranks: int  # ranks sharing this rank's physical host (pretended nodes or not)
 
     @property
     def uniform(self) -> bool:
@@ -77,6 +78,7 @@ def build_topology(comm) -> Topology:
     from mpi4py import MPI
 
     shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    host_ranks = shared.Get_size()
     per_node = pretended_ranks_per_node()
     if per_node is not None:
         node = shared.Split(color=shared.Get_rank() // per_node, key=comm.Get_rank())
@@ -99,6 +101,7 @@ def build_topology(comm) -> Topology:
         num_nodes=len(sizes),
         node_sizes=sizes,
         pretended=per_node is not None,
+        host_ranks=host_ranks,
     )
 
 

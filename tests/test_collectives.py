@@ -11,6 +11,7 @@ import pytest
 
 import hpc_train as ht
 from hpc_train.comm import partition
+from hpc_train.comm.collectives import ZERO_COPY_MIN_BYTES
 from hpc_train.comm.ops import bfloat16_dtype
 from hpc_train.comm.shm import CHUNK_BYTES
 
@@ -141,7 +142,7 @@ def test_results_identical_on_every_rank(comm):
 def test_shared_input_reduced_in_place(comm, algorithm):
     skip_if_unsupported(algorithm)
     p, r = comm.Get_size(), comm.Get_rank()
-    for n in [1, p + 1, 3 * CHUNK_BYTES // 4 + 5]:
+    for n in [1, p + 1, 3 * CHUNK_BYTES // 4 + 5, ZERO_COPY_MIN_BYTES // 4 + 3 * CHUNK_BYTES // 4 + 1]:
         buf = ht.shared_empty(n, np.float32)
         buf[:] = np.arange(n) % 5 + r
         view = buf[: max(1, n - 1)]  # a view of a shared array reduces without copy-in too

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -105,7 +108,7 @@ def test_auto_table_round_trip(tmp_path, monkeypatch):
     auto.active_tables.cache_clear()
 
     class Topo:
-        uniform, num_nodes, node_sizes = True, 1, (2,)
+        uniform, num_nodes, node_sizes, host_ranks = True, 1, (2,), 2
 
     try:
         assert auto.choose(1024, Topo) == "mpi"
@@ -122,3 +125,14 @@ def test_auto_table_rejects_bad_files(tmp_path):
     path.write_text(json.dumps({"tables": {"1x2": [[1024, "mpi"]]}}))
     with pytest.raises(ValueError, match="must end with a \\[null, algorithm\\] rule"):
         auto.read_table(path)
+
+
+def test_import_does_not_initialize_mpi():
+    """GPU binding needs the local rank before MPI_Init: importing must not start MPI."""
+    probe = ("import sys, hpc_train\n"
+             "assert 'mpi4py.MPI' not in sys.modules, 'import hpc_train initialized MPI'\n"
+             "print(hpc_train.local_rank())")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "OMPI_COMM_WORLD_LOCAL_RANK": "5"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "5"

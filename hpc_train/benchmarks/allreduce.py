@@ -1,7 +1,7 @@
 """Allreduce benchmark in the style of nccl-tests, measured against MPI in the same run.
 
-For every size, every algorithm is timed in turn (interleaved), the whole round
-repeated, and the median kept; `vs_mpi` is the median of per-round ratios to the
+For every size, every algorithm is timed in turn (interleaved, in a shuffled
+order), the whole round repeated, and the median kept; `vs_mpi` is the median of per-round ratios to the
 library's own MPI_Allreduce, so machine noise hits both sides alike. Time per
 iteration is averaged over ranks (OSU / nccl-tests convention). The physical
 reference is the aggregate copy bandwidth B of all ranks of the node copying at
@@ -176,8 +176,11 @@ def run(sizes, algorithms, dtype, op: str, repeats: int, warmup: int, min_time: 
         iterations = {c.algorithm: choose_iterations(c, warmup, min_time, max_iterations) for c in cases}
         times: dict[str, list[float]] = {c.algorithm: [] for c in cases}
         copies = []
-        for _ in range(repeats):
-            for c in cases:
+        for round_ in range(repeats):
+            # A fresh order every round (the same on every rank): no algorithm always runs
+            # right after another one's cache footprint.
+            for k in np.random.default_rng(round_).permutation(len(cases)):
+                c = cases[k]
                 times[c.algorithm].append(c.time_per_call(iterations[c.algorithm]))
             if single_node and p > 1:
                 copies.append(copy_bandwidth(count * dtype.itemsize, comm, iterations["mpi"]))
@@ -213,19 +216,25 @@ def format_table(rows: list[Row], header: str) -> str:
     return "\n".join(lines)
 
 
-def tuned_rules(rows: list[Row], margin: float = 1.02) -> list:
+def tuned_rules(rows: list[Row], margin: float = 1.02, stickiness: float = 1.05) -> list:
     """[[max_bytes, algorithm], ..., [None, algorithm]]: the fastest plain algorithm per size.
 
-    A challenger replaces `mpi` only where it beats it by `margin` (median ratio).
+    A challenger replaces `mpi` only where it beats it by `margin` (median ratio);
+    among algorithms within `stickiness` of the best, the previous size's choice
+    is kept, so that noise does not fragment the table.
     """
-    best_per_size = []
+    choices, previous = [], None
     for size in sorted({r.size for r in rows}):
-        candidates = [r for r in rows if r.size == size and r.algorithm in auto_table.HOST_ALGORITHMS]
-        best = max(candidates, key=lambda r: r.vs_mpi or 0.0)
-        choice = best.algorithm if best.algorithm != "mpi" and best.vs_mpi >= margin else "mpi"
-        best_per_size.append((size, choice))
+        ratios = {r.algorithm: r.vs_mpi for r in rows
+                  if r.size == size and r.algorithm in auto_table.HOST_ALGORITHMS}
+        good = {a: v for a, v in ratios.items() if a == "mpi" or v >= margin}
+        good["mpi"] = 1.0
+        best = max(good.values())
+        near = [a for a, v in good.items() if v * stickiness >= best]
+        previous = previous if previous in near else max(near, key=good.get)
+        choices.append((size, previous))
     rules: list = []
-    for size, choice in best_per_size:
+    for size, choice in choices:
         if rules and rules[-1][1] == choice:
             rules[-1][0] = size
         else:

@@ -3,9 +3,11 @@
 The table maps a topology key to size thresholds, e.g.
 `{"1x2": [[65536, "mpi"], [null, "shm"]]}`: up to 64 KiB use `mpi`, above use
 `shm`. Keys are "NODESxRANKS_PER_NODE" for exact shapes and "single-node" /
-"multi-node" as fallbacks. The shipped table was measured on the development
-machine; `hpc-train bench allreduce --tune` measures the machine at hand and
-writes a table that takes precedence (HPC_TRAIN_TUNING names another file).
+"multi-node" as fallbacks, each with "-oversubscribed" appended when a node runs
+more ranks than it has cores (spinning shared-memory paths then lose to MPI).
+The shipped table was measured on the development machine; `hpc-train bench
+allreduce --tune` measures the machine at hand and writes a table that takes
+precedence (HPC_TRAIN_TUNING names another file).
 """
 
 from __future__ import annotations
@@ -21,14 +23,20 @@ USER_TABLE = Path.home() / ".config" / "hpc_train" / "allreduce_tuning.json"
 HOST_ALGORITHMS = ("mpi", "ring", "shm", "hierarchical")
 
 
+def _oversubscribed(topology) -> str:
+    """'-oversubscribed' when this host runs more ranks than it has cores."""
+    return "-oversubscribed" if topology.host_ranks > (os.cpu_count() or 1) else ""
+
+
 def topology_key(topology) -> str:
-    if topology.uniform:
-        return f"{topology.num_nodes}x{topology.node_sizes[0]}"
-    return "mixed"
+    """'NODESxRANKS_PER_NODE', e.g. '1x2', '16x8', '1x4-oversubscribed'; 'mixed' for uneven nodes."""
+    if not topology.uniform:
+        return "mixed" + _oversubscribed(topology)
+    return f"{topology.num_nodes}x{topology.node_sizes[0]}{_oversubscribed(topology)}"
 
 
 def fallback_key(topology) -> str:
-    return "single-node" if topology.num_nodes == 1 else "multi-node"
+    return ("single-node" if topology.num_nodes == 1 else "multi-node") + _oversubscribed(topology)
 
 
 def validate_table(tables: dict, source: str) -> dict:
