@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("-a", "--algorithms", default="mpi,ring,shm,shm+shared,auto",
                     help=f"comma list of {','.join(ALGORITHMS)}; +shared = input in shared memory")
     ar.add_argument("--json", metavar="PATH", help="write results as JSON")
+    ar.add_argument("--markdown", action="store_true", help="also print a markdown summary table")
     ar.add_argument("--tune", action="store_true", help="derive the auto table from this sweep and save it")
     ar.add_argument("--tune-out", metavar="PATH", help="where --tune writes (default ~/.config/hpc_train/)")
     return parser

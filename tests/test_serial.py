@@ -105,7 +105,7 @@ def test_auto_table_round_trip(tmp_path, monkeypatch):
     path = tmp_path / "tuning.json"
     auto.save_table(path, "1x2", [[65536, "mpi"], [None, "ring"]], {"why": "test"})
     monkeypatch.setenv(auto.TUNING_VARIABLE, str(path))
-    auto.active_tables.cache_clear()
+    auto.forget_choices()
 
     class Topo:
         uniform, num_nodes, node_sizes, host_ranks = True, 1, (2,), 2
@@ -114,7 +114,7 @@ def test_auto_table_round_trip(tmp_path, monkeypatch):
         assert auto.choose(1024, Topo) == "mpi"
         assert auto.choose(1 << 20, Topo) == "ring"
     finally:
-        auto.active_tables.cache_clear()
+        auto.forget_choices()
 
 
 def test_auto_table_rejects_bad_files(tmp_path):

@@ -216,6 +216,25 @@ def format_table(rows: list[Row], header: str) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[Row]) -> str:
+    """One row per size: busbw and ratio to MPI per algorithm (for README tables)."""
+    algorithms = list(dict.fromkeys(r.algorithm for r in rows))
+    by = {(r.size, r.algorithm): r for r in rows}
+    lines = ["| size | " + " | ".join(f"{a} busbw GB/s (vs mpi)" for a in algorithms) + " | limit GB/s |",
+             "|---:|" + "---:|" * (len(algorithms) + 1)]
+    for size in sorted({r.size for r in rows}):
+        cells = []
+        for a in algorithms:
+            r = by[(size, a)]
+            cell = f"{r.busbw:.2f} ({r.time_us:.1f} us)" if a == "mpi" else f"{r.busbw:.2f} ({r.vs_mpi:.2f}x)"
+            if r.limit_busbw and a != "mpi" and size >= 1 << 20:
+                cell += f" {100 * r.busbw / r.limit_busbw:.0f}% of limit"
+            cells.append(cell)
+        limit = f"{by[(size, 'mpi')].limit_busbw:.2f}" if by[(size, "mpi")].limit_busbw else "-"
+        lines.append(f"| {format_size(size)} | " + " | ".join(cells) + f" | {limit} |")
+    return "\n".join(lines)
+
+
 def tuned_rules(rows: list[Row], margin: float = 1.02, stickiness: float = 1.05) -> list:
     """[[max_bytes, algorithm], ..., [None, algorithm]]: the fastest plain algorithm per size.
 
@@ -278,6 +297,8 @@ def main(args) -> int:
                   f"{machine['ranks_per_node']}, {dtype} {args.op}, median of {args.repeats} interleaved "
                   f"repeats\n# {machine['mpi_library']}; limit = 2(p-1)/p * aggregate copy bw / (1.5 p)")
         print(format_table(rows, header), flush=True)
+        if args.markdown:
+            print(format_markdown(rows), flush=True)
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:

@@ -23,9 +23,15 @@ USER_TABLE = Path.home() / ".config" / "hpc_train" / "allreduce_tuning.json"
 HOST_ALGORITHMS = ("mpi", "ring", "shm", "hierarchical")
 
 
+@functools.cache
+def host_cores() -> int:
+    """os.cpu_count(), cached: it costs microseconds, and choose() runs on every call."""
+    return os.cpu_count() or 1
+
+
 def _oversubscribed(topology) -> str:
     """'-oversubscribed' when this host runs more ranks than it has cores."""
-    return "-oversubscribed" if topology.host_ranks > (os.cpu_count() or 1) else ""
+    return "-oversubscribed" if topology.host_ranks > host_cores() else ""
 
 
 def topology_key(topology) -> str:
@@ -75,8 +81,33 @@ def active_tables() -> dict:
     return tables
 
 
+_choices: dict = {}
+_on_change: list = []  # callbacks of caches derived from our choices
+
+
+def on_change(callback) -> None:
+    """Call `callback()` whenever the table changes (plans built on old choices must go)."""
+    _on_change.append(callback)
+
+
 def choose(nbytes: int, topology) -> str:
-    """The algorithm for an allreduce of nbytes on this topology (host memory)."""
+    """The algorithm for an allreduce of nbytes on this topology (host memory); memoized."""
+    key = (id(topology), nbytes)
+    algorithm = _choices.get(key)
+    if algorithm is None:
+        algorithm = _choices[key] = _choose(nbytes, topology)
+    return algorithm
+
+
+def forget_choices() -> None:
+    """After the table changed: drop memoized choices and re-read the table files."""
+    _choices.clear()
+    active_tables.cache_clear()
+    for callback in _on_change:
+        callback()
+
+
+def _choose(nbytes: int, topology) -> str:
     tables = active_tables()
     rules = tables.get(topology_key(topology)) or tables[fallback_key(topology)]
     algorithm = next(algo for max_bytes, algo in rules if max_bytes is None or nbytes <= max_bytes)
@@ -100,5 +131,5 @@ def save_table(path: Path | str, key: str, rules: list, provenance: dict) -> Pat
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path)
-    active_tables.cache_clear()
+    forget_choices()
     return path

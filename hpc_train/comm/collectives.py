@@ -82,9 +82,13 @@ def _flat_input(arr, xp):
     return (arr if arr.flags.c_contiguous else xp.ascontiguousarray(arr)).reshape(-1)
 
 
-def _maybe_check(check, group: Group, what: str, **fields) -> None:
-    if check or (check is None and _CHECK_DEFAULT):
-        verify_same(group.comm, what, describe(**fields))
+def _checking(check) -> bool:
+    return bool(check) or (check is None and _CHECK_DEFAULT)
+
+
+def _check(group: Group, what: str, name: str, **fields) -> None:
+    """Verify that every rank makes the same call (see check.verify_same)."""
+    verify_same(group.comm, f"{what} {name}".strip(), describe(**fields))
 
 
 def _execute(run, send, result, xp, *, staged: bool, in_place: bool) -> None:
@@ -118,6 +122,9 @@ class _NotDirect(Exception):
 # C-contiguous host arrays of the world. Python costs ~0.5 us a call against MPI's ~1 us
 # for small messages, so these skip everything the general path would re-derive.
 _direct_plans: dict = {}
+# Shared arrays small enough to skip the zero-copy path are reduced like any other array.
+_DIRECT_TYPES = (np.ndarray, SharedArray)
+auto.on_change(_direct_plans.clear)
 
 
 def _direct_mpi_plan(comm, mpi_op, divisor: int):
@@ -165,12 +172,6 @@ def _direct_plan(group: Group, chosen: str, spec: ReduceOp, arr):
     return None
 
 
-def reset_plans() -> None:
-    """Forget cached algorithm choices (after the auto table changed)."""
-    _direct_plans.clear()
-    auto.active_tables.cache_clear()
-
-
 def allreduce(x, op: str = "sum", algorithm: str = "auto", out=None, *, comm=None,
               check: bool | None = None, name: str = ""):
     """Reduce x element-wise over all ranks; every rank gets the result.
@@ -180,7 +181,7 @@ def allreduce(x, op: str = "sum", algorithm: str = "auto", out=None, *, comm=Non
     HPC_TRAIN_CHECK=1) first verifies that all ranks pass the same shape, dtype,
     op and algorithm, raising CollectiveMismatchError on every rank otherwise.
     """
-    if comm is None and check is None and type(x) is np.ndarray:
+    if comm is None and check is None and type(x) in _DIRECT_TYPES:
         plan = _direct_plans.get((x.shape, x.strides, x.dtype, op, algorithm))
         if plan is not None:
             try:
@@ -201,8 +202,9 @@ def _allreduce(x, op, algorithm, out, comm, check, name):
     shared_offset = None
     if in_place and isinstance(arr, SharedArray):
         shared_offset = arr.shared_offset(group.topology.node)
-    _maybe_check(check, group, f"allreduce {name}".strip(), shape=arr.shape, dtype=arr.dtype.str,
-                 op=spec.name, algorithm=algorithm, shared=shared_offset)
+    if _checking(check):
+        _check(group, "allreduce", name, shape=arr.shape, dtype=arr.dtype.str, op=spec.name,
+               algorithm=algorithm, shared=shared_offset)
     if arr.size == 0:
         return result
     if group.size == 1:
@@ -214,8 +216,8 @@ def _allreduce(x, op, algorithm, out, comm, check, name):
     staged = _staged(xp) or (on_device and chosen not in DEVICE_ALGORITHMS)
     if staged:
         chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device=False)
-    if (comm is None and not check and not _CHECK_DEFAULT and type(x) is np.ndarray
-            and arr.flags.c_contiguous and shared_offset is None):
+    if (comm is None and not _checking(check) and type(x) in _DIRECT_TYPES
+            and arr.flags.c_contiguous and (shared_offset is None or arr.nbytes <= ZERO_COPY_MIN_BYTES)):
         plan = _direct_plan(group, chosen, spec, arr)
         if plan is not None:
             _direct_plans[(x.shape, x.strides, x.dtype, op, algorithm)] = plan
@@ -245,8 +247,9 @@ def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, com
     counts, offsets = ring.partition(arr.size, group.size)
     mine = counts[group.rank]
     result = _output(out, (mine,), arr.dtype, xp, f"reduce_scatter {name}")
-    _maybe_check(check, group, f"reduce_scatter {name}".strip(), shape=arr.shape,
-                 dtype=arr.dtype.str, op=spec.name, algorithm=algorithm)
+    if _checking(check):
+        _check(group, "reduce_scatter", name, shape=arr.shape, dtype=arr.dtype.str, op=spec.name,
+               algorithm=algorithm)
     if arr.size == 0:
         return result
     chosen = _block_algorithm(algorithm)
@@ -273,8 +276,9 @@ def allgather(x, algorithm: str = "auto", out=None, *, comm=None, check: bool | 
     arr = backend.as_array(x)
     arr = arr.reshape(1) if arr.ndim == 0 else arr
     xp = backend.xp_of(arr)
-    _maybe_check(check, group, f"allgather {name}".strip(), trailing_shape=arr.shape[1:],
-                 dtype=arr.dtype.str, algorithm=algorithm)
+    if _checking(check):
+        _check(group, "allgather", name, trailing_shape=arr.shape[1:], dtype=arr.dtype.str,
+               algorithm=algorithm)
     chosen = _block_algorithm(algorithm)
     firsts = np.empty(group.size, np.int64)
     group.comm.Allgather(np.array([arr.shape[0]], np.int64), firsts)
@@ -304,8 +308,8 @@ def broadcast(x, root: int = 0, *, comm=None, check: bool | None = None, name: s
         raise ValueError(f"broadcast {name}: root {root} is not a rank of a {group.size}-rank communicator")
     arr = backend.as_array(x)
     xp = backend.xp_of(arr)
-    _maybe_check(check, group, f"broadcast {name}".strip(), shape=arr.shape, dtype=arr.dtype.str,
-                 root=root)
+    if _checking(check):
+        _check(group, "broadcast", name, shape=arr.shape, dtype=arr.dtype.str, root=root)
     if arr.size:
         _execute(lambda _send, buf: mpi_algo.broadcast(group, buf, root), _flat_input(arr, xp),
                  arr, xp, staged=_staged(xp), in_place=True)
