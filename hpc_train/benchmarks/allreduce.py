@@ -202,14 +202,15 @@ def run(sizes, algorithms, dtype, op: str, repeats: int, warmup: int, min_time: 
 
 def format_table(rows: list[Row], header: str) -> str:
     lines = [header, f"# {'size':>10} {'count':>10} {'algorithm':>18} {'time(us)':>11} {'algbw':>7} "
-             f"{'busbw':>7} {'#wrong':>6} {'vs_mpi':>6} {'limit':>6} {'%limit':>6}",
+             f"{'busbw':>7} {'#wrong':>6} {'vs_mpi':>6} {'copy':>6} {'limit':>6} {'%limit':>6}",
              f"# {'(B)':>10} {'(elements)':>10} {'':>18} {'':>11} {'(GB/s)':>7} {'(GB/s)':>7} "
-             f"{'':>6} {'':>6} {'(GB/s)':>6} {'':>6}"]
+             f"{'':>6} {'':>6} {'(GB/s)':>6} {'(GB/s)':>6} {'':>6}"]
     for r in rows:
+        copy = f"{r.copy_gbps:6.1f}" if r.copy_gbps else f"{'-':>6}"
         limit = f"{r.limit_busbw:6.2f}" if r.limit_busbw else f"{'-':>6}"
         frac = f"{100 * r.busbw / r.limit_busbw:5.0f}%" if r.limit_busbw else f"{'-':>6}"
         lines.append(f"  {r.size:>10} {r.count:>10} {r.algorithm:>18} {r.time_us:>11.2f} {r.algbw:>7.3f} "
-                     f"{r.busbw:>7.3f} {r.wrong:>6} {r.vs_mpi:>6.2f} {limit} {frac}")
+                     f"{r.busbw:>7.3f} {r.wrong:>6} {r.vs_mpi:>6.2f} {copy} {limit} {frac}")
     for algorithm in dict.fromkeys(r.algorithm for r in rows):
         mine = [r.busbw for r in rows if r.algorithm == algorithm]
         lines.append(f"# Avg bus bandwidth {algorithm:>18} : {sum(mine) / len(mine):.3f} GB/s")
@@ -295,7 +296,8 @@ def main(args) -> int:
     if runtime.rank() == 0:
         header = (f"# hpc-train bench allreduce: {machine['ranks']} ranks, {machine['nodes']} node(s) "
                   f"{machine['ranks_per_node']}, {dtype} {args.op}, median of {args.repeats} interleaved "
-                  f"repeats\n# {machine['mpi_library']}; limit = 2(p-1)/p * aggregate copy bw / (1.5 p)")
+                  f"repeats\n# {machine['mpi_library']}\n# copy = aggregate np.copyto bandwidth of the "
+                  f"node's ranks at this size; limit = 2(p-1)/p * copy / (1.5 p)")
         print(format_table(rows, header), flush=True)
         if args.markdown:
             print(format_markdown(rows), flush=True)
