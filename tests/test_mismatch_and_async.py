@@ -18,7 +18,7 @@ def test_shape_mismatch_raises_on_every_rank(comm):
         ht.allreduce(x, check=True, name="grad.fc1")
     message = str(info.value)
     assert "grad.fc1" in message
-    assert "rank 0: shape=(4,)" in message
+    assert "rank 0: name=grad.fc1 shape=(4,)" in message
     assert "shape=(5,)" in message
     comm.Barrier()  # every rank got here: nobody hung
 
@@ -76,3 +76,10 @@ def test_bad_arguments_are_named(comm):
         ht.allreduce(np.zeros(2), algorithm="nccl")
     with pytest.raises(TypeError, match="only numeric"):
         ht.allreduce(np.array(["a", "b"]))
+
+
+def test_same_shapes_different_names_are_a_mismatch(comm):
+    """Buckets submitted in a different order on different ranks must not pair up silently."""
+    r = comm.Get_rank()
+    with pytest.raises(CollectiveMismatchError, match="name=bucket1"):
+        ht.allreduce_async(np.zeros(4), name="bucket0" if r == 0 else "bucket1").wait(timeout=60)

@@ -87,8 +87,11 @@ def _checking(check) -> bool:
 
 
 def _check(group: Group, what: str, name: str, **fields) -> None:
-    """Verify that every rank makes the same call (see check.verify_same)."""
-    verify_same(group.comm, f"{what} {name}".strip(), describe(**fields))
+    """Verify that every rank makes the same call, name included (see check.verify_same).
+
+    Two fused buckets of equal shape submitted in different orders differ only by name.
+    """
+    verify_same(group.comm, f"{what} {name}".strip(), describe(name=name, **fields))
 
 
 def _execute(run, send, result, xp, *, staged: bool, in_place: bool) -> None:
