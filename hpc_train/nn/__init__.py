@@ -1,0 +1,11 @@
+"""Neural-network layers with explicit forward/backward on numpy or cupy arrays."""
+
+from .layers import GELU, BatchNorm, Conv2d, Dropout, Embedding, Flatten, LayerNorm, Linear, MaxPool2d, ReLU
+from .losses import SoftmaxCrossEntropy, accuracy
+from .models import cnn, mlp
+from .module import Module, Parameter, Sequential
+
+__all__ = [
+    "GELU", "BatchNorm", "Conv2d", "Dropout", "Embedding", "Flatten", "LayerNorm", "Linear", "MaxPool2d",
+    "Module", "Parameter", "ReLU", "Sequential", "SoftmaxCrossEntropy", "accuracy", "cnn", "mlp",
+]

@@ -1,0 +1,110 @@
+"""Parameters, modules and the Sequential container.
+
+Layers compute `forward(x)` and `backward(dy)` explicitly on numpy or cupy arrays;
+`backward` accumulates into each parameter's `grad` (so gradients can be views
+into one fusion buffer) and returns the gradient of the input. Sequential runs
+backward in reverse and announces each layer's parameters as ready, the hook the
+data-parallel optimizer uses to start reducing while backward continues.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable array and its gradient (same shape and dtype)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = data * 0
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+
+class Module:
+    """Base class: parameters by name, training flag, zeroing gradients."""
+
+    training = True
+
+    def own_parameters(self) -> dict[str, Parameter]:
+        """This layer's parameters by local name (`weight`, `bias`, ...), in a fixed order."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, Parameter)}
+
+    def named_parameters(self) -> dict[str, Parameter]:
+        return self.own_parameters()
+
+    def parameters(self) -> list[Parameter]:
+        return list(self.named_parameters().values())
+
+    def train(self, mode: bool = True) -> Module:
+        self.training = mode
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad[...] = 0
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def backward(self, dy):
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+
+class Sequential(Module):
+    """Layers applied in order; parameters named '<index>.<name>' as in PyTorch."""
+
+    def __init__(self, *layers: Module):
+        self.layers = list(layers)
+        self._grad_hooks: list = []
+
+    def named_parameters(self) -> dict[str, Parameter]:
+        named = {}
+        for i, layer in enumerate(self.layers):
+            for name, p in layer.named_parameters().items():
+                named[f"{i}.{name}"] = p
+        return named
+
+    def train(self, mode: bool = True) -> Sequential:
+        self.training = mode
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def register_grad_hook(self, hook) -> None:
+        """hook(name, parameter) runs as soon as backward has finished that parameter's gradient."""
+        self._grad_hooks.append(hook)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            dy = layer.backward(dy)
+            if self._grad_hooks:
+                for name, p in layer.named_parameters().items():
+                    for hook in self._grad_hooks:
+                        hook(f"{i}.{name}", p)
+        return dy
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+
+def default_rng(seed) -> np.random.Generator:
+    """The generator layers draw initial weights and dropout masks from (always on the host)."""
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)

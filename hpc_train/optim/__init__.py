@@ -1,0 +1,10 @@
+"""Optimizers, learning-rate schedules and data-parallel wrapping."""
+
+from .distributed import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
+from .optimizers import SGD, Adam, AdamW, Optimizer
+from .schedules import constant, linear_scaling, warmup_cosine, warmup_step
+
+__all__ = [
+    "SGD", "Adam", "AdamW", "DistributedOptimizer", "Optimizer", "broadcast_optimizer_state",
+    "broadcast_parameters", "constant", "linear_scaling", "warmup_cosine", "warmup_step",
+]

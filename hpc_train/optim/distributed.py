@@ -1,0 +1,166 @@
+"""Data-parallel training: gradients averaged over ranks while backward still runs.
+
+Every parameter's gradient is re-pointed into one flat fusion buffer allocated in
+node-shared memory, laid out in reverse layer order (the order backward finishes
+them) and cut into buckets of about `bucket_mb`. As soon as backward has finished
+every gradient of a bucket, the bucket is averaged in place on the background
+engine: no packing copy, and no copy into the shared window either. `step()`
+waits for the outstanding buckets and updates the parameters.
+
+Buckets are always submitted in index order (a bucket that completes early waits
+for its predecessors), so every rank runs the same collectives in the same order
+even if ranks finish layers in a different order or skip a parameter; whatever
+was not submitted during backward is submitted by `step()`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..comm import allreduce_async, broadcast, engine, shared_empty
+from ..comm.ops import bfloat16_dtype
+
+COMPRESSIONS = ("fp16", "bf16")
+
+
+def broadcast_parameters(params, root: int = 0) -> None:
+    """Copy root's parameter values to every rank (by name, in sorted order)."""
+    named = params.named_parameters() if hasattr(params, "named_parameters") else dict(params)
+    for name in sorted(named):
+        broadcast(named[name].data, root=root, name=name)
+
+
+def broadcast_optimizer_state(optimizer, root: int = 0) -> None:
+    """Copy root's optimizer state arrays and step count to every rank."""
+    arrays = optimizer.state_arrays()
+    for name in sorted(arrays):
+        broadcast(arrays[name], root=root, name=name)
+    steps = np.array([optimizer.steps], np.int64)
+    broadcast(steps, root=root, name="optimizer.steps")
+    optimizer.steps = int(steps[0])
+
+
+def _compressed_dtype(compression):
+    if compression is None:
+        return None
+    if compression == "fp16":
+        return np.dtype(np.float16)
+    if compression == "bf16":
+        bf16 = bfloat16_dtype()
+        if bf16 is None:
+            raise ValueError("compression 'bf16' needs ml_dtypes (pip install ml_dtypes)")
+        return bf16
+    raise ValueError(f"compression {compression!r}: expected None or one of {COMPRESSIONS}")
+
+
+class _Bucket:
+    def __init__(self, index: int, start: int, stop: int, names: list[str]):
+        self.index, self.start, self.stop, self.names = index, start, stop, names
+        self.ready: set[str] = set()
+        self.passes = 0
+        self.handle = None
+
+
+class DistributedOptimizer:
+    """Wrap an optimizer so that `step()` applies gradients averaged over all ranks.
+
+    `backward_passes_per_step=k` accumulates k backward passes locally and reduces
+    once; the applied gradient is the mean over the k passes and all ranks, i.e.
+    the gradient of the global batch. `compression` sends buckets as fp16 or bf16
+    (pre-divided by the rank count so that their sum stays in range).
+    """
+
+    def __init__(self, optimizer, model, bucket_mb: float = 25.0, compression: str | None = None,
+                 backward_passes_per_step: int = 1):
+        if backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        self.optimizer, self.model = optimizer, model
+        self.passes_per_step = backward_passes_per_step
+        self.compressed = _compressed_dtype(compression)
+        named = model.named_parameters()
+        dtypes = {str(p.data.dtype) for p in named.values()}
+        if len(dtypes) != 1:
+            raise TypeError(f"DistributedOptimizer needs one parameter dtype, got {sorted(dtypes)}")
+        dtype = named[next(iter(named))].data.dtype
+        comm = engine().comm
+        self.size = comm.Get_size()
+        total = sum(p.size for p in named.values())
+        self.flat = shared_empty(total, dtype, comm=comm)
+        self.flat[...] = 0
+        self._wire = shared_empty(total, self.compressed, comm=comm) if self.compressed else None
+        self.buckets = self._lay_out(named, int(bucket_mb * (1 << 20)))
+        self._bucket_of = {name: b for b in self.buckets for name in b.names}
+        self._next = 0
+        broadcast_parameters(named)
+        broadcast_optimizer_state(optimizer)
+        model.register_grad_hook(self._grad_ready)
+
+    def _lay_out(self, named: dict, cap_bytes: int) -> list[_Bucket]:
+        """Point every gradient into the flat buffer in reverse order; cut buckets at ~cap_bytes."""
+        buckets, offset, start, names = [], 0, 0, []
+        itemsize = self.flat.dtype.itemsize
+        for name, p in reversed(list(named.items())):
+            view = self.flat[offset : offset + p.size].reshape(p.data.shape)
+            view[...] = p.grad
+            p.grad = view
+            offset += p.size
+            names.append(name)
+            if (offset - start) * itemsize >= cap_bytes:
+                buckets.append(_Bucket(len(buckets), start, offset, names))
+                start, names = offset, []
+        if names:
+            buckets.append(_Bucket(len(buckets), start, offset, names))
+        return buckets
+
+    def _grad_ready(self, name: str, parameter) -> None:
+        bucket = self._bucket_of.get(name)
+        if bucket is None:
+            return
+        bucket.ready.add(name)
+        if len(bucket.ready) == len(bucket.names):
+            bucket.ready.clear()
+            bucket.passes += 1
+            if bucket.passes == self.passes_per_step:
+                self._submit_ready()
+
+    def _submit_ready(self) -> None:
+        """Submit completed buckets in index order, starting from the next unsubmitted one."""
+        while self._next < len(self.buckets) and self.buckets[self._next].passes >= self.passes_per_step:
+            self._submit(self.buckets[self._next])
+            self._next += 1
+
+    def _submit(self, bucket: _Bucket) -> None:
+        grads = self.flat[bucket.start : bucket.stop]
+        if self.passes_per_step > 1:
+            grads /= self.passes_per_step
+        name = f"bucket{bucket.index}"
+        if self.compressed is None:
+            bucket.handle = allreduce_async(grads, op="mean", out=grads, name=name)
+        else:
+            wire = self._wire[bucket.start : bucket.stop]
+            np.divide(grads, self.size, out=wire, casting="unsafe")
+            bucket.handle = allreduce_async(wire, op="sum", out=wire, name=name)
+
+    def synchronize(self) -> None:
+        """Submit what backward did not, wait for every bucket, and unpack compressed ones."""
+        for bucket in self.buckets[self._next :]:
+            self._submit(bucket)
+        self._next = len(self.buckets)
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            if self.compressed is not None:
+                self.flat[bucket.start : bucket.stop] = self._wire[bucket.start : bucket.stop]
+            bucket.handle, bucket.passes = None, 0
+            bucket.ready.clear()
+        self._next = 0
+
+    def step(self) -> None:
+        self.synchronize()
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.flat[...] = 0
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.lr

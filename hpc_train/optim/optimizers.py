@@ -1,0 +1,94 @@
+"""SGD (momentum, Nesterov, weight decay) and Adam / AdamW, on named parameters.
+
+Optimizer state is created eagerly, one array per parameter and kind, so that it
+can be broadcast from rank 0 at start and written to checkpoints by name.
+"""
+
+from __future__ import annotations
+
+from .schedules import constant
+
+
+class Optimizer:
+    def __init__(self, params, lr, state_kinds: tuple[str, ...] = ()):
+        named = params.named_parameters() if hasattr(params, "named_parameters") else dict(params)
+        if not named:
+            raise ValueError("optimizer got no parameters")
+        self.params = named
+        self.schedule = lr if callable(lr) else constant(float(lr))
+        self.steps = 0
+        self.state = {name: {kind: p.data * 0 for kind in state_kinds} for name, p in named.items()}
+
+    @property
+    def lr(self) -> float:
+        return self.schedule(self.steps)
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad[...] = 0
+
+    def step(self) -> None:
+        lr = self.lr
+        for name, p in self.params.items():
+            self._update(p, self.state[name], lr)
+        self.steps += 1
+
+    def _update(self, p, state: dict, lr: float) -> None:
+        raise NotImplementedError
+
+    def state_arrays(self) -> dict:
+        """Every state array by '<parameter>/<kind>' (for broadcast and checkpoints)."""
+        return {f"{name}/{kind}": a for name, kinds in self.state.items() for kind, a in kinds.items()}
+
+
+class SGD(Optimizer):
+    """PyTorch's SGD: g = grad + wd*w; buf = m*buf + g; w -= lr * (g + m*buf if nesterov else buf)."""
+
+    def __init__(self, params, lr, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        if nesterov and momentum <= 0:
+            raise ValueError("SGD: nesterov needs momentum > 0")
+        super().__init__(params, lr, ("momentum",) if momentum else ())
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+
+    def _update(self, p, state, lr):
+        g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
+        if self.momentum:
+            buf = state["momentum"]
+            if self.steps == 0:
+                buf[...] = g
+            else:
+                buf *= self.momentum
+                buf += g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p.data -= lr * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with bias correction; `decoupled=True` is AdamW (Loshchilov & Hutter)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 decoupled: bool = False):
+        super().__init__(params, lr, ("exp_avg", "exp_avg_sq"))
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay, self.decoupled = eps, weight_decay, decoupled
+
+    def _update(self, p, state, lr):
+        g = p.grad
+        if self.weight_decay and not self.decoupled:
+            g = g + self.weight_decay * p.data
+        if self.weight_decay and self.decoupled:
+            p.data *= 1 - lr * self.weight_decay
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= self.beta1
+        m += (1 - self.beta1) * g
+        v *= self.beta2
+        v += (1 - self.beta2) * g * g
+        t = self.steps + 1
+        step_size = lr / (1 - self.beta1**t)
+        denom = (v / (1 - self.beta2**t)) ** 0.5 + self.eps
+        p.data -= step_size * m / denom
+
+
+def AdamW(params, lr, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> Adam:  # noqa: N802
+    """Adam with decoupled weight decay."""
+    return Adam(params, lr, betas, eps, weight_decay, decoupled=True)
