@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh Debian bookworm machine (as root):
-#   make demo   - installs everything, runs the allreduce benchmark on 2 ranks
+#   make demo   - installs everything, trains the demo CNN on 2 ranks (embedded dataset)
 #   make test   - installs everything, runs ruff, serial tests, MPI tests at 2 and 4 ranks
 # Both are idempotent; a second run skips what is already installed.
 SHELL := /bin/bash
@@ -42,7 +42,7 @@ apt:
 $(VENV)/.installed: setup.cfg pyproject.toml Makefile | apt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PIP) install 'pip>=24' 'setuptools>=77' wheel
-	$(PIP) install 'mpi4py>=4.1,<5' 'numpy>=1.26' Cython pkgconfig ml_dtypes \
+	$(PIP) install 'mpi4py>=4.1,<5' 'numpy>=1.26' tqdm threadpoolctl Cython pkgconfig ml_dtypes \
 	    pytest pytest-mpi pytest-timeout ruff
 	wheel=$$(ls $(WHEEL_CACHE)/h5py-$(H5PY_VERSION)-*.whl 2>/dev/null | head -n1 || true)
 	if [ -z "$$wheel" ]; then
@@ -79,8 +79,8 @@ test-mpi: setup
 test: lint test-serial test-mpi
 
 demo: setup
-	timeout -k 10 $(MPI_TIMEOUT) mpirun -n 2 $(VENV)/bin/hpc-train bench allreduce \
-	    -b 8 -e 64M -f 8 --algorithms mpi,ring,shm,auto --json results/demo_allreduce.json
+	timeout -k 10 $(MPI_TIMEOUT) mpirun -n 2 $(VENV)/bin/hpc-train train jobs/demo.toml \
+	    --metrics results/demo_metrics.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -22,6 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpc-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    train = sub.add_parser("train", help="train a model described by a TOML job file")
+    train.add_argument("job", help="job file, e.g. jobs/demo.toml")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a job key (repeatable), e.g. --set train.epochs=1")
+    train.add_argument("--timeline", metavar="PATH", default="", help="write a Chrome trace of every rank")
+    train.add_argument("--metrics", metavar="PATH", help="JSONL metrics file (overrides log.metrics)")
+
     info = sub.add_parser("info", help="MPI, node layout, CUDA-awareness, h5py, GPUs")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -46,8 +53,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_train(args) -> int:
+    from .train.config import JobFileError, load
+
+    try:  # before MPI starts: a bad job file fails the same way on every rank, quickly
+        job = load(args.job, args.set)
+        if args.metrics is not None:
+            job["log"]["metrics"] = args.metrics
+        from . import runtime
+        from .train.trainer import Trainer, summary_line
+
+        trainer = Trainer(job, args.timeline or job["log"]["timeline"])
+    except JobFileError as exc:
+        print(f"hpc-train train: {exc}", file=sys.stderr)
+        return 2
+    summary = trainer.fit()
+    if runtime.rank() == 0:
+        print(summary_line(summary), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return run_train(args)
     if args.command == "info":
         from . import info, runtime
 

@@ -15,6 +15,8 @@ was not submitted during backward is submitted by `step()`.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..comm import allreduce_async, broadcast, engine, shared_empty
@@ -67,11 +69,15 @@ class DistributedOptimizer:
     `backward_passes_per_step=k` accumulates k backward passes locally and reduces
     once; the applied gradient is the mean over the k passes and all ranks, i.e.
     the gradient of the global batch. `compression` sends buckets as fp16 or bf16
-    (pre-divided by the rank count so that their sum stays in range).
+    (pre-divided by the rank count so that their sum stays in range). A wait longer
+    than `stall_warning_s` logs the ranks that have not joined; after `stall_abort_s`
+    the job aborts. `timeline` (train.timeline.Timeline) records pack, allreduce and
+    unpack per bucket; `exposed_s` is the last step's wait for communication.
     """
 
     def __init__(self, optimizer, model, bucket_mb: float = 25.0, compression: str | None = None,
-                 backward_passes_per_step: int = 1):
+                 backward_passes_per_step: int = 1, stall_warning_s: float = 60.0,
+                 stall_abort_s: float = 600.0, timeline=None):
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self.optimizer, self.model = optimizer, model
@@ -82,8 +88,12 @@ class DistributedOptimizer:
         if len(dtypes) != 1:
             raise TypeError(f"DistributedOptimizer needs one parameter dtype, got {sorted(dtypes)}")
         dtype = named[next(iter(named))].data.dtype
-        comm = engine().comm
+        self._engine = engine()
+        comm = self._engine.comm
         self.size = comm.Get_size()
+        self.stall_warning_s, self.stall_abort_s = stall_warning_s, stall_abort_s
+        self.timeline = timeline
+        self.exposed_s = 0.0
         total = sum(p.size for p in named.values())
         self.flat = shared_empty(total, dtype, comm=comm)
         self.flat[...] = 0
@@ -130,6 +140,7 @@ class DistributedOptimizer:
             self._next += 1
 
     def _submit(self, bucket: _Bucket) -> None:
+        start = time.perf_counter()
         grads = self.flat[bucket.start : bucket.stop]
         if self.passes_per_step > 1:
             grads /= self.passes_per_step
@@ -140,19 +151,31 @@ class DistributedOptimizer:
             wire = self._wire[bucket.start : bucket.stop]
             np.divide(grads, self.size, out=wire, casting="unsafe")
             bucket.handle = allreduce_async(wire, op="sum", out=wire, name=name)
+        self._record(f"pack {name}", "comm", start, time.perf_counter())
 
     def synchronize(self) -> None:
         """Submit what backward did not, wait for every bucket, and unpack compressed ones."""
         for bucket in self.buckets[self._next :]:
             self._submit(bucket)
         self._next = len(self.buckets)
+        waiting = time.perf_counter()
         for bucket in self.buckets:
-            bucket.handle.wait()
+            handle = bucket.handle
+            self._engine.wait_watched(handle, self.stall_warning_s, self.stall_abort_s)
+            self._record(f"allreduce {handle.name}", "comm", handle.started, handle.finished, tid="engine")
             if self.compressed is not None:
+                start = time.perf_counter()
                 self.flat[bucket.start : bucket.stop] = self._wire[bucket.start : bucket.stop]
+                self._record(f"unpack {handle.name}", "comm", start, time.perf_counter())
             bucket.handle, bucket.passes = None, 0
             bucket.ready.clear()
         self._next = 0
+        self.exposed_s = time.perf_counter() - waiting
+        self._record("wait for gradients", "comm", waiting, waiting + self.exposed_s)
+
+    def _record(self, name, cat, start, end, tid="main") -> None:
+        if self.timeline is not None:
+            self.timeline.add(name, cat, start, end, tid)
 
     def step(self) -> None:
         self.synchronize()

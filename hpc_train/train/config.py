@@ -1,0 +1,164 @@
+"""Job files: TOML, validated against a schema before any MPI work starts.
+
+Every key has a type and a default (None: required when its section is used).
+Unknown keys, wrong types and missing required keys raise JobFileError naming
+the file and the dotted key, with a suggestion for near-miss spellings. Every
+rank parses the same file, so every rank fails the same way.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+
+REQUIRED = object()
+
+# section -> key -> (type or tuple of types, default)
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "model": {
+        "name": (str, REQUIRED),  # "mlp" | "cnn"
+        "widths": (list, [3072, 1024, 512, 10]),
+        "activation": (str, "relu"),
+        "dropout": ((int, float), 0.0),
+        "channels": (list, [32, 64, 128]),
+        "hidden": (int, 256),
+        "batchnorm": (bool, False),
+        "sync_batchnorm": (bool, False),
+        "seed": (int, 0),
+    },
+    "data": {
+        "name": (str, "synthetic"),
+        "train_samples": (int, 8000),
+        "val_samples": (int, 2000),
+        "shape": (list, [32, 32, 3]),
+        "classes": (int, 10),
+        "noise": ((int, float), 1.0),
+        "seed": (int, 1),
+    },
+    "optimizer": {
+        "name": (str, "sgd"),  # "sgd" | "adam" | "adamw"
+        "lr": ((int, float), 0.05),
+        "momentum": ((int, float), 0.9),
+        "nesterov": (bool, False),
+        "weight_decay": ((int, float), 0.0),
+        "betas": (list, [0.9, 0.999]),
+        "eps": ((int, float), 1e-8),
+    },
+    "schedule": {
+        "name": (str, "constant"),  # "constant" | "cosine" | "step"
+        "warmup_steps": (int, 0),
+        "min_lr": ((int, float), 0.0),
+        "step_size": (int, 1000),
+        "gamma": ((int, float), 0.1),
+        "scale_with_batch": (bool, False),  # linear scaling rule
+        "reference_batch": (int, 256),
+    },
+    "train": {
+        "epochs": (int, 1),
+        "max_steps": (int, 0),  # 0: no limit
+        "global_batch": (int, 128),
+        "seed": (int, 0),
+        "drop_last": (bool, False),
+    },
+    "distributed": {
+        "bucket_mb": ((int, float), 25.0),
+        "compression": (str, "none"),  # "none" | "fp16" | "bf16"
+        "backward_passes_per_step": (int, 1),
+        "stall_warning_s": ((int, float), 60.0),
+        "stall_abort_s": ((int, float), 600.0),
+    },
+    "log": {
+        "metrics": (str, "results/metrics.jsonl"),
+        "every_steps": (int, 10),
+        "progress": (bool, True),
+        "timeline": (str, ""),
+    },
+}
+CHOICES = {
+    "model.name": ("mlp", "cnn"),
+    "model.activation": ("relu", "gelu"),
+    "data.name": ("synthetic",),
+    "optimizer.name": ("sgd", "adam", "adamw"),
+    "schedule.name": ("constant", "cosine", "step"),
+    "distributed.compression": ("none", "fp16", "bf16"),
+}
+POSITIVE = ("data.train_samples", "data.val_samples", "data.classes", "train.epochs", "train.global_batch",
+            "log.every_steps", "distributed.backward_passes_per_step")
+
+
+class JobFileError(ValueError):
+    """A job file that cannot run, with the file and the key at fault."""
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({"int": "integer", "float": "number", "str": "string", "bool": "boolean",
+                        "list": "array"}[k.__name__] for k in kinds)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'train.epochs=3' -> ('train.epochs', 3); values are TOML, bare words are strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise JobFileError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The validated job: every section and key filled in, overrides applied."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobFileError(f"{path}: job file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(f"{path}: not valid TOML: {exc}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})[name] = value
+    return validate(raw, str(path))
+
+
+def validate(raw: dict, source: str) -> dict:
+    job: dict[str, dict] = {}
+    for section, values in raw.items():
+        if section not in SCHEMA:
+            raise JobFileError(f"{source}: unknown section [{section}]{_suggest(section, SCHEMA)}")
+        if not isinstance(values, dict):
+            raise JobFileError(f"{source}: [{section}] must be a table")
+    if "model" not in raw:
+        raise JobFileError(f"{source}: missing [model] section (model.name is required)")
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        for key in given:
+            if key not in keys:
+                raise JobFileError(f"{source}: unknown key '{section}.{key}'{_suggest(key, keys)}")
+        job[section] = {}
+        for key, (kind, default) in keys.items():
+            dotted = f"{section}.{key}"
+            if key not in given:
+                if default is REQUIRED:
+                    raise JobFileError(f"{source}: missing required key '{dotted}'")
+                job[section][key] = default
+                continue
+            value = given[key]
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                raise JobFileError(f"{source}: '{dotted}' must be {_type_name(kind)}, got {value!r}")
+            if dotted in CHOICES and value not in CHOICES[dotted]:
+                raise JobFileError(f"{source}: '{dotted}' = {value!r}: expected one of {CHOICES[dotted]}")
+            if dotted in POSITIVE and value <= 0:
+                raise JobFileError(f"{source}: '{dotted}' must be positive, got {value}")
+            job[section][key] = value
+    return job

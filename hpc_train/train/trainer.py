@@ -1,0 +1,222 @@
+"""The training loop behind `hpc-train train`: data-parallel, timed, logged.
+
+Each step is split into data wait, forward, backward and optimizer step; the
+part of the step spent waiting for gradient buckets after backward is the
+exposed (non-overlapped) communication. Rank 0 shows progress, writes JSONL
+metrics and prints the summary; evaluation metrics are averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import nn, optim, runtime
+from ..comm import allreduce
+from ..data import ArrayLoader, DistributedSampler, synthetic_classification
+from .config import JobFileError
+from .timeline import Timeline
+
+log = logging.getLogger("hpc_train.train")
+
+
+def build_model(spec: dict):
+    if spec["name"] == "mlp":
+        return nn.mlp(tuple(spec["widths"]), activation=spec["activation"], dropout=spec["dropout"],
+                      seed=spec["seed"])
+    sync = spec["sync_batchnorm"]
+    return nn.cnn(tuple(spec["channels"]), spec["hidden"], seed=spec["seed"],
+                  batchnorm=spec["batchnorm"] or sync, sync_batchnorm=sync)
+
+
+def build_optimizer(job: dict, model, steps_total: int):
+    o, s = job["optimizer"], job["schedule"]
+    base_lr = o["lr"]
+    if s["scale_with_batch"]:
+        base_lr = optim.linear_scaling(base_lr, job["train"]["global_batch"], s["reference_batch"])
+    if s["name"] == "cosine":
+        total = max(steps_total, s["warmup_steps"] + 1)
+        lr = optim.warmup_cosine(base_lr, total, s["warmup_steps"], s["min_lr"])
+    elif s["name"] == "step":
+        lr = optim.warmup_step(base_lr, s["step_size"], s["gamma"], s["warmup_steps"])
+    else:
+        lr = optim.constant(base_lr)
+    if o["name"] == "sgd":
+        return optim.SGD(model, lr, momentum=o["momentum"], nesterov=o["nesterov"],
+                         weight_decay=o["weight_decay"])
+    return optim.Adam(model, lr, betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"],
+                      decoupled=o["name"] == "adamw")
+
+
+def limit_threads(ranks_on_host: int) -> None:
+    """One BLAS/OpenMP pool of cores // ranks threads per rank, so ranks do not fight over cores."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(max(1, (os.cpu_count() or 1) // ranks_on_host))
+
+
+class Trainer:
+    def __init__(self, job: dict, timeline_path: str = ""):
+        self.job = job
+        rt = runtime.init()
+        self.comm = rt.world
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        limit_threads(rt.topology.host_ranks)
+        train, data = job["train"], job["data"]
+        if train["global_batch"] % self.size:
+            raise JobFileError(f"train.global_batch = {train['global_batch']} is not divisible by the "
+                               f"{self.size} ranks of this job")
+        self.batch = train["global_batch"] // self.size
+        shape = tuple(data["shape"])
+        images, labels = synthetic_classification(data["train_samples"], shape, data["classes"], data["seed"],
+                                                  data["noise"])
+        val_images, val_labels = synthetic_classification(
+            data["val_samples"], shape, data["classes"], data["seed"], data["noise"],
+            start=data["train_samples"])
+        sampler = DistributedSampler(len(images), self.rank, self.size, seed=train["seed"],
+                                     drop_last=train["drop_last"])
+        self.loader = ArrayLoader(images, labels, self.batch, sampler)
+        val_sampler = DistributedSampler(len(val_images), self.rank, self.size, shuffle=False)
+        self.val_loader = ArrayLoader(val_images, val_labels, self.batch, val_sampler)
+        self.val_count = len(val_images)
+        self.model = build_model(job["model"])
+        self.steps_per_epoch = len(self.loader)
+        if train["max_steps"]:
+            self.steps_per_epoch = min(self.steps_per_epoch, train["max_steps"])
+        self.total_steps = self.steps_per_epoch * train["epochs"]
+        dist = job["distributed"]
+        self.timeline = Timeline(bool(timeline_path), self.comm)
+        self.timeline_path = timeline_path
+        self.optimizer = optim.DistributedOptimizer(
+            build_optimizer(job, self.model, self.total_steps), self.model, bucket_mb=dist["bucket_mb"],
+            compression=None if dist["compression"] == "none" else dist["compression"],
+            backward_passes_per_step=dist["backward_passes_per_step"],
+            stall_warning_s=dist["stall_warning_s"], stall_abort_s=dist["stall_abort_s"],
+            timeline=self.timeline)
+        self.loss = nn.SoftmaxCrossEntropy()
+        self.metrics = None
+        if self.rank == 0 and job["log"]["metrics"]:
+            path = Path(job["log"]["metrics"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.metrics = path.open("w")
+
+    def _emit(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def evaluate(self) -> tuple[float, float]:
+        """(accuracy, mean loss) over the whole validation set, every rank contributing its share."""
+        self.model.eval()
+        correct = total = loss_sum = 0.0
+        for x, y in self.val_loader:
+            logits = self.model(x)
+            correct += float((logits.argmax(axis=1) == y).sum())
+            loss_sum += float(self.loss.forward(logits, y)) * len(y)
+            total += len(y)
+        self.model.train()
+        sums = allreduce(np.array([correct, loss_sum, total]), name="evaluate")
+        return sums[0] / sums[2], sums[1] / sums[2]
+
+    def _train_step(self, x, y, timings: dict) -> float:
+        tl = self.timeline
+        passes = self.optimizer.passes_per_step
+        self.optimizer.zero_grad()
+        loss_value = 0.0
+        for xs, ys in zip(np.array_split(x, passes), np.array_split(y, passes), strict=True):
+            t0 = time.perf_counter()
+            with tl.span("forward", "compute"):
+                loss_value += float(self.loss.forward(self.model(xs), ys)) / passes
+            t1 = time.perf_counter()
+            with tl.span("backward", "compute"):
+                self.model.backward(self.loss.backward())
+            t2 = time.perf_counter()
+            timings["forward"] += t1 - t0
+            timings["backward"] += t2 - t1
+        t2 = time.perf_counter()
+        with tl.span("optimizer step", "compute"):
+            self.optimizer.step()
+        timings["step"] += time.perf_counter() - t2
+        timings["exposed"] += self.optimizer.exposed_s
+        return loss_value
+
+    def fit(self) -> dict:
+        log_every = self.job["log"]["every_steps"]
+        progress = None
+        if self.rank == 0 and self.job["log"]["progress"]:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, unit="step", file=sys.stderr, mininterval=1.0,
+                            dynamic_ncols=True, disable=None)
+        totals = dict.fromkeys(("data", "forward", "backward", "step", "exposed"), 0.0)
+        step, started, val_acc, val_loss = 0, time.perf_counter(), 0.0, 0.0
+        for epoch in range(self.job["train"]["epochs"]):
+            self.loader.set_epoch(epoch)
+            epoch_times = dict.fromkeys(totals, 0.0)
+            batches = iter(self.loader)
+            losses = []
+            for _ in range(self.steps_per_epoch):
+                t0 = time.perf_counter()
+                with self.timeline.span("data wait", "data"):
+                    x, y = next(batches)
+                epoch_times["data"] += time.perf_counter() - t0
+                losses.append(self._train_step(x, y, epoch_times))
+                step += 1
+                if step % log_every == 0 or step == self.total_steps:
+                    self._log_step(epoch, step, losses, epoch_times, progress)
+            val_acc, val_loss = self.evaluate()
+            for k in totals:
+                totals[k] += epoch_times[k]
+            step_time = sum(epoch_times[k] for k in ("data", "forward", "backward", "step"))
+            record = {"type": "epoch", "epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+                      "val_accuracy": val_acc, "val_loss": val_loss,
+                      "samples_per_s": self.steps_per_epoch * self.batch * self.size / step_time,
+                      "exposed_comm_fraction": epoch_times["exposed"] / step_time,
+                      "elapsed_s": time.perf_counter() - started}
+            self._emit(record)
+            if progress is not None:
+                progress.write(f"epoch {epoch}: val accuracy {val_acc:.4f}, val loss {val_loss:.4f}, "
+                               f"{record['samples_per_s']:.0f} samples/s")
+        if progress is not None:
+            progress.close()
+        step_time = sum(totals[k] for k in ("data", "forward", "backward", "step"))
+        summary = {"type": "summary", "val_accuracy": val_acc, "val_loss": val_loss, "steps": step,
+                   "epochs": self.job["train"]["epochs"], "ranks": self.size,
+                   "samples_per_s": step * self.batch * self.size / step_time,
+                   "step_ms": 1e3 * step_time / max(step, 1),
+                   "exposed_comm_fraction": totals["exposed"] / step_time,
+                   "split_ms": {k: 1e3 * v / max(step, 1) for k, v in totals.items()},
+                   "elapsed_s": time.perf_counter() - started}
+        self._emit(summary)
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.timeline_path:
+            self.timeline.write(self.timeline_path, self.comm)
+        return summary
+
+    def _log_step(self, epoch, step, losses, times, progress) -> None:
+        window = losses[-self.job["log"]["every_steps"]:]
+        loss = float(allreduce(np.array([np.mean(window)]), op="mean", name="loss")[0])
+        done = sum(times[k] for k in ("data", "forward", "backward", "step"))
+        steps_done = len(losses)
+        rate = steps_done * self.batch * self.size / done if done else 0.0
+        self._emit({"type": "step", "epoch": epoch, "step": step, "loss": loss, "lr": self.optimizer.lr,
+                    "samples_per_s": rate, "step_ms": 1e3 * done / steps_done,
+                    "exposed_comm_ms": 1e3 * times["exposed"] / steps_done,
+                    "data_ms": 1e3 * times["data"] / steps_done})
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
+            progress.update(step - progress.n)
+
+
+def summary_line(summary: dict) -> str:
+    return (f"hpc-train train: final val accuracy {summary['val_accuracy']:.4f} | "
+            f"{summary['samples_per_s']:.0f} samples/s on {summary['ranks']} ranks | exposed communication "
+            f"{100 * summary['exposed_comm_fraction']:.1f}% of step time | {summary['steps']} steps in "
+            f"{summary['elapsed_s']:.1f} s")

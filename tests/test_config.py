@@ -1,0 +1,45 @@
+"""Job-file validation: every mistake named by file and key (serial)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpc_train.train.config import JobFileError, load, parse_override
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_overrides(tmp_path):
+    job = load(write(tmp_path, '[model]\nname = "mlp"\n'), ["train.epochs=3", "optimizer.name=adam",
+                                                            "model.widths=[8, 4]"])
+    assert job["train"]["epochs"] == 3 and job["optimizer"]["name"] == "adam"
+    assert job["model"]["widths"] == [8, 4] and job["train"]["global_batch"] == 128
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[model]\nname = "mlp"\n[train]\nepoch = 3\n',
+     r"job.toml: unknown key 'train.epoch' \(did you mean 'epochs'\?\)"),
+    ('[model]\nname = "mlp"\n[trian]\n', r"unknown section \[trian\] \(did you mean 'train'\?\)"),
+    ('[train]\nepochs = 3\n', r"job.toml: missing \[model\] section"),
+    ('[model]\nwidths = [1, 2]\n', r"missing required key 'model.name'"),
+    ('[model]\nname = "resnet"\n', r"'model.name' = 'resnet': expected one of \('mlp', 'cnn'\)"),
+    ('[model]\nname = "mlp"\n[train]\nepochs = "3"\n', r"'train.epochs' must be integer, got '3'"),
+    ('[model]\nname = "mlp"\n[train]\nepochs = true\n', r"'train.epochs' must be integer, got True"),
+    ('[model]\nname = "mlp"\n[train]\nglobal_batch = 0\n', r"'train.global_batch' must be positive"),
+    ('[model\nname = "mlp"\n', r"job.toml: not valid TOML"),
+])
+def test_errors_name_file_and_key(tmp_path, text, message):
+    with pytest.raises(JobFileError, match=message):
+        load(write(tmp_path, text))
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(JobFileError, match="nope.toml: job file not found"):
+        load(tmp_path / "nope.toml")
+    with pytest.raises(JobFileError, match="expected section.key=value"):
+        parse_override("epochs=3")
+    assert parse_override("log.metrics=out/m.jsonl") == ("log.metrics", "out/m.jsonl")

@@ -1,0 +1,89 @@
+"""`hpc-train train` as a user runs it: through our own mpirun (serial tests)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .conftest import python_cmd, run_mpi
+
+SMALL_JOB = """
+[model]
+name = "mlp"
+widths = [3072, 64, 10]
+[data]
+train_samples = 1200
+val_samples = 400
+[optimizer]
+lr = 0.02
+[train]
+epochs = 2
+global_batch = 64
+[distributed]
+bucket_mb = 0.1
+compression = "fp16"
+[log]
+every_steps = 5
+progress = false
+"""
+
+STALL = """
+import time, numpy as np, hpc_train as ht
+from hpc_train import nn, optim
+ht.init()
+model = nn.mlp((8, 4))
+dist = optim.DistributedOptimizer(optim.SGD(model, lr=0.1), model, stall_warning_s=1, stall_abort_s=4)
+if ht.rank() == 1:
+    time.sleep(60)  # never runs backward: its buckets are never submitted
+out = model(np.ones((2, 8), np.float32))
+model.backward(np.ones_like(out))
+dist.step()
+"""
+
+
+def test_train_small_job_writes_metrics_and_timeline(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(SMALL_JOB)
+    metrics, trace = tmp_path / "m.jsonl", tmp_path / "trace.json"
+    proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "train", str(job), "--metrics", str(metrics),
+                                 "--timeline", str(trace), "--set", "train.epochs=1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("hpc-train train: final val accuracy") == 1  # rank 0 alone
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["type"] for r in records].count("epoch") == 1  # --set overrode epochs = 2
+    summary = records[-1]
+    assert summary["type"] == "summary" and summary["ranks"] == 2
+    assert summary["val_accuracy"] > 0.5 and 0 <= summary["exposed_comm_fraction"] < 1
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {(e["pid"], e["name"].split(" bucket")[0]) for e in events if e["ph"] == "X"}
+    for pid in (0, 1):
+        for name in ("forward", "backward", "pack", "allreduce", "unpack", "optimizer step", "data wait"):
+            assert (pid, name) in names, (pid, name)
+
+
+def test_bad_job_file_fails_on_every_rank_before_training(tmp_path):
+    job = tmp_path / "bad.toml"
+    job.write_text('[model]\nname = "mlp"\n[train]\nepoch = 3\n')
+    start = time.monotonic()
+    proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "train", str(job)), timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("unknown key 'train.epoch' (did you mean 'epochs'?)") == 2
+    assert time.monotonic() - start < 30
+
+
+def test_indivisible_global_batch_is_named(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(SMALL_JOB)
+    proc = run_mpi(3, python_cmd("-m", "hpc_train.cli", "train", str(job)), timeout=120)
+    assert proc.returncode != 0
+    assert "train.global_batch = 64 is not divisible by the 3 ranks" in proc.stderr
+
+
+def test_stall_watchdog_names_the_missing_rank_then_aborts():
+    start = time.monotonic()
+    proc = run_mpi(2, python_cmd("-c", STALL), timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "ranks that have not submitted it: rank 1 at #0" in proc.stderr
+    assert "aborting the job after 4 s" in proc.stderr
+    assert elapsed < 20, elapsed
