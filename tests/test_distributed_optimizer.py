@@ -112,3 +112,20 @@ def test_bad_arguments(comm):
 def test_public_api_exports(comm):
     assert ht.DistributedOptimizer is optim.DistributedOptimizer
     assert ht.broadcast_parameters is optim.broadcast_parameters
+
+
+def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4 * p, 3, 3, 5)) * 2 + 1  # the global batch, the same on every rank
+    dy = rng.standard_normal(x.shape)
+    whole = nn.BatchNorm(5, dtype=np.float64)
+    synced = nn.BatchNorm(5, sync=True, dtype=np.float64)
+    mine = slice(4 * r, 4 * r + 4)
+    np.testing.assert_allclose(synced(x[mine]), whole(x)[mine], rtol=1e-10, atol=1e-12)
+    dx_whole = whole.backward(dy)
+    # the global loss sums every rank's part: each rank's parameter gradient is its share
+    dx_synced = synced.backward(dy[mine])
+    np.testing.assert_allclose(dx_synced, dx_whole[mine], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ht.allreduce(synced.weight.grad), whole.weight.grad, rtol=1e-10)
+    np.testing.assert_allclose(synced.running_var, whole.running_var, rtol=1e-10)
