@@ -35,12 +35,11 @@ class Linear(Module):
             y += self.bias.data
         return y
 
-    def backward(self, dy):
-        x = self._x
-        self.weight.grad += x.T @ dy
+    def backward(self, dy, input_grad=True):
+        self.weight.accumulate_matmul(self._x.T, dy)
         if self.bias is not None:
-            self.bias.grad += dy.sum(axis=0)
-        return dy @ self.weight.data.T
+            self.bias.accumulate(dy.sum(axis=0))
+        return dy @ self.weight.data.T if input_grad else None
 
 
 class ReLU(Module):
@@ -48,7 +47,7 @@ class ReLU(Module):
         self._mask = x > 0
         return x * self._mask
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         return dy * self._mask
 
 
@@ -63,7 +62,7 @@ class GELU(Module):
         self._t = xp.tanh(self._C * (x + 0.044715 * x**3))
         return 0.5 * x * (1 + self._t)
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         x, t = self._x, self._t
         dt = (1 - t * t) * self._C * (1 + 3 * 0.044715 * x * x)
         return dy * (0.5 * (1 + t) + 0.5 * x * dt)
@@ -74,7 +73,7 @@ class Flatten(Module):
         self._shape = x.shape
         return x.reshape(x.shape[0], -1)
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         return dy.reshape(self._shape)
 
 
@@ -96,7 +95,7 @@ class Dropout(Module):
         self._mask = xp.asarray(keep.astype(x.dtype) / (1 - self.p))
         return x * self._mask
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         return dy if self._mask is None else dy * self._mask
 
 
@@ -131,13 +130,15 @@ class Conv2d(Module):
             y += self.bias.data
         return y.reshape(n, ho, wo, -1)
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         xp = xp_of(dy)
         n, ho, wo, out_channels = dy.shape
         dy2 = dy.reshape(-1, out_channels)
-        self.weight.grad += self._cols.T @ dy2
+        self.weight.accumulate_matmul(self._cols.T, dy2)
         if self.bias is not None:
-            self.bias.grad += dy2.sum(axis=0)
+            self.bias.accumulate(dy2.sum(axis=0))
+        if not input_grad:
+            return None
         k, s, p = self.k, self.stride, self.padding
         dcols = (dy2 @ self.weight.data.T).reshape(n, ho, wo, -1, k, k)
         dx = xp.zeros(self._padded_shape, dtype=dy.dtype)
@@ -163,7 +164,7 @@ class MaxPool2d(Module):
         self._shape = x.shape
         return xp.take_along_axis(flat, self._argmax[..., None], axis=-1)[..., 0]
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         xp = xp_of(dy)
         k, s = self.k, self.stride
         ho, wo = dy.shape[1:3]
@@ -220,11 +221,11 @@ class BatchNorm(Module):
         self._xhat = (x - mean) * self._inv_std
         return self._xhat * self.weight.data + self.bias.data
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         axes = tuple(range(dy.ndim - 1))
         xhat = self._xhat
-        self.weight.grad += (dy * xhat).sum(axis=axes)
-        self.bias.grad += dy.sum(axis=axes)
+        self.weight.accumulate((dy * xhat).sum(axis=axes))
+        self.bias.accumulate(dy.sum(axis=axes))
         g = dy * self.weight.data
         if not self.training:
             return g * self._inv_std
@@ -248,11 +249,11 @@ class LayerNorm(Module):
         self._xhat = (x - mean) * self._inv_std
         return self._xhat * self.weight.data + self.bias.data
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         axes = tuple(range(dy.ndim - 1))
         xhat = self._xhat
-        self.weight.grad += (dy * xhat).sum(axis=axes)
-        self.bias.grad += dy.sum(axis=axes)
+        self.weight.accumulate((dy * xhat).sum(axis=axes))
+        self.bias.accumulate(dy.sum(axis=axes))
         g = dy * self.weight.data
         return self._inv_std * (g - g.mean(axis=-1, keepdims=True)
                                 - xhat * (g * xhat).mean(axis=-1, keepdims=True))
@@ -276,8 +277,9 @@ class Embedding(Module):
         self._idx = idx
         return xp.take(self.weight.data, idx, axis=0)
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad=True):
         xp = xp_of(dy)
         flat = dy.reshape(-1, dy.shape[-1])
+        self.weight.materialize()
         xp.add.at(self.weight.grad, self._idx.reshape(-1), flat)
         return None  # indices have no gradient

@@ -11,19 +11,52 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import xp_of
+
 
 class Parameter:
-    """A trainable array and its gradient (same shape and dtype)."""
+    """A trainable array and its gradient (same shape and dtype).
 
-    __slots__ = ("data", "grad")
+    `zero_grad()` does not touch memory: it marks the gradient stale, and the next
+    `accumulate` overwrites it instead of adding (a GEMM writes its result straight
+    into the gradient, with no temporary and no memset). `materialize()` zeroes a
+    stale gradient that no backward wrote (an unused parameter) before it is read.
+    """
+
+    __slots__ = ("data", "grad", "stale")
 
     def __init__(self, data):
         self.data = data
         self.grad = data * 0
+        self.stale = False
 
     @property
     def size(self) -> int:
         return self.data.size
+
+    def zero_grad(self) -> None:
+        self.stale = True
+
+    def materialize(self) -> None:
+        if self.stale:
+            self.grad[...] = 0
+            self.stale = False
+
+    def accumulate(self, value) -> None:
+        """grad += value (grad = value when stale)."""
+        if self.stale:
+            self.grad[...] = value
+            self.stale = False
+        else:
+            self.grad += value
+
+    def accumulate_matmul(self, a, b) -> None:
+        """grad += a @ b without a temporary when stale."""
+        if self.stale:
+            xp_of(a).matmul(a, b, out=self.grad)
+            self.stale = False
+        else:
+            self.grad += a @ b
 
 
 class Module:
@@ -50,7 +83,7 @@ class Module:
 
     def zero_grad(self) -> None:
         for p in self.parameters():
-            p.grad[...] = 0
+            p.zero_grad()
 
     def __call__(self, x):
         return self.forward(x)
@@ -58,7 +91,9 @@ class Module:
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} has no forward")
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
+        """Accumulate parameter gradients; return d/dx, or None when input_grad is False
+        and the layer can skip computing it."""
         raise NotImplementedError(f"{type(self).__name__} has no backward")
 
 
@@ -91,10 +126,18 @@ class Sequential(Module):
             x = layer.forward(x)
         return x
 
-    def backward(self, dy):
-        for i in range(len(self.layers) - 1, -1, -1):
+    def backward(self, dy, input_grad: bool = False):
+        """Backward through every layer; the model's input gradient only when asked for.
+
+        Without it, backward stops at the first layer that has parameters and tells
+        that layer to skip its input gradient (for an MLP, a GEMM as large as the
+        first layer's forward).
+        """
+        first = 0 if input_grad else next(
+            (i for i, layer in enumerate(self.layers) if layer.named_parameters()), len(self.layers))
+        for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
-            dy = layer.backward(dy)
+            dy = layer.backward(dy, input_grad=input_grad or i > first)
             if self._grad_hooks:
                 for name, p in layer.named_parameters().items():
                     for hook in self._grad_hooks:

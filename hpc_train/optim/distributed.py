@@ -84,6 +84,7 @@ class DistributedOptimizer:
         self.passes_per_step = backward_passes_per_step
         self.compressed = _compressed_dtype(compression)
         named = model.named_parameters()
+        self._params = named
         dtypes = {str(p.data.dtype) for p in named.values()}
         if len(dtypes) != 1:
             raise TypeError(f"DistributedOptimizer needs one parameter dtype, got {sorted(dtypes)}")
@@ -141,6 +142,8 @@ class DistributedOptimizer:
 
     def _submit(self, bucket: _Bucket) -> None:
         start = time.perf_counter()
+        for name in bucket.names:  # parameters no backward reached hold stale values
+            self._params[name].materialize()
         grads = self.flat[bucket.start : bucket.stop]
         if self.passes_per_step > 1:
             grads /= self.passes_per_step
@@ -182,7 +185,8 @@ class DistributedOptimizer:
         self.optimizer.step()
 
     def zero_grad(self) -> None:
-        self.flat[...] = 0
+        for p in self._params.values():
+            p.zero_grad()
 
     @property
     def lr(self) -> float:

@@ -25,11 +25,12 @@ class Optimizer:
 
     def zero_grad(self) -> None:
         for p in self.params.values():
-            p.grad[...] = 0
+            p.zero_grad()
 
     def step(self) -> None:
         lr = self.lr
         for name, p in self.params.items():
+            p.materialize()
             self._update(p, self.state[name], lr)
         self.steps += 1
 
