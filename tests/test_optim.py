@@ -67,3 +67,32 @@ def test_sgd_trains_a_model():
         model.backward(loss.backward())
         opt.step()
     assert nn.accuracy(model(x), labels) > 0.95
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("make", [
+    lambda p, fused: optim.SGD(p, lr=0.1, fused=fused),
+    lambda p, fused: optim.SGD(p, lr=0.1, weight_decay=0.01, fused=fused),
+    lambda p, fused: optim.SGD(p, lr=0.1, momentum=0.9, fused=fused),
+    lambda p, fused: optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, fused=fused),
+    lambda p, fused: optim.Adam(p, lr=0.01, fused=fused),
+    lambda p, fused: optim.Adam(p, lr=0.01, weight_decay=0.1, fused=fused),
+    lambda p, fused: optim.AdamW(p, lr=0.01, weight_decay=0.1, fused=fused),
+], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw"])
+def test_fused_updates_match_the_numpy_reference(make, dtype):
+    from hpc_train import native
+
+    if native.load("hpc_train.optim", "fused.c", "_fused") is None:
+        pytest.skip("no C compiler: the NumPy reference is the only path")
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal(1001).astype(dtype)
+    runs = []
+    for fused in (True, False):
+        grads = np.random.default_rng(1)
+        p = nn.Parameter(start.copy())
+        opt = make({"w": p}, fused)
+        for step in range(4):
+            p.grad[...] = grads.standard_normal(1001).astype(dtype) if step else start * 0.5
+            opt.step()
+        runs.append(p.data)
+    np.testing.assert_allclose(runs[0], runs[1], rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)

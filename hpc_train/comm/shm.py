@@ -19,6 +19,7 @@ peers still read it.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -26,6 +27,7 @@ import numpy as np
 from .ops import ReduceOp
 from .ring import partition
 
+log = logging.getLogger("hpc_train.comm")
 CHUNK_BYTES = int(os.environ.get("HPC_TRAIN_SHM_CHUNK", 512 << 10)) // 64 * 64
 NBUF = 4
 # Messages up to this size take the flag-synchronized C path (flagshm.c) when it is built;
@@ -84,17 +86,48 @@ class FlagPath:
         return array.nbytes <= self.slot_bytes and self.takes(array)
 
 
+def load_flagshm(node_comm):
+    """flagshm.c's module on every rank of node_comm, or None on every rank (collective).
+
+    Node-local rank 0 compiles while the others wait; all ranks must agree, since a
+    rank on the C path and one on the Python path would never meet.
+    """
+    from mpi4py import MPI
+
+    from .. import native
+
+    module, problem = None, None
+    if native.disabled():
+        problem = f"{native.DISABLE_VARIABLE}=1"
+    else:
+        if node_comm.Get_rank() == 0:
+            try:
+                native.build("hpc_train.comm", "flagshm.c", "_flagshm")
+            except native.NativeUnavailable as exc:
+                problem = str(exc)
+        node_comm.Barrier()
+        if problem is None:
+            try:
+                path = native.library_path("hpc_train.comm", "flagshm.c", "_flagshm")
+                module = native.import_built(path, "_flagshm")
+            except native.NativeUnavailable as exc:
+                problem = str(exc)
+    if node_comm.allreduce(module is not None, op=MPI.LAND):
+        return module
+    if problem:
+        log.warning("small-message shared-memory allreduce unavailable (%s); using the Python path", problem)
+    return None
+
+
 class NodeWindow:
     """A communicator's shared-memory workspace: the chunk ring and the small-message flags."""
 
     def __init__(self, node_comm, chunk_bytes: int = CHUNK_BYTES):
-        from .native import load
-
         self.comm = node_comm
         self.chunk_bytes = chunk_bytes
         self.shared = SharedSegments(node_comm, NBUF * chunk_bytes)
         self.counter = 0
-        module = load(node_comm) if node_comm.Get_size() > 1 else None
+        module = load_flagshm(node_comm) if node_comm.Get_size() > 1 else None
         self.flags = FlagPath(node_comm, module) if module is not None else None
 
     def slot(self, owner: int, chunk: int, dtype) -> np.ndarray:

@@ -1,22 +1,43 @@
 """SGD (momentum, Nesterov, weight decay) and Adam / AdamW, on named parameters.
 
 Optimizer state is created eagerly, one array per parameter and kind, so that it
-can be broadcast from rank 0 at start and written to checkpoints by name.
+can be broadcast from rank 0 at start and written to checkpoints by name. Host
+arrays of float32/float64 are updated by the fused C loops of fused.c (one pass
+over memory instead of about ten); the NumPy code here is their reference and
+the path for everything else (`fused=False` forces it).
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from .. import native
 from .schedules import constant
+
+_FUSED_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+
+
+def fused_kernel(name: str, *arrays):
+    """The C update `name` for these arrays, or None where the NumPy reference must run."""
+    first = arrays[0]
+    suffix = _FUSED_DTYPES.get(getattr(first, "dtype", None))
+    if suffix is None or not all(type(a) is np.ndarray or isinstance(a, np.ndarray) for a in arrays):
+        return None
+    if not all(a.dtype == first.dtype and a.flags.c_contiguous for a in arrays):
+        return None
+    module = native.load("hpc_train.optim", "fused.c", "_fused")
+    return getattr(module, f"{name}_{suffix}") if module is not None else None
 
 
 class Optimizer:
-    def __init__(self, params, lr, state_kinds: tuple[str, ...] = ()):
+    def __init__(self, params, lr, state_kinds: tuple[str, ...] = (), fused: bool = True):
         named = params.named_parameters() if hasattr(params, "named_parameters") else dict(params)
         if not named:
             raise ValueError("optimizer got no parameters")
         self.params = named
         self.schedule = lr if callable(lr) else constant(float(lr))
         self.steps = 0
+        self.fused = fused
         self.state = {name: {kind: p.data * 0 for kind in state_kinds} for name, p in named.items()}
 
     @property
@@ -45,13 +66,19 @@ class Optimizer:
 class SGD(Optimizer):
     """PyTorch's SGD: g = grad + wd*w; buf = m*buf + g; w -= lr * (g + m*buf if nesterov else buf)."""
 
-    def __init__(self, params, lr, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+    def __init__(self, params, lr, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 fused: bool = True):
         if nesterov and momentum <= 0:
             raise ValueError("SGD: nesterov needs momentum > 0")
-        super().__init__(params, lr, ("momentum",) if momentum else ())
+        super().__init__(params, lr, ("momentum",) if momentum else (), fused)
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
     def _update(self, p, state, lr):
+        buf = state.get("momentum")
+        kernel = self.fused and fused_kernel("sgd", p.data, p.grad, *([buf] if buf is not None else []))
+        if kernel:
+            kernel(p.data, p.grad, buf, lr, self.momentum, self.weight_decay, self.nesterov, self.steps == 0)
+            return
         g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
         if self.momentum:
             buf = state["momentum"]
@@ -68,28 +95,34 @@ class Adam(Optimizer):
     """Adam (Kingma & Ba) with bias correction; `decoupled=True` is AdamW (Loshchilov & Hutter)."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 decoupled: bool = False):
-        super().__init__(params, lr, ("exp_avg", "exp_avg_sq"))
+                 decoupled: bool = False, fused: bool = True):
+        super().__init__(params, lr, ("exp_avg", "exp_avg_sq"), fused)
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay, self.decoupled = eps, weight_decay, decoupled
 
     def _update(self, p, state, lr):
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        kernel = self.fused and fused_kernel("adam", p.data, p.grad, m, v)
+        if kernel:
+            kernel(p.data, p.grad, m, v, lr, self.beta1, self.beta2, self.eps, self.weight_decay,
+                   self.decoupled, self.steps + 1)
+            return
         g = p.grad
         if self.weight_decay and not self.decoupled:
             g = g + self.weight_decay * p.data
         if self.weight_decay and self.decoupled:
             p.data *= 1 - lr * self.weight_decay
-        m, v = state["exp_avg"], state["exp_avg_sq"]
         m *= self.beta1
         m += (1 - self.beta1) * g
         v *= self.beta2
         v += (1 - self.beta2) * g * g
         t = self.steps + 1
         step_size = lr / (1 - self.beta1**t)
-        denom = (v / (1 - self.beta2**t)) ** 0.5 + self.eps
+        denom = np.sqrt(v / (1 - self.beta2**t)) + self.eps
         p.data -= step_size * m / denom
 
 
-def AdamW(params, lr, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> Adam:  # noqa: N802
+def AdamW(params, lr, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,  # noqa: N802
+          fused: bool = True) -> Adam:
     """Adam with decoupled weight decay."""
-    return Adam(params, lr, betas, eps, weight_decay, decoupled=True)
+    return Adam(params, lr, betas, eps, weight_decay, decoupled=True, fused=fused)
