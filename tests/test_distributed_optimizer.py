@@ -129,3 +129,12 @@ def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(comm):
     np.testing.assert_allclose(dx_synced, dx_whole[mine], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ht.allreduce(synced.weight.grad), whole.weight.grad, rtol=1e-10)
     np.testing.assert_allclose(synced.running_var, whole.running_var, rtol=1e-10)
+
+
+def test_streamed_row_blocks_and_split_buckets(comm, monkeypatch):
+    """Gradients announced in row blocks, buckets cut inside parameters: same result."""
+    monkeypatch.setattr(nn.Linear, "STREAM_BYTES", 256)  # every weight streams, a row or two a block
+    batches = global_batches(4, comm.Get_size())
+    model = train_distributed(comm, batches, sgd, 4, bucket_mb=0.001)
+    assert_identical_across_ranks(comm, model)
+    assert_close(model, train_single(batches, sgd, 4), rtol=2e-5)

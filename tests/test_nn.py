@@ -170,10 +170,31 @@ def test_sequential_names_and_hook_order():
     names = list(model.named_parameters())
     assert names == ["1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"]
     seen = []
-    model.register_grad_hook(lambda name, p: seen.append(name))
+    model.register_grad_hook(lambda name, p, start, stop: seen.append(name))
     out = model(np.ones((2, 6), np.float32))
     assert model.backward(np.ones_like(out)) is None  # the input gradient only when asked for
     assert seen == ["5.weight", "5.bias", "3.weight", "3.bias", "1.weight", "1.bias"]
+
+
+def test_large_linear_gradient_streams_in_row_blocks(rng):
+    model = nn.mlp((64, 8192, 3), seed=0)  # 64 x 8192 float32 weight: 2 MiB, over the streaming cut
+    nn.Linear.STREAM_BYTES, saved = 128 << 10, nn.Linear.STREAM_BYTES
+    try:
+        pieces = []
+        model.register_grad_hook(lambda name, p, start, stop: pieces.append((name, start, stop)))
+        x = rng.standard_normal((5, 64)).astype(np.float32)
+        model.zero_grad()
+        out = model(x)
+        model.backward(np.ones_like(out))
+    finally:
+        nn.Linear.STREAM_BYTES = saved
+    first = [(a, b) for name, a, b in pieces if name == "1.weight"]
+    assert len(first) == 16 and first[0] == (0, 4 * 8192) and first[-1][1] == 64 * 8192
+    assert all(b == c for (_, b), (c, _) in zip(first, first[1:], strict=False))  # contiguous, in order
+    reference = nn.mlp((64, 8192, 3), seed=0)
+    out = reference(x)
+    reference.backward(np.ones_like(out))
+    np.testing.assert_array_equal(model.layers[1].weight.grad, reference.layers[1].weight.grad)
 
 
 def test_reference_models_sizes():

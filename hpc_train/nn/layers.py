@@ -22,6 +22,13 @@ def _init(xp, rng, shape, fan_in: int, dtype, gain: float = math.sqrt(2.0)):
 
 
 class Linear(Module):
+    """y = x @ weight + bias. A large weight gradient is computed in row blocks of about
+    STREAM_BYTES, each announced as soon as it is final, so that its reduction can start
+    while the rest is still being computed (the first layer's gradient is both the
+    largest and the last one backward produces)."""
+
+    STREAM_BYTES = 1 << 20
+
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, rng=0,
                  dtype=np.float32, xp=np):
         rng = default_rng(rng)
@@ -36,7 +43,16 @@ class Linear(Module):
         return y
 
     def backward(self, dy, input_grad=True):
-        self.weight.accumulate_matmul(self._x.T, dy)
+        weight = self.weight
+        fan_in, fan_out = weight.data.shape
+        if self.grad_ready is None or weight.data.nbytes <= 2 * self.STREAM_BYTES:
+            weight.accumulate_matmul(self._x.T, dy)
+        else:
+            rows = max(1, self.STREAM_BYTES // (fan_out * weight.data.itemsize))
+            for lo in range(0, fan_in, rows):
+                hi = min(fan_in, lo + rows)
+                weight.accumulate_matmul(self._x[:, lo:hi].T, dy, rows=(lo, hi))
+                self.grad_ready("weight", lo * fan_out, hi * fan_out)
         if self.bias is not None:
             self.bias.accumulate(dy.sum(axis=0))
         return dy @ self.weight.data.T if input_grad else None

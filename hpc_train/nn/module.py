@@ -50,19 +50,28 @@ class Parameter:
         else:
             self.grad += value
 
-    def accumulate_matmul(self, a, b) -> None:
-        """grad += a @ b without a temporary when stale."""
+    def accumulate_matmul(self, a, b, rows: tuple[int, int] | None = None) -> None:
+        """grad[rows] += a @ b without a temporary when stale.
+
+        Row blocks must be given in order: the gradient stops being stale when the
+        last block is written.
+        """
+        lo, hi = rows if rows is not None else (0, self.grad.shape[0])
+        target = self.grad if rows is None else self.grad[lo:hi]
         if self.stale:
-            xp_of(a).matmul(a, b, out=self.grad)
-            self.stale = False
+            xp_of(a).matmul(a, b, out=target)
+            self.stale = hi < self.grad.shape[0]
         else:
-            self.grad += a @ b
+            target += a @ b
 
 
 class Module:
     """Base class: parameters by name, training flag, zeroing gradients."""
 
     training = True
+    # Set by Sequential during backward when someone listens: grad_ready(name, start, stop)
+    # announces that elements [start, stop) of parameter `name`'s gradient are final.
+    grad_ready = None
 
     def own_parameters(self) -> dict[str, Parameter]:
         """This layer's parameters by local name (`weight`, `bias`, ...), in a fixed order."""
@@ -118,8 +127,20 @@ class Sequential(Module):
         return self
 
     def register_grad_hook(self, hook) -> None:
-        """hook(name, parameter) runs as soon as backward has finished that parameter's gradient."""
+        """hook(name, parameter, start, stop) runs as soon as backward has finished elements
+        [start, stop) of that parameter's flattened gradient: the whole parameter after its
+        layer's backward, or row blocks while a large Linear layer is still computing."""
         self._grad_hooks.append(hook)
+
+    def _announcer(self, index: int, layer: Module, announced: set):
+        params = layer.named_parameters()
+
+        def announce(name: str, start: int, stop: int) -> None:
+            announced.add(name)
+            for hook in self._grad_hooks:
+                hook(f"{index}.{name}", params[name], start, stop)
+
+        return announce
 
     def forward(self, x):
         for layer in self.layers:
@@ -137,11 +158,18 @@ class Sequential(Module):
             (i for i, layer in enumerate(self.layers) if layer.named_parameters()), len(self.layers))
         for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
-            dy = layer.backward(dy, input_grad=input_grad or i > first)
-            if self._grad_hooks:
-                for name, p in layer.named_parameters().items():
-                    for hook in self._grad_hooks:
-                        hook(f"{i}.{name}", p)
+            if not self._grad_hooks:
+                dy = layer.backward(dy, input_grad=input_grad or i > first)
+                continue
+            announced: set = set()
+            layer.grad_ready = announce = self._announcer(i, layer, announced)
+            try:
+                dy = layer.backward(dy, input_grad=input_grad or i > first)
+            finally:
+                layer.grad_ready = None
+            for name, p in layer.named_parameters().items():
+                if name not in announced:
+                    announce(name, 0, p.size)
         return dy
 
     def num_parameters(self) -> int:

@@ -15,6 +15,7 @@ was not submitted during backward is submitted by `step()`.
 
 from __future__ import annotations
 
+import bisect
 import time
 
 import numpy as np
@@ -56,9 +57,11 @@ def _compressed_dtype(compression):
 
 
 class _Bucket:
+    """Elements [start, stop) of the fusion buffer; complete when every element was announced."""
+
     def __init__(self, index: int, start: int, stop: int, names: list[str]):
         self.index, self.start, self.stop, self.names = index, start, stop, names
-        self.ready: set[str] = set()
+        self.ready = 0  # elements announced in the current backward pass
         self.passes = 0
         self.handle = None
 
@@ -99,40 +102,54 @@ class DistributedOptimizer:
         self.flat = shared_empty(total, dtype, comm=comm)
         self.flat[...] = 0
         self._wire = shared_empty(total, self.compressed, comm=comm) if self.compressed else None
-        self.buckets = self._lay_out(named, int(bucket_mb * (1 << 20)))
-        self._bucket_of = {name: b for b in self.buckets for name in b.names}
+        self._offsets: dict[str, int] = {}
+        self.buckets = self._lay_out(named, max(1, int(bucket_mb * (1 << 20)) // dtype.itemsize))
+        self._starts = [b.start for b in self.buckets]
         self._next = 0
         broadcast_parameters(named)
         broadcast_optimizer_state(optimizer)
         model.register_grad_hook(self._grad_ready)
 
-    def _lay_out(self, named: dict, cap_bytes: int) -> list[_Bucket]:
-        """Point every gradient into the flat buffer in reverse order; cut buckets at ~cap_bytes."""
-        buckets, offset, start, names = [], 0, 0, []
-        itemsize = self.flat.dtype.itemsize
+    def _lay_out(self, named: dict, cap: int) -> list[_Bucket]:
+        """Point every gradient into the flat buffer in reverse order; cut buckets of ~cap elements.
+
+        Buckets end at parameter boundaries, except that a parameter larger than a
+        bucket is cut into bucket-sized pieces (its layer announces it in row blocks).
+        """
+        offset, cuts, start = 0, [], 0
         for name, p in reversed(list(named.items())):
             view = self.flat[offset : offset + p.size].reshape(p.data.shape)
             view[...] = p.grad
             p.grad = view
+            self._offsets[name] = offset
             offset += p.size
-            names.append(name)
-            if (offset - start) * itemsize >= cap_bytes:
-                buckets.append(_Bucket(len(buckets), start, offset, names))
-                start, names = offset, []
-        if names:
-            buckets.append(_Bucket(len(buckets), start, offset, names))
+            while offset - start >= cap:
+                start = start + cap if p.size > cap and offset - start > cap else offset
+                cuts.append(start)
+        if not cuts or cuts[-1] != offset:
+            cuts.append(offset)
+        buckets, lo = [], 0
+        for hi in cuts:
+            names = [n for n, off in self._offsets.items() if off < hi and off + named[n].size > lo]
+            buckets.append(_Bucket(len(buckets), lo, hi, names))
+            lo = hi
         return buckets
 
-    def _grad_ready(self, name: str, parameter) -> None:
-        bucket = self._bucket_of.get(name)
-        if bucket is None:
+    def _grad_ready(self, name: str, parameter, start: int, stop: int) -> None:
+        offset = self._offsets.get(name)
+        if offset is None:
             return
-        bucket.ready.add(name)
-        if len(bucket.ready) == len(bucket.names):
-            bucket.ready.clear()
-            bucket.passes += 1
-            if bucket.passes == self.passes_per_step:
-                self._submit_ready()
+        lo, hi = offset + start, offset + stop
+        index = bisect.bisect_right(self._starts, lo) - 1
+        while index < len(self.buckets) and self.buckets[index].start < hi:
+            bucket = self.buckets[index]
+            bucket.ready += min(hi, bucket.stop) - max(lo, bucket.start)
+            if bucket.ready == bucket.stop - bucket.start:
+                bucket.ready = 0
+                bucket.passes += 1
+                if bucket.passes == self.passes_per_step:
+                    self._submit_ready()
+            index += 1
 
     def _submit_ready(self) -> None:
         """Submit completed buckets in index order, starting from the next unsubmitted one."""
@@ -170,8 +187,7 @@ class DistributedOptimizer:
                 start = time.perf_counter()
                 self.flat[bucket.start : bucket.stop] = self._wire[bucket.start : bucket.stop]
                 self._record(f"unpack {handle.name}", "comm", start, time.perf_counter())
-            bucket.handle, bucket.passes = None, 0
-            bucket.ready.clear()
+            bucket.handle, bucket.passes, bucket.ready = None, 0, 0
         self._next = 0
         self.exposed_s = time.perf_counter() - waiting
         self._record("wait for gradients", "comm", waiting, waiting + self.exposed_s)
