@@ -24,7 +24,7 @@ export OMPI_MCA_mpi_yield_when_idle := 1
 export OMPI_MCA_btl_base_warn_component_unused := 0
 export OMPI_MCA_rmaps_base_oversubscribe := true
 
-.PHONY: setup apt test lint test-serial test-mpi demo clean
+.PHONY: setup apt test lint test-serial test-mpi demo bench-train clean
 
 setup: apt $(VENV)/.installed
 
@@ -81,6 +81,11 @@ test: lint test-serial test-mpi
 demo: setup
 	timeout -k 10 $(MPI_TIMEOUT) mpirun -n 2 $(VENV)/bin/hpc-train train jobs/demo.toml \
 	    --metrics results/demo_metrics.jsonl
+
+# PyTorch only for the comparison (torch 2.13.0 CPU build: a file already on the dev machine).
+bench-train: setup
+	$(PIP) install 'torch==2.13.0'
+	timeout -k 10 1800 $(PY) bench/train.py --repeats 5 --steps 30
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
