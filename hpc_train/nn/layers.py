@@ -192,7 +192,28 @@ class MaxPool2d(Module):
         return dx
 
 
-class BatchNorm(Module):
+class _Normalization(Module):
+    """Shared by BatchNorm and LayerNorm: y = xhat * weight + bias, xhat = (x - mean) / std."""
+
+    def __init__(self, features: int, eps: float, dtype, xp):
+        self.eps = eps
+        self.weight = Parameter(xp.ones(features, dtype=dtype))
+        self.bias = Parameter(xp.zeros(features, dtype=dtype))
+
+    def _normalize(self, x, mean, var):
+        self._inv_std = 1 / (var + self.eps) ** 0.5
+        self._xhat = (x - mean) * self._inv_std
+        return self._xhat * self.weight.data + self.bias.data
+
+    def _affine_backward(self, dy):
+        """Accumulate weight and bias gradients; return d loss / d xhat."""
+        axes = tuple(range(dy.ndim - 1))
+        self.weight.accumulate((dy * self._xhat).sum(axis=axes))
+        self.bias.accumulate(dy.sum(axis=axes))
+        return dy * self.weight.data
+
+
+class BatchNorm(_Normalization):
     """Batch normalization over every axis but the last (features / channels).
 
     With `sync=True` the batch statistics, and in backward their gradients, are
@@ -202,9 +223,8 @@ class BatchNorm(Module):
 
     def __init__(self, features: int, *, momentum: float = 0.1, eps: float = 1e-5, sync: bool = False,
                  dtype=np.float32, xp=np):
-        self.momentum, self.eps, self.sync = momentum, eps, sync
-        self.weight = Parameter(xp.ones(features, dtype=dtype))
-        self.bias = Parameter(xp.zeros(features, dtype=dtype))
+        super().__init__(features, eps, dtype, xp)
+        self.momentum, self.sync = momentum, sync
         self.running_mean = xp.zeros(features, dtype=dtype)
         self.running_var = xp.ones(features, dtype=dtype)
 
@@ -233,44 +253,31 @@ class BatchNorm(Module):
             self._count = total
         else:
             mean, var = self.running_mean, self.running_var
-        self._inv_std = 1 / (var + self.eps) ** 0.5
-        self._xhat = (x - mean) * self._inv_std
-        return self._xhat * self.weight.data + self.bias.data
+        return self._normalize(x, mean, var)
 
     def backward(self, dy, input_grad=True):
-        axes = tuple(range(dy.ndim - 1))
-        xhat = self._xhat
-        self.weight.accumulate((dy * xhat).sum(axis=axes))
-        self.bias.accumulate(dy.sum(axis=axes))
-        g = dy * self.weight.data
+        g = self._affine_backward(dy)
         if not self.training:
             return g * self._inv_std
+        axes = tuple(range(dy.ndim - 1))
+        xhat = self._xhat
         sums = self._sum_over_batch([g.sum(axis=axes), (g * xhat).sum(axis=axes)])
         n = self._count
         return self._inv_std * (g - sums[0] / n - xhat * (sums[1] / n))
 
 
-class LayerNorm(Module):
+class LayerNorm(_Normalization):
     """Normalization over the last axis with a learned scale and shift."""
 
     def __init__(self, features: int, *, eps: float = 1e-5, dtype=np.float32, xp=np):
-        self.eps = eps
-        self.weight = Parameter(xp.ones(features, dtype=dtype))
-        self.bias = Parameter(xp.zeros(features, dtype=dtype))
+        super().__init__(features, eps, dtype, xp)
 
     def forward(self, x):
-        mean = x.mean(axis=-1, keepdims=True)
-        var = x.var(axis=-1, keepdims=True)
-        self._inv_std = 1 / (var + self.eps) ** 0.5
-        self._xhat = (x - mean) * self._inv_std
-        return self._xhat * self.weight.data + self.bias.data
+        return self._normalize(x, x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True))
 
     def backward(self, dy, input_grad=True):
-        axes = tuple(range(dy.ndim - 1))
+        g = self._affine_backward(dy)
         xhat = self._xhat
-        self.weight.accumulate((dy * xhat).sum(axis=axes))
-        self.bias.accumulate(dy.sum(axis=axes))
-        g = dy * self.weight.data
         return self._inv_std * (g - g.mean(axis=-1, keepdims=True)
                                 - xhat * (g * xhat).mean(axis=-1, keepdims=True))
 
