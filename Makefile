@@ -16,7 +16,7 @@ H5PY_VERSION ?= 3.16.0
 APT_PACKAGES := openmpi-bin libopenmpi-dev libhdf5-openmpi-dev pkg-config
 # Every mpirun is time-boxed: a hang fails fast instead of eating CI.
 MPI_TIMEOUT ?= 900
-RUFF_ARGS   := --line-length 110 --select E,F,W,B,I,UP,SIM --ignore SIM108 --target-version py311
+RUFF_ARGS   := --line-length 120 --select E,F,W,B,I,UP,SIM --ignore SIM108 --target-version py311
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
@@ -68,9 +68,10 @@ lint: setup
 test-serial: setup
 	$(PY) -m pytest -q -m "not mpi" tests
 
-# 2 and 4 ranks on one node, then pretended nodes of 2 ranks (4 ranks: even nodes,
+# 1, 2 and 4 ranks on one node, then pretended nodes of 2 ranks (4 ranks: even nodes,
 # 3 ranks: uneven) so that hierarchical allreduce crosses node boundaries.
 test-mpi: setup
+	bash tests/run_mpi.sh 1 $(MPI_TIMEOUT)
 	bash tests/run_mpi.sh 2 $(MPI_TIMEOUT)
 	bash tests/run_mpi.sh 4 $(MPI_TIMEOUT)
 	HPC_TRAIN_RANKS_PER_NODE=2 bash tests/run_mpi.sh 3 $(MPI_TIMEOUT)

@@ -29,6 +29,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--timeline", metavar="PATH", default="", help="write a Chrome trace of every rank")
     train.add_argument("--metrics", metavar="PATH", help="JSONL metrics file (overrides log.metrics)")
 
+    data = sub.add_parser("data", help="write, convert and inspect HDF5 training datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    layout = argparse.ArgumentParser(add_help=False)
+    layout.add_argument("--chunk-bytes", type=_size, default=parse_size("1M"), help="bytes per chunk (1M)")
+    layout.add_argument("--contiguous", action="store_true", help="contiguous layout instead of chunks")
+    layout.add_argument("--alignment", type=_size, help="align objects to this boundary (e.g. 1M)")
+    synth = data_sub.add_parser("synth", parents=[layout], help="the synthetic learnable set, written in parallel")
+    synth.add_argument("out")
+    synth.add_argument("--samples", type=int, required=True)
+    synth.add_argument("--shape", default="32,32,3", help="image shape, comma-separated (32,32,3)")
+    synth.add_argument("--classes", type=int, default=10)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--noise", type=float, default=1.0)
+    synth.add_argument("--start", type=int, default=0,
+                       help="index of the first sample: a validation set starts where training ends")
+    convert = data_sub.add_parser("convert", help="convert another format into a dataset file")
+    convert_sub = convert.add_subparsers(dest="format", required=True)
+    cifar = convert_sub.add_parser("cifar10-binary", parents=[layout], help="CIFAR-10 binary batches")
+    cifar.add_argument("directory")
+    cifar.add_argument("out")
+    cifar.add_argument("--split", choices=["train", "test"], default="train")
+    npz = convert_sub.add_parser("npz", parents=[layout], help="images and labels arrays in an .npz")
+    npz.add_argument("path")
+    npz.add_argument("out")
+    npz.add_argument("--images-key", default="images")
+    npz.add_argument("--labels-key", default="labels")
+    inspect = data_sub.add_parser("inspect", help="layout, chunking, sizes and a checksum")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true")
+
     info = sub.add_parser("info", help="MPI, node layout, CUDA-awareness, h5py, GPUs")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -54,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
+    from .io.hdf5 import DatasetError
     from .train.config import JobFileError, load
 
     try:  # before MPI starts: a bad job file fails the same way on every rank, quickly
@@ -64,7 +95,7 @@ def run_train(args) -> int:
         from .train.trainer import Trainer, summary_line
 
         trainer = Trainer(job, args.timeline or job["log"]["timeline"])
-    except JobFileError as exc:
+    except (JobFileError, DatasetError) as exc:  # raised on every rank alike
         print(f"hpc-train train: {exc}", file=sys.stderr)
         return 2
     summary = trainer.fit()
@@ -73,10 +104,65 @@ def run_train(args) -> int:
     return 0
 
 
+def run_data(args) -> int:
+    from .io.hdf5 import DatasetError, describe
+
+    try:
+        if args.data_command == "inspect":
+            report = describe(args.path)
+            print(json.dumps(report, indent=2) if args.json else
+                  "\n".join(f"{k}: {v}" for k, v in report.items()), flush=True)
+            return 0
+        write_dataset(args)
+    except DatasetError as exc:
+        print(f"hpc-train data: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def write_dataset(args) -> None:
+    """data synth / data convert: every rank writes its slab of one file."""
+    import numpy as np
+
+    from . import runtime
+    from .data import synthetic_classification
+    from .io.hdf5 import DatasetWriter, write_arrays
+
+    comm = runtime.init().world
+    layout = {"chunk_bytes": args.chunk_bytes, "contiguous": args.contiguous, "alignment": args.alignment}
+    if args.data_command == "synth":
+        shape = tuple(int(v) for v in args.shape.split(","))
+        writer = DatasetWriter(args.out, args.samples, shape, comm, classes=args.classes, **layout,
+                               provenance={"generator": "hpc_train synthetic", "seed": args.seed,
+                                           "noise": args.noise, "start": args.start})
+        lo, hi = writer.slab()
+        images, labels = synthetic_classification(hi - lo, shape, args.classes, args.seed, args.noise,
+                                                  start=args.start + lo)
+        writer.write(lo, images, labels)
+        path = writer.close()
+    else:
+        from .io.convert import read_cifar10_binary, read_npz
+
+        if args.format == "cifar10-binary":
+            images, labels, names = read_cifar10_binary(args.directory, args.split)
+            source = {"source": f"cifar10-binary {args.directory} ({args.split})"}
+            path = write_arrays(args.out, images, labels, comm, classes=10, class_names=names,
+                                provenance=source, **layout)
+        else:
+            images, labels = read_npz(args.path, args.images_key, args.labels_key)
+            classes = int(np.max(labels)) + 1 if len(labels) else 0
+            path = write_arrays(args.out, images, labels, comm, classes=classes,
+                                provenance={"source": f"npz {args.path}"}, **layout)
+    if comm.Get_rank() == 0:
+        print(f"wrote {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return run_train(args)
+    if args.command == "data":
+        return run_data(args)
     if args.command == "info":
         from . import info, runtime
 

@@ -12,7 +12,9 @@ from .sampler import DistributedSampler
 
 
 def to_float(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels -> float32 in [-1, 1]."""
+    """uint8 pixels -> float32 in [-1, 1]; other dtypes are taken as already scaled."""
+    if images.dtype != np.uint8:
+        return images.astype(np.float32, copy=False)
     return images.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
 
 

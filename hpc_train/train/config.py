@@ -28,7 +28,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "seed": (int, 0),
     },
     "data": {
-        "name": (str, "synthetic"),
+        "name": (str, "synthetic"),  # "synthetic" | "hdf5"
+        "path": (str, ""),  # hdf5: the training file
+        "val_path": (str, ""),  # hdf5: the validation file
+        "collective": (bool, True),  # hdf5: collective MPI-IO reads
+        "prefetch": (int, 2),  # hdf5: batches read ahead
         "train_samples": (int, 8000),
         "val_samples": (int, 2000),
         "shape": (list, [32, 32, 3]),
@@ -78,7 +82,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 CHOICES = {
     "model.name": ("mlp", "cnn"),
     "model.activation": ("relu", "gelu"),
-    "data.name": ("synthetic",),
+    "data.name": ("synthetic", "hdf5"),
     "optimizer.name": ("sgd", "adam", "adamw"),
     "schedule.name": ("constant", "cosine", "step"),
     "distributed.compression": ("none", "fp16", "bf16"),
@@ -161,4 +165,8 @@ def validate(raw: dict, source: str) -> dict:
             if dotted in POSITIVE and value <= 0:
                 raise JobFileError(f"{source}: '{dotted}' must be positive, got {value}")
             job[section][key] = value
+    if job["data"]["name"] == "hdf5":
+        for key in ("path", "val_path"):
+            if not job["data"][key]:
+                raise JobFileError(f"{source}: 'data.{key}' is required when data.name = 'hdf5'")
     return job

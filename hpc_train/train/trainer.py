@@ -26,13 +26,43 @@ from .timeline import Timeline
 log = logging.getLogger("hpc_train.train")
 
 
-def build_model(spec: dict):
+def build_model(spec: dict, input_shape: tuple, classes: int):
+    """The model of the job, checked against the data it will see."""
+    features = int(np.prod(input_shape))
     if spec["name"] == "mlp":
-        return nn.mlp(tuple(spec["widths"]), activation=spec["activation"], dropout=spec["dropout"],
-                      seed=spec["seed"])
+        widths = tuple(spec["widths"])
+        if widths[0] != features or widths[-1] < classes:
+            raise JobFileError(f"model.widths = {list(widths)} does not fit the data: images of shape "
+                               f"{tuple(input_shape)} have {features} features and there are {classes} classes")
+        return nn.mlp(widths, activation=spec["activation"], dropout=spec["dropout"], seed=spec["seed"])
+    if len(input_shape) != 3:
+        raise JobFileError(f"model.name = 'cnn' needs (height, width, channels) images, data has {input_shape}")
     sync = spec["sync_batchnorm"]
-    return nn.cnn(tuple(spec["channels"]), spec["hidden"], seed=spec["seed"],
-                  batchnorm=spec["batchnorm"] or sync, sync_batchnorm=sync)
+    return nn.cnn(tuple(spec["channels"]), spec["hidden"], classes, input_shape=tuple(input_shape),
+                  seed=spec["seed"], batchnorm=spec["batchnorm"] or sync, sync_batchnorm=sync)
+
+
+def build_loaders(job: dict, batch: int, rank: int, size: int):
+    """(train loader, validation loader, image shape, classes) for the job's data section."""
+    data, train = job["data"], job["train"]
+    if data["name"] == "hdf5":
+        from ..data import HDF5Loader
+
+        loader = HDF5Loader(data["path"], batch, collective=data["collective"], prefetch=data["prefetch"],
+                            seed=train["seed"], drop_last=train["drop_last"])
+        val = HDF5Loader(data["val_path"], batch, collective=data["collective"], prefetch=data["prefetch"],
+                         shuffle=False)
+        classes = int(max(loader.labels.max(), val.labels.max())) + 1
+        return loader, val, loader.image_shape, classes
+    shape = tuple(data["shape"])
+    images, labels = synthetic_classification(data["train_samples"], shape, data["classes"], data["seed"],
+                                              data["noise"])
+    val_images, val_labels = synthetic_classification(
+        data["val_samples"], shape, data["classes"], data["seed"], data["noise"], start=data["train_samples"])
+    sampler = DistributedSampler(len(images), rank, size, seed=train["seed"], drop_last=train["drop_last"])
+    val_sampler = DistributedSampler(len(val_images), rank, size, shuffle=False)
+    return (ArrayLoader(images, labels, batch, sampler), ArrayLoader(val_images, val_labels, batch, val_sampler),
+            shape, data["classes"])
 
 
 def build_optimizer(job: dict, model, steps_total: int):
@@ -68,27 +98,18 @@ class Trainer:
         self.comm = rt.world
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         limit_threads(rt.topology.host_ranks)
-        train, data = job["train"], job["data"]
+        train = job["train"]
         if train["global_batch"] % self.size:
             raise JobFileError(f"train.global_batch = {train['global_batch']} is not divisible by the "
                                f"{self.size} ranks of this job")
         self.batch = train["global_batch"] // self.size
-        shape = tuple(data["shape"])
-        images, labels = synthetic_classification(data["train_samples"], shape, data["classes"], data["seed"],
-                                                  data["noise"])
-        val_images, val_labels = synthetic_classification(
-            data["val_samples"], shape, data["classes"], data["seed"], data["noise"],
-            start=data["train_samples"])
-        sampler = DistributedSampler(len(images), self.rank, self.size, seed=train["seed"],
-                                     drop_last=train["drop_last"])
-        self.loader = ArrayLoader(images, labels, self.batch, sampler)
-        val_sampler = DistributedSampler(len(val_images), self.rank, self.size, shuffle=False)
-        self.val_loader = ArrayLoader(val_images, val_labels, self.batch, val_sampler)
-        self.val_count = len(val_images)
-        self.model = build_model(job["model"])
+        self.loader, self.val_loader, shape, classes = build_loaders(job, self.batch, self.rank, self.size)
+        self.model = build_model(job["model"], shape, classes)
         self.steps_per_epoch = len(self.loader)
         if train["max_steps"]:
             self.steps_per_epoch = min(self.steps_per_epoch, train["max_steps"])
+            if hasattr(self.loader, "max_batches"):  # collective readers must know where to stop
+                self.loader.max_batches = self.steps_per_epoch
         self.total_steps = self.steps_per_epoch * train["epochs"]
         dist = job["distributed"]
         self.timeline = Timeline(bool(timeline_path), self.comm)
@@ -198,6 +219,9 @@ class Trainer:
             self.metrics.close()
         if self.timeline_path:
             self.timeline.write(self.timeline_path, self.comm)
+        for loader in (self.loader, self.val_loader):
+            if hasattr(loader, "close"):
+                loader.close()
         return summary
 
     def _log_step(self, epoch, step, losses, times, progress) -> None:

@@ -1,0 +1,183 @@
+"""Parallel HDF5 loader: every rank reads its batches with MPI-IO, one batch ahead.
+
+Per batch the indices are sorted and coalesced into contiguous runs, selected as
+a union of hyperslabs and read in ONE H5Dread (collective by default) straight
+into a preallocated buffer of the on-disk dtype (no type conversion: that would
+silently turn a collective read independent), then permuted back into sampler
+order in memory. The read goes through h5py's low-level API, so a rank with
+nothing to read still calls H5Dread with an empty selection (h5py's high-level
+indexing skips it, and the collective hangs: h5py #965). One prefetch thread reads
+the next batches while the caller computes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+
+from ..io.hdf5 import IMAGES, LABELS, DatasetError, check_labels, open_parallel, validate
+from .loader import to_float
+from .sampler import DistributedSampler
+
+
+def runs(sorted_indices: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous (start, count) runs of sorted, distinct indices."""
+    if len(sorted_indices) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_indices) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(sorted_indices)]])
+    return [(int(sorted_indices[a]), int(b - a)) for a, b in zip(starts, stops, strict=True)]
+
+
+class HDF5Loader:
+    """Iterate (images, labels) batches of this rank's share; each pass is the next epoch.
+
+    Opening is collective over `comm` (default: a duplicate of the world, so that the
+    prefetch thread's MPI-IO never mixes with the caller's collectives). Bad files
+    raise DatasetError on every rank.
+    """
+
+    def __init__(self, path, batch_size: int, sampler: DistributedSampler | None = None, *,
+                 collective: bool = True, prefetch: int = 2, hints: dict | None = None, transform=to_float,
+                 comm=None, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        from h5py import h5fd, h5p
+
+        from .. import runtime
+
+        self.comm = comm if comm is not None else runtime.world().Dup()
+        self.path, self.batch_size, self.transform = str(path), batch_size, transform
+        self.prefetch = max(1, prefetch)
+        self.file = open_parallel(path, "r", self.comm, hints)
+        try:
+            meta = self._agree(lambda: validate(self.file, path))
+            self.images = self.file[IMAGES]
+            self.labels = self._read_all_labels(meta["classes"])
+        except BaseException:
+            self.file.close()
+            raise
+        self.n, self.image_shape, self.image_dtype = meta["n"], meta["image_shape"], meta["image_dtype"]
+        self.sampler = sampler or DistributedSampler(self.n, self.comm.Get_rank(), self.comm.Get_size(),
+                                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+        if self.sampler.n != self.n:
+            self.close()
+            raise DatasetError(f"{path}: sampler covers {self.sampler.n} samples, file has {self.n}")
+        self._xfer = h5p.create(h5p.DATASET_XFER)
+        self._xfer.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE if collective else h5fd.MPIO_INDEPENDENT)
+        self._buffer = np.empty((batch_size, *self.image_shape), self.image_dtype)
+        self._passes, self._epoch_set = 0, False
+        self.max_batches: int | None = None  # batches per pass, if fewer than a whole epoch
+
+    def _agree(self, check):
+        """Run check() on every rank; if any rank fails, every rank raises the first failure."""
+        try:
+            result, problem = check(), None
+        except DatasetError as exc:
+            result, problem = None, str(exc)
+        problems = [p for p in self.comm.allgather(problem) if p]
+        if problems:
+            raise DatasetError(problems[0])
+        return result
+
+    def _read_all_labels(self, classes):
+        """Labels are small: every rank keeps all of them (one collective read)."""
+        from h5py import h5fd, h5p
+
+        dset = self.file[LABELS]
+        labels = np.empty(dset.shape, np.int64)
+        xfer = h5p.create(h5p.DATASET_XFER)
+        xfer.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
+        dset.id.read(dset.id.get_space(), dset.id.get_space(), labels, dxpl=xfer)
+        self._agree(lambda: check_labels(labels, classes, self.path))
+        return labels
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self._epoch_set = True
+
+    def __len__(self) -> int:
+        whole = -(-len(self.sampler) // self.batch_size)
+        return whole if self.max_batches is None else min(whole, self.max_batches)
+
+    def read(self, indices: np.ndarray):
+        """(images, labels) for these indices, in their order (one H5Dread; collective if set up so)."""
+        from h5py import h5s
+
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        unique, first = np.unique(ordered, return_index=True)
+        rows = len(unique)
+        buf = self._buffer[:rows] if rows <= len(self._buffer) else np.empty((rows, *self.image_shape),
+                                                                                 self.image_dtype)
+        file_space = self.images.id.get_space()
+        file_space.select_none()
+        tail = tuple(self.image_shape)
+        for start, count in runs(unique):
+            file_space.select_hyperslab((start, *(0,) * len(tail)), (count, *tail), op=h5s.SELECT_OR)
+        memory_space = h5s.create_simple((max(rows, 1), *tail))
+        if rows == 0:
+            memory_space.select_none()
+        self.images.id.read(memory_space, file_space, buf if rows else self._buffer[:1], dxpl=self._xfer)
+        # duplicates (padding) read once, then every requested position filled in sampler order
+        position_in_unique = np.repeat(np.arange(rows), np.diff(np.concatenate([first, [len(ordered)]])))
+        images = np.empty((len(indices), *tail), self.image_dtype)
+        images[order] = buf[position_in_unique]
+        return images, self.labels[indices]
+
+    def __iter__(self):
+        if self._passes and not self._epoch_set:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+        self._passes += 1
+        self._epoch_set = False
+        indices = self.sampler.indices()
+        batches = [indices[lo : lo + self.batch_size]
+                   for lo in range(0, len(self) * self.batch_size, self.batch_size)]
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def offer(item) -> None:
+            """Hand item to the consumer, unless it has stopped listening."""
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def produce():
+            # Every planned batch is read even if the consumer stops early: the reads are
+            # collective, and a rank that skipped one would leave the others waiting in it.
+            try:
+                for ix in batches:
+                    offer(self.read(ix))
+                offer(None)
+            except BaseException as exc:  # handed to the consumer
+                offer(exc)
+
+        thread = threading.Thread(target=produce, name="hpc_train-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels = item
+                yield self.transform(images), labels
+        finally:
+            stop.set()
+            thread.join()  # after the remaining planned reads
+
+    def close(self) -> None:
+        """Close the file (collective over the loader's communicator)."""
+        if self.file.id.valid:
+            self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

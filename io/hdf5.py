@@ -1,0 +1,188 @@
+"""Training datasets in one HDF5 file, written and read in parallel (h5py on MPI-IO).
+
+Layout: `images` (N, ...) and `labels` (N,), chunked along N (about 1 MiB a chunk
+unless told otherwise) or contiguous, optionally aligned, with attributes for the
+class names and provenance. Writers write to a temporary name and rename when
+complete, so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+IMAGES, LABELS = "images", "labels"
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be used, naming the file and the dataset at fault."""
+
+
+def mpi_info(hints: dict | None):
+    """MPI.Info from {'romio_cb_read': 'enable', ...}, or INFO_NULL."""
+    from mpi4py import MPI
+
+    if not hints:
+        return MPI.INFO_NULL
+    info = MPI.Info.Create()
+    for key, value in hints.items():
+        info.Set(str(key), str(value))
+    return info
+
+
+def open_parallel(path, mode: str, comm, hints: dict | None = None, **kwargs):
+    """h5py.File with the mpio driver on comm; a file HDF5 cannot open raises DatasetError."""
+    import h5py
+
+    try:
+        return h5py.File(path, mode, driver="mpio", comm=comm, info=mpi_info(hints), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: cannot open as HDF5 ({exc})") from None
+
+
+def rows_per_chunk(row_bytes: int, chunk_bytes: int, n: int) -> int:
+    return max(1, min(n, chunk_bytes // max(1, row_bytes)))
+
+
+class DatasetWriter:
+    """Collective writer of one dataset file: create, write slabs, then `close()` renames into place."""
+
+    def __init__(self, path, n: int, image_shape, comm, *, image_dtype=np.uint8, classes: int | None = None,
+                 class_names=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, contiguous: bool = False,
+                 alignment: int | None = None, provenance: dict | None = None):
+        if n <= 0:
+            raise DatasetError(f"{path}: a dataset needs at least one sample, got {n}")
+        self.path, self.comm, self.n = Path(path), comm, n
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        kwargs = {"alignment_threshold": alignment, "alignment_interval": alignment} if alignment else {}
+        self.file = open_parallel(self.partial, "w", comm, **kwargs)
+        row_bytes = int(np.prod(image_shape)) * np.dtype(image_dtype).itemsize
+        image_chunks = None if contiguous else (rows_per_chunk(row_bytes, chunk_bytes, n), *image_shape)
+        label_chunks = None if contiguous else (rows_per_chunk(8, chunk_bytes, n),)
+        self.images = self.file.create_dataset(IMAGES, (n, *image_shape), dtype=image_dtype, chunks=image_chunks)
+        self.labels = self.file.create_dataset(LABELS, (n,), dtype=np.int64, chunks=label_chunks)
+        if classes is not None:
+            self.file.attrs["classes"] = classes
+        if class_names is not None:
+            self.file.attrs["class_names"] = [str(c) for c in class_names]
+        for key, value in (provenance or {}).items():
+            self.file.attrs[f"provenance.{key}"] = value
+
+    def slab(self) -> tuple[int, int]:
+        """This rank's share [lo, hi) of the samples (contiguous, as even as possible)."""
+        p, r = self.comm.Get_size(), self.comm.Get_rank()
+        base, extra = divmod(self.n, p)
+        lo = r * base + min(r, extra)
+        return lo, lo + base + (1 if r < extra else 0)
+
+    def write(self, lo: int, images: np.ndarray, labels: np.ndarray) -> None:
+        """Write this rank's rows starting at lo: collective when every rank has rows (never an
+        empty selection inside a collective), independent otherwise."""
+        hi = lo + len(images)
+        if self.n >= self.comm.Get_size():
+            with self.images.collective:
+                self.images[lo:hi] = images
+            with self.labels.collective:
+                self.labels[lo:hi] = labels
+        elif hi > lo:
+            self.images[lo:hi] = images
+            self.labels[lo:hi] = labels
+
+    def close(self) -> Path:
+        """Close collectively, then rank 0 renames the complete file into place."""
+        self.file.close()
+        self.comm.Barrier()
+        if self.comm.Get_rank() == 0:
+            os.replace(self.partial, self.path)
+        self.comm.Barrier()
+        return self.path
+
+    def abort(self) -> None:
+        """Close and remove the partial file (after an error on every rank)."""
+        self.file.close()
+        self.comm.Barrier()
+        if self.comm.Get_rank() == 0:
+            self.partial.unlink(missing_ok=True)
+
+
+def write_arrays(path, images: np.ndarray, labels: np.ndarray, comm, **layout) -> Path:
+    """Write in-memory arrays (the same on every rank) as a dataset file, each rank its slab."""
+    if len(images) != len(labels):
+        raise DatasetError(f"{path}: {len(images)} images but {len(labels)} labels")
+    writer = DatasetWriter(path, len(images), images.shape[1:], comm, image_dtype=images.dtype, **layout)
+    lo, hi = writer.slab()
+    try:
+        writer.write(lo, images[lo:hi], labels[lo:hi])
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def validate(file, path) -> dict:
+    """Check the layout; return {'n', 'image_shape', 'image_dtype', 'classes'}. Raises DatasetError."""
+    for name in (IMAGES, LABELS):
+        if name not in file:
+            raise DatasetError(f"{path}: dataset '{name}' is missing (found: {sorted(file)})")
+    images, labels = file[IMAGES], file[LABELS]
+    if labels.ndim != 1:
+        raise DatasetError(f"{path}: dataset 'labels' must be 1-D, has shape {labels.shape}")
+    if images.ndim < 2:
+        raise DatasetError(f"{path}: dataset 'images' must be (N, ...), has shape {images.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise DatasetError(f"{path}: dataset 'images' has {images.shape[0]} samples but 'labels' has "
+                           f"{labels.shape[0]}")
+    if labels.dtype.kind not in "iu":
+        raise DatasetError(f"{path}: dataset 'labels' must hold integers, has dtype {labels.dtype}")
+    if images.dtype.kind not in "uif":
+        raise DatasetError(f"{path}: dataset 'images' must be numeric, has dtype {images.dtype}")
+    if images.shape[0] == 0:
+        raise DatasetError(f"{path}: dataset 'images' is empty")
+    return {"n": images.shape[0], "image_shape": images.shape[1:], "image_dtype": images.dtype,
+            "classes": int(file.attrs["classes"]) if "classes" in file.attrs else None}
+
+
+def check_labels(labels: np.ndarray, classes: int | None, path) -> None:
+    if len(labels) and (labels.min() < 0 or (classes is not None and labels.max() >= classes)):
+        bad = int(np.flatnonzero((labels < 0) | ((labels >= classes) if classes else False))[0])
+        raise DatasetError(f"{path}: dataset 'labels' value {int(labels[bad])} at index {bad} is outside "
+                           f"[0, {classes})")
+
+
+def checksum(file) -> str:
+    """sha256 over images then labels, read in chunk-sized pieces (serial reads)."""
+    digest = hashlib.sha256()
+    for name in (IMAGES, LABELS):
+        dset = file[name]
+        step = dset.chunks[0] if dset.chunks else max(1, (1 << 20) // max(1, dset.dtype.itemsize
+                                                                           * int(np.prod(dset.shape[1:]))))
+        for lo in range(0, dset.shape[0], step):
+            digest.update(np.ascontiguousarray(dset[lo : lo + step]).tobytes())
+    return digest.hexdigest()
+
+
+def describe(path) -> dict:
+    """Layout, chunking, sizes and checksum of a dataset file (serial; for `hpc-train data inspect`)."""
+    import h5py
+
+    try:
+        file = h5py.File(path, "r")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot open as HDF5 ({exc})") from None
+    with file:
+        meta = validate(file, path)
+        out = {"file": str(path), "bytes": os.path.getsize(path), "samples": meta["n"],
+               "attributes": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in file.attrs.items()}}
+        for name in (IMAGES, LABELS):
+            dset = file[name]
+            offset = dset.id.get_offset()
+            out[name] = {"shape": list(dset.shape), "dtype": str(dset.dtype),
+                         "layout": "chunked" if dset.chunks else "contiguous",
+                         "chunks": list(dset.chunks) if dset.chunks else None,
+                         "offset": offset, "storage_bytes": dset.id.get_storage_size()}
+        out["sha256"] = checksum(file)
+    return out
