@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .units import parse_size
 
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data_sub.add_parser("inspect", help="layout, chunking, sizes and a checksum")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
+
+    iob = sub.add_parser("iobench", help="fio-compatible I/O benchmark: run a fio job file")
+    iob.add_argument("jobfile")
+    iob.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    iob.add_argument("--output", metavar="PATH", help="write the report here instead of stdout")
+    iob.add_argument("--overwrite", action="store_true",
+                     help="allow writing files that hpc-train iobench did not create")
 
     info = sub.add_parser("info", help="MPI, node layout, CUDA-awareness, h5py, GPUs")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -157,8 +165,50 @@ def write_dataset(args) -> None:
         print(f"wrote {path}", flush=True)
 
 
+def run_iobench(args) -> int:
+    from . import __version__, runtime
+    from .errors import JobFileError
+    from .io import fiojob, iobench
+
+    try:  # before MPI starts, on every rank alike
+        jobfile = fiojob.load(args.jobfile)
+    except JobFileError as exc:
+        print(f"hpc-train iobench: {exc}", file=sys.stderr)
+        return 2
+    comm = runtime.init().world
+    mine = iobench.instances(jobfile.jobs)[comm.Get_rank() :: comm.Get_size()]
+    results, problem = None, None
+    try:
+        iobench.prepare(mine, args.overwrite)
+    except (iobench.IOBenchError, OSError) as exc:
+        problem = str(exc)
+    problems = [p for p in comm.allgather(problem) if p]
+    if not problems:  # everyone laid out: start together
+        comm.Barrier()
+        try:
+            results = iobench.run_local(mine)
+        except (iobench.IOBenchError, OSError) as exc:
+            problems = [str(exc)]
+    gathered = comm.gather((results, problems), root=0)
+    if comm.Get_rank() != 0:
+        return 0 if not problems else 1
+    problems = sorted({p for _, ps in gathered for p in ps})
+    if problems:
+        print("\n".join(f"hpc-train iobench: {p}" for p in problems), file=sys.stderr)
+        return 1
+    doc = iobench.report([r for rs, _ in gathered for r in rs], jobfile, f"hpc-train-iobench-{__version__}")
+    text = json.dumps(doc, indent=2) if args.output_format == "json" else iobench.text_report(doc)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    else:
+        print(text, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "iobench":
+        return run_iobench(args)
     if args.command == "train":
         return run_train(args)
     if args.command == "data":

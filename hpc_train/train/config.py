@@ -12,6 +12,8 @@ import difflib
 import tomllib
 from pathlib import Path
 
+from ..errors import JobFileError
+
 REQUIRED = object()
 
 # section -> key -> (type or tuple of types, default)
@@ -89,10 +91,6 @@ CHOICES = {
 }
 POSITIVE = ("data.train_samples", "data.val_samples", "data.classes", "train.epochs", "train.global_batch",
             "log.every_steps", "distributed.backward_passes_per_step")
-
-
-class JobFileError(ValueError):
-    """A job file that cannot run, with the file and the key at fault."""
 
 
 def _suggest(word: str, options) -> str:

@@ -1,0 +1,329 @@
+"""`hpc-train iobench`: run fio job files, report in fio's text and JSON formats.
+
+All job instances start together, as fio starts them: `numjobs` copies of each job
+are spread over the MPI ranks (round-robin) and run as threads on their rank
+(without mpirun: all threads of one process). Files are laid out before read jobs
+as fio does; a file the benchmark did not create (no `NAME.hpc_train-iobench`
+marker beside it) is never written to without `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .fiojob import Job
+from .iostats import latency_distribution, percentiles, summary, windowed_rates
+
+MARKER_SUFFIX = ".hpc_train-iobench"
+READ, WRITE = 0, 1
+
+
+class IOBenchError(RuntimeError):
+    """A job that cannot run as asked (file, option and reason named)."""
+
+
+@dataclass
+class Instance:
+    job: Job
+    jobnum: int
+    path: Path
+
+
+@dataclass
+class Result:
+    """One instance's I/Os: direction, latency (ns), completion time (s after start), bytes."""
+
+    instance: Instance
+    kinds: np.ndarray
+    latency_ns: np.ndarray
+    completed_s: np.ndarray
+    sizes: np.ndarray
+    sync_ns: np.ndarray
+    runtime_s: float
+    rusage: dict = field(default_factory=dict)
+
+
+def instances(jobs: list[Job]) -> list[Instance]:
+    """Every job's numjobs copies, with fio's file names ($jobname.$jobnum.0 in `directory`)."""
+    out = []
+    for job in jobs:
+        o = job.options
+        for k in range(o["numjobs"]):
+            name = o["filename"] or f"{job.name}.{k}.0"
+            out.append(Instance(job, k, Path(o["directory"] or ".") / name))
+    return out
+
+
+def _is_ours(path: Path) -> bool:
+    return Path(str(path) + MARKER_SUFFIX).exists()
+
+
+def _claim(path: Path) -> None:
+    Path(str(path) + MARKER_SUFFIX).write_text("created by hpc-train iobench\n")
+
+
+def check_writable(inst: Instance, overwrite: bool) -> None:
+    if inst.path.exists() and not _is_ours(inst.path) and not overwrite:
+        raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}' would write {inst.path}, "
+                           "which hpc-train iobench did not create; pass --overwrite to allow it")
+
+
+def writes(job: Job) -> bool:
+    return job.options["rw"] in ("write", "randwrite", "rw", "randrw")
+
+
+def layout(inst: Instance, overwrite: bool) -> None:
+    """Create and fill the file up to offset+size before a job reads it (fio lays files out too)."""
+    o = inst.job.options
+    needed = o["offset"] + o["size"]
+    if inst.path.exists() and inst.path.stat().st_size >= needed:
+        return
+    check_writable(inst, overwrite)
+    inst.path.parent.mkdir(parents=True, exist_ok=True)
+    _claim(inst.path)
+    block = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    with open(inst.path, "r+b" if inst.path.exists() else "wb") as f:
+        f.seek(0, os.SEEK_END)
+        while f.tell() < needed:
+            f.write(block[: needed - f.tell()])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _offsets(o: dict, rng: np.random.Generator) -> np.ndarray:
+    """One pass over the file region: every block once, in order or shuffled (fio's random map)."""
+    blocks = o["size"] // o["bs"]
+    order = rng.permutation(blocks) if o["rw"].startswith("rand") else np.arange(blocks)
+    return o["offset"] + order * o["bs"]
+
+
+def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
+    o = inst.job.options
+    bs = o["bs"]
+    flags = os.O_RDWR if writes(inst.job) else os.O_RDONLY
+    if o["direct"]:
+        flags |= os.O_DIRECT
+    try:
+        fd = os.open(inst.path, flags)
+    except OSError as exc:
+        raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': cannot open "
+                           f"{inst.path}: {exc.strerror}") from None
+    buffer = mmap.mmap(-1, bs)  # page-aligned, as O_DIRECT requires
+    buffer.write(np.random.default_rng(inst.jobnum).integers(0, 256, bs, dtype=np.uint8).tobytes())
+    view = [memoryview(buffer)]
+    rng = np.random.default_rng([hash(inst.job.name) & 0xFFFF, inst.jobnum])
+    if o["invalidate"]:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    mix = {"read": 1.0, "randread": 1.0, "write": 0.0, "randwrite": 0.0}.get(o["rw"], o["rwmixread"] / 100)
+    kinds, lats, done, syncs = [], [], [], []
+    deadline = (o["ramp_time"] + o["runtime"]) if o["runtime"] else None
+    writes_since_sync = 0
+    usage_before = resource.getrusage(resource.RUSAGE_THREAD)
+    start_barrier.wait()
+    start = time.perf_counter()
+    loop, stop = 0, False
+    try:
+        while not stop:
+            offsets = _offsets(o, rng)
+            is_read = rng.random(len(offsets)) < mix
+            for offset, reading in zip(offsets.tolist(), is_read.tolist(), strict=True):
+                t0 = time.perf_counter_ns()
+                n = os.preadv(fd, view, offset) if reading else os.pwritev(fd, view, offset)
+                t1 = time.perf_counter_ns()
+                if n != bs:
+                    raise IOBenchError(f"{inst.path}: short {'read' if reading else 'write'} at offset {offset}: "
+                                       f"{n} of {bs} bytes")
+                now = t1 / 1e9 - start  # perf_counter and perf_counter_ns share one clock
+                if not reading and o["fsync"]:
+                    writes_since_sync += 1
+                    if writes_since_sync == o["fsync"]:
+                        s0 = time.perf_counter_ns()
+                        os.fsync(fd)
+                        syncs.append(time.perf_counter_ns() - s0)
+                        writes_since_sync = 0
+                if now >= o["ramp_time"]:
+                    kinds.append(READ if reading else WRITE)
+                    lats.append(t1 - t0)
+                    done.append(now - o["ramp_time"])
+                if deadline is not None and now >= deadline:
+                    stop = True
+                    break
+            loop += 1
+            if not o["time_based"] and loop >= o["loops"]:
+                stop = True
+    finally:
+        elapsed = time.perf_counter() - start
+        usage_after = resource.getrusage(resource.RUSAGE_THREAD)
+        os.close(fd)
+        view[0].release()
+        buffer.close()
+    runtime = max(elapsed - o["ramp_time"], 1e-9)
+    return Result(inst, np.array(kinds, np.int8), np.array(lats, np.int64), np.array(done),
+                  np.full(len(kinds), bs, np.int64), np.array(syncs, np.int64), runtime,
+                  {"usr": usage_after.ru_utime - usage_before.ru_utime,
+                   "sys": usage_after.ru_stime - usage_before.ru_stime,
+                   "ctx": (usage_after.ru_nvcsw - usage_before.ru_nvcsw)
+                   + (usage_after.ru_nivcsw - usage_before.ru_nivcsw),
+                   "majf": usage_after.ru_majflt - usage_before.ru_majflt,
+                   "minf": usage_after.ru_minflt - usage_before.ru_minflt})
+
+
+def prepare(mine: list[Instance], overwrite: bool) -> None:
+    """Check write permission and lay out every file this rank's instances use."""
+    for inst in mine:
+        if writes(inst.job):
+            check_writable(inst, overwrite)
+        layout(inst, overwrite)
+
+
+def run_local(mine: list[Instance]) -> list[Result]:
+    """Run this rank's prepared instances as threads started together."""
+    start = threading.Barrier(len(mine)) if mine else None
+    results: list = [None] * len(mine)
+    errors: list = []
+
+    def work(k: int, inst: Instance) -> None:
+        try:
+            results[k] = run_instance(inst, start)
+        except BaseException as exc:
+            errors.append(exc)
+            start.abort()
+
+    threads = [threading.Thread(target=work, args=(k, inst), name=f"iobench-{inst.job.name}.{inst.jobnum}")
+               for k, inst in enumerate(mine)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return results
+
+
+def direction_report(results: list[Result], kind: int, percentile_list, runtime_ms: int, group_bytes: int) -> dict:
+    """fio's per-direction block (jobs[].read / .write) from one or more results."""
+    lat = np.concatenate([r.latency_ns[r.kinds == kind] for r in results]) if results else np.zeros(0, np.int64)
+    completed = np.concatenate([r.completed_s[r.kinds == kind] for r in results]) if results else np.zeros(0)
+    sizes = np.concatenate([r.sizes[r.kinds == kind] for r in results]) if results else np.zeros(0, np.int64)
+    io_bytes = int(sizes.sum())
+    ios = len(lat)
+    runtime_ms = runtime_ms if ios else 0
+    bw_bytes = int(1000 * io_bytes / runtime_ms) if runtime_ms else 0
+    bw_samples, iops_samples = windowed_rates(completed, sizes) if ios else (np.zeros(0), np.zeros(0))
+    clat = summary(lat)
+    if ios:
+        clat["percentile"] = percentiles(lat, percentile_list)
+    return {
+        "io_bytes": io_bytes, "io_kbytes": io_bytes // 1024, "bw_bytes": bw_bytes, "bw": bw_bytes // 1024,
+        "iops": float(1000 * ios / runtime_ms) if runtime_ms else 0.0, "runtime": int(runtime_ms),
+        "total_ios": ios, "short_ios": 0, "drop_ios": 0,
+        "slat_ns": summary(np.zeros(0, np.int64)), "clat_ns": clat, "lat_ns": summary(lat),
+        "bw_min": int(bw_samples.min()) if len(bw_samples) else 0,
+        "bw_max": int(bw_samples.max()) if len(bw_samples) else 0,
+        "bw_agg": float(100.0 * io_bytes / group_bytes) if group_bytes else 0.0,
+        "bw_mean": float(bw_samples.mean()) if len(bw_samples) else 0.0,
+        "bw_dev": float(bw_samples.std(ddof=1)) if len(bw_samples) > 1 else 0.0,
+        "bw_samples": len(bw_samples),
+        "iops_min": int(iops_samples.min()) if len(iops_samples) else 0,
+        "iops_max": int(iops_samples.max()) if len(iops_samples) else 0,
+        "iops_mean": float(iops_samples.mean()) if len(iops_samples) else 0.0,
+        "iops_stddev": float(iops_samples.std(ddof=1)) if len(iops_samples) > 1 else 0.0,
+        "iops_samples": len(iops_samples),
+    }
+
+
+def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
+    """One entry of fio's "jobs" array for one instance, or for a whole group (group_reporting)."""
+    job = results[0].instance.job
+    runtime_ms = int(round(1000 * max(r.runtime_s for r in results)))
+    all_lat = np.concatenate([r.latency_ns for r in results])
+    lat_ns, lat_us, lat_ms = latency_distribution(all_lat)
+    sync = np.concatenate([r.sync_ns for r in results])
+    cpu_s = max(sum(r.runtime_s for r in results), 1e-9)
+    percentile_list = job.options["percentile_list"]
+    return {
+        "jobname": job.name, "groupid": groupid, "error": 0, "eta": 0,
+        "elapsed": int(round(max(r.runtime_s for r in results) + job.options["ramp_time"])),
+        "job options": dict(job.raw),
+        "read": direction_report(results, READ, percentile_list, runtime_ms, group_bytes[READ]),
+        "write": direction_report(results, WRITE, percentile_list, runtime_ms, group_bytes[WRITE]),
+        "trim": direction_report([], READ, percentile_list, 0, 0),
+        "sync": {"total_ios": len(sync), "lat_ns": summary(sync)},
+        "job_runtime": runtime_ms,
+        "usr_cpu": float(100 * sum(r.rusage["usr"] for r in results) / cpu_s),
+        "sys_cpu": float(100 * sum(r.rusage["sys"] for r in results) / cpu_s),
+        "ctx": int(sum(r.rusage["ctx"] for r in results)),
+        "majf": int(sum(r.rusage["majf"] for r in results)),
+        "minf": int(sum(r.rusage["minf"] for r in results)),
+        "iodepth_level": {"1": 100.0, "2": 0.0, "4": 0.0, "8": 0.0, "16": 0.0, "32": 0.0, ">=64": 0.0},
+        "iodepth_submit": {"0": 0.0, "4": 100.0, "8": 0.0, "16": 0.0, "32": 0.0, "64": 0.0, ">=64": 0.0},
+        "iodepth_complete": {"0": 0.0, "4": 100.0, "8": 0.0, "16": 0.0, "32": 0.0, "64": 0.0, ">=64": 0.0},
+        "latency_ns": lat_ns, "latency_us": lat_us, "latency_ms": lat_ms,
+        "latency_depth": 1, "latency_target": 0, "latency_percentile": 100.0, "latency_window": 0,
+    }
+
+
+def report(results: list[Result], jobfile, version: str) -> dict:
+    """fio's JSON document (--output-format=json) for every result of the run."""
+    group_bytes = {k: int(sum(r.sizes[r.kinds == k].sum() for r in results)) for k in (READ, WRITE)}
+    entries = []
+    by_job: dict[str, list[Result]] = {}
+    for r in results:
+        by_job.setdefault(r.instance.job.name, []).append(r)
+    for rs in by_job.values():
+        if rs[0].instance.job.options["group_reporting"]:
+            entries.append(job_report(rs, 0, group_bytes))
+        else:
+            entries.extend(job_report([r], 0, group_bytes) for r in sorted(rs, key=lambda r: r.instance.jobnum))
+    now = time.time()
+    return {"fio version": version, "timestamp": int(now), "timestamp_ms": int(now * 1000),
+            "time": time.ctime(now), "global options": dict(jobfile.global_raw), "jobs": entries,
+            "disk_util": []}
+
+
+def _human_bytes(n: float, binary: bool = True) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"] if binary else ["B", "kB", "MB", "GB", "TB"]
+    step = 1024.0 if binary else 1000.0
+    for unit in units:
+        if n < step or unit == units[-1]:
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= step
+    return f"{n:.1f}{units[-1]}"
+
+
+def text_report(doc: dict) -> str:
+    """fio's normal output, abridged: per job IOPS, bandwidth, latency and percentiles; group status."""
+    lines = []
+    for job in doc["jobs"]:
+        lines.append(f"{job['jobname']}: (groupid={job['groupid']}, jobs=1): err= {job['error']}")
+        for name in ("read", "write"):
+            d = job[name]
+            if not d["total_ios"]:
+                continue
+            lines.append(f"  {name}: IOPS={d['iops']:.0f}, BW={_human_bytes(d['bw_bytes'])}/s "
+                         f"({_human_bytes(d['bw_bytes'], False)}/s)({_human_bytes(d['io_bytes'])}/{d['runtime']}msec)")
+            c = d["clat_ns"]
+            lines.append(f"    clat (usec): min={c['min'] / 1000:.0f}, max={c['max'] / 1000:.0f}, "
+                         f"avg={c['mean'] / 1000:.2f}, stdev={c['stddev'] / 1000:.2f}")
+            pct = ", ".join(f"{float(k):.2f}th=[{v / 1000:.0f}]" for k, v in c.get("percentile", {}).items())
+            lines.append(f"     clat percentiles (usec): {pct}")
+        lines.append(f"  cpu          : usr={job['usr_cpu']:.2f}%, sys={job['sys_cpu']:.2f}%, ctx={job['ctx']}, "
+                     f"majf={job['majf']}, minf={job['minf']}")
+    lines.append("\nRun status group 0 (all jobs):")
+    for name in ("read", "write"):
+        active = [j[name] for j in doc["jobs"] if j[name]["total_ios"]]
+        if active:
+            total = sum(d["io_bytes"] for d in active)
+            longest = max(d["runtime"] for d in active)
+            bw = 1000 * total / longest if longest else 0
+            lines.append(f"  {name.upper():>5}: bw={_human_bytes(bw)}/s ({_human_bytes(bw, False)}/s), "
+                         f"io={_human_bytes(total)}, run={min(d['runtime'] for d in active)}-{longest}msec")
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""The fio-compatible I/O benchmark: job files, statistics, runs and fio's JSON schema (serial)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hpc_train.io import fiojob
+from hpc_train.io.iostats import bucket_index, bucket_value, percentiles
+
+from hpc_train.errors import JobFileError
+
+from .conftest import python_cmd, run_mpi
+
+
+def iobench(*args, cwd=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "hpc_train.cli", "iobench", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def test_job_file_globals_units_and_flags():
+    jobs = fiojob.parse("""
+; comment
+[global]
+bs=64k
+size=1m
+direct
+[a]
+rw=randread
+runtime=500ms
+time_based
+[global]
+numjobs=2
+[b]
+readwrite=randrw
+rwmixread=70
+percentile_list=50:99.5
+size=2MiB
+""", "x.fio")
+    a, b = jobs.jobs
+    assert a.options["bs"] == 65536 and a.options["direct"] is True and a.options["runtime"] == 0.5
+    assert a.options["time_based"] is True and a.options["numjobs"] == 1  # later globals do not reach back
+    assert b.options["numjobs"] == 2 and b.options["rw"] == "randrw" and b.options["size"] == 2 << 20
+    assert b.options["percentile_list"] == (50.0, 99.5) and b.raw == {
+        "readwrite": "randrw", "rwmixread": "70", "percentile_list": "50:99.5", "size": "2MiB"}
+    assert jobs.global_raw == {"bs": "64k", "size": "1m", "direct": "", "numjobs": "2"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[a]\nsize=1m\nblocksize=4k\n", "x.fio:3: unknown option 'blocksize'"),
+    ("[a]\nsize=1m\nbs=4q\n", "x.fio:3: bad value for option 'bs'"),
+    ("[a]\nsize=1m\nrw=trim\n", "x.fio:3: bad value for option 'rw'"),
+    ("[a]\nsize=1m\nioengine=libaio\n", "ioengine 'libaio' is not supported here"),
+    ("[a]\nsize=1m\nrwmixread=101\n", "x.fio:3: bad value for option 'rwmixread'"),
+    ("[a]\nrw=read\n", "x.fio:1: job 'a' has no size"),
+    ("[a]\nsize=1m\ndirect=1\nbs=1000\n", "direct=1 needs bs a multiple of 512"),
+    ("[a]\nsize=1m\ntime_based\n", "time_based needs runtime="),
+    ("bs=4k\n[a]\n", "x.fio:1: option outside any section"),
+    ("[a\nsize=1m\n", "x.fio:1: malformed section header"),
+    ("[global]\nbs=4k\n", "no job sections"),
+])
+def test_job_file_errors_name_file_line_and_option(text, message):
+    with pytest.raises(JobFileError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        fiojob.parse(text, "x.fio")
+
+
+def test_histogram_is_fios():
+    values = np.array([0, 1, 127, 128, 129, 255, 256, 1000, 12345, 1 << 20])
+    # fio's plat_val_to_idx / plat_idx_to_val (stat.h, FIO_IO_U_PLAT_BITS 6), worked by hand
+    np.testing.assert_array_equal(bucket_index(values), [0, 1, 127, 128, 128, 191, 192, 317, 544, 960])
+    np.testing.assert_array_equal(bucket_value(bucket_index(values)),
+                                  [0, 1, 127, 129, 129, 255, 258, 1004, 12352, 1056768])
+    big = np.random.default_rng(0).integers(1, 10**9, 10**5)
+    assert np.max(np.abs(bucket_value(bucket_index(big)) - big) / big) < 1 / 64
+    p = percentiles(np.arange(1, 101), [50, 99, 100])
+    assert p == {"50.000000": 50, "99.000000": 99, "100.000000": 100}
+
+
+def test_runs_write_then_read_and_reports(tmp_path):
+    job = tmp_path / "j.fio"
+    job.write_text(f"""
+[global]
+directory={tmp_path}
+bs=4k
+size=256k
+percentile_list=50:99
+[writer]
+rw=randwrite
+fsync=8
+numjobs=2
+[mixed]
+rw=randrw
+rwmixread=50
+loops=2
+""")
+    proc = iobench(job, "--output-format", "json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    names = [j["jobname"] for j in doc["jobs"]]
+    assert names == ["writer", "writer", "mixed"]  # numjobs copies reported one by one
+    w = doc["jobs"][0]
+    assert w["write"]["io_bytes"] == 256 << 10 and w["write"]["total_ios"] == 64 and w["read"]["total_ios"] == 0
+    assert w["sync"]["total_ios"] == 8 and set(w["write"]["clat_ns"]["percentile"]) == {"50.000000", "99.000000"}
+    m = doc["jobs"][2]
+    assert m["read"]["total_ios"] + m["write"]["total_ios"] == 2 * 64 and m["read"]["total_ios"] > 10
+    assert (tmp_path / "writer.0.0").stat().st_size == 256 << 10
+    assert (tmp_path / "writer.1.0.hpc_train-iobench").exists()
+    text = iobench(job).stdout
+    assert "writer: (groupid=0" in text and "Run status group 0" in text and "WRITE: bw=" in text
+
+
+def test_never_overwrites_a_foreign_file(tmp_path):
+    precious = tmp_path / "precious.dat"
+    precious.write_bytes(b"keep me" * 1000)
+    job = tmp_path / "w.fio"
+    job.write_text(f"[w]\nrw=write\nsize=64k\nfilename={precious}\n")
+    proc = iobench(job)
+    assert proc.returncode != 0
+    assert f"would write {precious}, which hpc-train iobench did not create; pass --overwrite" in proc.stderr
+    assert precious.read_bytes() == b"keep me" * 1000
+    assert iobench(job, "--overwrite").returncode == 0
+
+
+def test_bad_job_file_fails_before_running(tmp_path):
+    job = tmp_path / "bad.fio"
+    job.write_text("[a]\nsize=1m\niodepth=4\n")
+    proc = iobench(job)
+    assert proc.returncode == 2 and f"{job}:3: unknown option 'iodepth'" in proc.stderr
+
+
+def test_numjobs_spread_over_ranks_with_group_reporting(tmp_path):
+    job = tmp_path / "g.fio"
+    job.write_text(f"[global]\ndirectory={tmp_path}\n[g]\nrw=read\nbs=16k\nsize=512k\nnumjobs=4\ngroup_reporting\n")
+    proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "iobench", str(job), "--output-format", "json"),
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert len(doc["jobs"]) == 1 and doc["jobs"][0]["read"]["io_bytes"] == 4 * (512 << 10)
+
+
+def schema_gaps(theirs, ours, path=""):
+    """Every key fio emits must exist in ours with the same JSON type."""
+    if isinstance(theirs, dict):
+        if not isinstance(ours, dict):
+            return [f"{path}: dict expected, got {type(ours).__name__}"]
+        return [gap for key, value in theirs.items()
+                for gap in ([f"{path}.{key}: missing"] if key not in ours else schema_gaps(value, ours[key],
+                                                                                          f"{path}.{key}"))]
+    if isinstance(theirs, list):
+        return [] if isinstance(ours, list) else [f"{path}: list expected"]
+    return [] if type(theirs) is type(ours) else [f"{path}: {type(theirs).__name__} expected, "
+                                                  f"got {type(ours).__name__}"]
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
+@pytest.mark.parametrize("rw", ["read", "randwrite"])
+def test_json_has_every_field_fio_emits(tmp_path, rw):
+    job = tmp_path / "same.fio"
+    job.write_text(f"[global]\nioengine=psync\nbs=4k\nsize=1m\ndirect=1\npercentile_list=50:99:99.9\n"
+                   f"[same]\nrw={rw}\nfilename={tmp_path / 'data'}\n")
+    theirs = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert theirs.returncode == 0, theirs.stderr
+    fio_doc = json.loads(theirs.stdout)
+    ours = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
+    assert ours.returncode == 0, ours.stderr
+    our_doc = json.loads(ours.stdout)
+    fio_doc.pop("disk_util")  # device statistics: fio's, from the kernel; ours is an empty list
+    assert schema_gaps(fio_doc, our_doc) == []
+    direction = "read" if rw == "read" else "write"
+    assert our_doc["jobs"][0][direction]["io_bytes"] == fio_doc["jobs"][0][direction]["io_bytes"]
+    assert list(our_doc["jobs"][0][direction]["clat_ns"]["percentile"]) == \
+        list(fio_doc["jobs"][0][direction]["clat_ns"]["percentile"])
