@@ -145,6 +145,9 @@ def parse(text: str, source: str = "<job file>") -> JobFile:
         merged.update(values)
         if merged["size"] is None:
             raise JobFileError(f"{source}:{section_line}: job '{section}' has no size (set size=, e.g. size=1g)")
+        if merged["bs"] <= 0 or merged["size"] < merged["bs"]:
+            raise JobFileError(f"{source}:{section_line}: job '{section}': size ({merged['size']}) must be at least "
+                               f"bs ({merged['bs']}), and bs positive")
         if merged["direct"] and merged["bs"] % 512:
             raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 needs bs a multiple of 512, "
                                f"got {merged['bs']}")

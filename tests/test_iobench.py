@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hpc_train.io import fiojob
 from hpc_train.io.iostats import bucket_index, bucket_value, percentiles
 
@@ -57,6 +59,8 @@ size=2MiB
     ("[a]\nsize=1m\nioengine=libaio\n", "ioengine 'libaio' is not supported here"),
     ("[a]\nsize=1m\nrwmixread=101\n", "x.fio:3: bad value for option 'rwmixread'"),
     ("[a]\nrw=read\n", "x.fio:1: job 'a' has no size"),
+    ("[a]\nsize=1m\nbs=0\n", "size (1048576) must be at least bs (0), and bs positive"),
+    ("[a]\nsize=1k\nbs=4k\n", "size (1024) must be at least bs (4096)"),
     ("[a]\nsize=1m\ndirect=1\nbs=1000\n", "direct=1 needs bs a multiple of 512"),
     ("[a]\nsize=1m\ntime_based\n", "time_based needs runtime="),
     ("bs=4k\n[a]\n", "x.fio:1: option outside any section"),
@@ -175,3 +179,40 @@ def test_json_has_every_field_fio_emits(tmp_path, rw):
     assert our_doc["jobs"][0][direction]["io_bytes"] == fio_doc["jobs"][0][direction]["io_bytes"]
     assert list(our_doc["jobs"][0][direction]["clat_ns"]["percentile"]) == \
         list(fio_doc["jobs"][0][direction]["clat_ns"]["percentile"])
+
+
+SEED_JOB = """[global]
+ioengine=psync
+bs=4k
+size=1m
+direct=1
+[job1]
+rw=randread
+runtime=2
+time_based
+percentile_list=50:99
+"""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_fuzz_random_text_only_ever_raises_job_file_error(text):
+    try:
+        fiojob.parse(text, "fuzz.fio")
+    except JobFileError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(SEED_JOB)), st.integers(0, 5),
+                          st.text(alphabet="[]=;#\n :.-_kmgKMG0123456789abcdefrwxyz", max_size=6)), max_size=6))
+def test_fuzz_mutated_job_files_only_ever_raise_job_file_error(edits):
+    text = SEED_JOB
+    for position, delete, insert in edits:
+        text = text[:position] + insert + text[position + delete :]
+    try:
+        jobs = fiojob.parse(text, "fuzz.fio")
+    except JobFileError:
+        return
+    for job in jobs.jobs:  # whatever parses is a complete, consistent job
+        assert job.options["size"] > 0 and job.options["bs"] > 0 and job.options["rw"] in fiojob.RW_MODES.values()
