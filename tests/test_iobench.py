@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ size=2MiB
     ("[global]\nbs=4k\n", "no job sections"),
 ])
 def test_job_file_errors_name_file_line_and_option(text, message):
-    with pytest.raises(JobFileError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(JobFileError, match=re.escape(message)):
         fiojob.parse(text, "x.fio")
 
 
