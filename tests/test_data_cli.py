@@ -106,3 +106,22 @@ metrics = "{tmp_path / 'm.jsonl'}"
                    timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("gone.h5: cannot open as HDF5") == 2
+
+
+def test_training_io_workload(tmp_path):
+    data = tmp_path / "w.h5"
+    proc = run_mpi(2, python_cmd(*CLI, "data", "synth", str(data), "--samples", "640", "--contiguous"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_mpi(2, python_cmd(*CLI, "iobench", "--workload", "train", "--data", str(data), "--batch", "32",
+                                 "--compute-ms", "20", "--output-format", "json"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    workload = json.loads(proc.stdout)["workload"]
+    ranks = workload["per_rank"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["steps"] == 10 and r["measured_steps"] == 9 for r in ranks)
+    assert all(0 < r["au"] <= 1 and r["compute_s"] >= 9 * 0.02 for r in ranks)
+    total = workload["aggregate"]
+    assert total["samples_per_s"] == sum(r["samples_per_s"] for r in ranks)
+    assert total["au_min"] == min(r["au"] for r in ranks)
+    proc = run_mpi(2, python_cmd(*CLI, "iobench", "--workload", "train", "--data", str(tmp_path / "none.h5")),
+                   timeout=60)
+    assert proc.returncode != 0 and proc.stderr.count("none.h5: cannot open as HDF5") == 2
