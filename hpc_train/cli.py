@@ -223,7 +223,11 @@ def run_iobench(args) -> int:
         print(f"hpc-train iobench: {exc}", file=sys.stderr)
         return 2
     comm = runtime.init().world
-    mine = iobench.instances(jobfile.jobs)[comm.Get_rank() :: comm.Get_size()]
+    try:
+        mine = iobench.assign(iobench.instances(jobfile.jobs), comm)
+    except JobFileError as exc:  # every rank finds the same problem
+        print(f"hpc-train iobench: {exc}", file=sys.stderr)
+        return 2
     results, problem = None, None
     try:
         iobench.prepare(mine, args.overwrite)

@@ -84,6 +84,7 @@ OPTIONS = {
     "bs": (parse_bytes, 4096),
     "size": (parse_bytes, None),
     "offset": (parse_bytes, 0),
+    "offset_increment": (parse_bytes, 0),  # job copy k starts at offset + k * offset_increment
     "filename": (str.strip, None),
     "directory": (str.strip, None),
     "numjobs": (parse_int(1), 1),
@@ -97,6 +98,9 @@ OPTIONS = {
     "percentile_list": (parse_percentiles, DEFAULT_PERCENTILES),
     "group_reporting": (parse_bool, False),
     "ioengine": (parse_engine, "psync"),
+    # ours, for the engines fio does not have
+    "collective": (parse_bool, False),  # mpiio / hdf5: the collective _all forms
+    "hdf5_chunk": (parse_bytes, 0),  # hdf5: chunk size of the byte dataset; 0 = contiguous
 }
 ALIASES = {"readwrite": "rw"}  # fio accepts both names
 
@@ -148,6 +152,16 @@ def parse(text: str, source: str = "<job file>") -> JobFile:
         if merged["bs"] <= 0 or merged["size"] < merged["bs"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': size ({merged['size']}) must be at least "
                                f"bs ({merged['bs']}), and bs positive")
+        if merged["direct"] and merged["ioengine"] != "psync":
+            raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 works with ioengine=psync only")
+        if merged["collective"] and merged["ioengine"] == "psync":
+            raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs ioengine=mpiio or hdf5")
+        if merged["collective"] and not merged["filename"]:
+            raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs filename= "
+                               "(one file shared by the job's copies)")
+        if merged["collective"] and (merged["rw"] in ("rw", "randrw") or merged["time_based"]):
+            raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs the same calls on every "
+                               "rank: one direction (not rw/randrw) and no time_based")
         if merged["direct"] and merged["bs"] % 512:
             raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 needs bs a multiple of 512, "
                                f"got {merged['bs']}")

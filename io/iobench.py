@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engines import ENGINES, create_hdf5_file
 from .fiojob import Job
 from .iostats import latency_distribution, percentiles, summary, windowed_rates
 
@@ -35,6 +36,10 @@ class Instance:
     job: Job
     jobnum: int
     path: Path
+    comm: object = None  # mpiio / hdf5: the communicator the file is opened on
+
+    def __getstate__(self):  # results travel to rank 0 without the (unpicklable) communicator
+        return {**self.__dict__, "comm": None}
 
 
 @dataclass
@@ -62,6 +67,32 @@ def instances(jobs: list[Job]) -> list[Instance]:
     return out
 
 
+def assign(all_instances: list[Instance], comm) -> list[Instance]:
+    """This rank's instances (round-robin), each with the communicator its engine opens files on.
+
+    Collective jobs need one copy per rank (numjobs == ranks) on a communicator of their
+    own; independent mpiio / hdf5 copies open their file alone (COMM_SELF).
+    """
+    from mpi4py import MPI
+
+    from ..errors import JobFileError
+
+    size = comm.Get_size()
+    for job in {inst.job.name: inst.job for inst in all_instances}.values():
+        if job.options["collective"] and job.options["numjobs"] != size:
+            raise JobFileError(f"{job.source}:{job.line}: job '{job.name}': collective=1 needs numjobs equal to "
+                               f"the number of ranks ({size}), got {job.options['numjobs']}")
+    job_comms = {}
+    for inst in all_instances:  # in the same order on every rank: Dup is collective
+        if inst.job.options["collective"] and inst.job.name not in job_comms:
+            job_comms[inst.job.name] = comm.Dup()
+    mine = all_instances[comm.Get_rank() :: size]
+    for inst in mine:
+        if inst.job.options["ioengine"] != "psync":
+            inst.comm = job_comms.get(inst.job.name, MPI.COMM_SELF)
+    return mine
+
+
 def _is_ours(path: Path) -> bool:
     return Path(str(path) + MARKER_SUFFIX).exists()
 
@@ -81,9 +112,21 @@ def writes(job: Job) -> bool:
 
 
 def layout(inst: Instance, overwrite: bool) -> None:
-    """Create and fill the file up to offset+size before a job reads it (fio lays files out too)."""
+    """Create and fill the file up to offset+size before a job reads it (fio lays files out too).
+
+    A shared file (filename=) is laid out by the job's instance 0 alone.
+    """
     o = inst.job.options
-    needed = o["offset"] + o["size"]
+    needed = o["offset"] + o["size"] + (o["numjobs"] - 1) * o["offset_increment"]
+    if o["filename"] and inst.jobnum != 0:
+        return
+    if o["ioengine"] == "hdf5":
+        if not inst.path.exists() or not _is_ours(inst.path):
+            check_writable(inst, overwrite)
+            inst.path.parent.mkdir(parents=True, exist_ok=True)
+            _claim(inst.path)
+            create_hdf5_file(inst.path, needed, o["hdf5_chunk"])
+        return
     if inst.path.exists() and inst.path.stat().st_size >= needed:
         return
     check_writable(inst, overwrite)
@@ -98,30 +141,32 @@ def layout(inst: Instance, overwrite: bool) -> None:
         os.fsync(f.fileno())
 
 
-def _offsets(o: dict, rng: np.random.Generator) -> np.ndarray:
-    """One pass over the file region: every block once, in order or shuffled (fio's random map)."""
+def start_offset(inst: Instance) -> int:
+    o = inst.job.options
+    return o["offset"] + inst.jobnum * o["offset_increment"]
+
+
+def _offsets(inst: Instance, rng: np.random.Generator) -> np.ndarray:
+    """One pass over the instance's region: every block once, in order or shuffled (fio's random map)."""
+    o = inst.job.options
     blocks = o["size"] // o["bs"]
     order = rng.permutation(blocks) if o["rw"].startswith("rand") else np.arange(blocks)
-    return o["offset"] + order * o["bs"]
+    return start_offset(inst) + order * o["bs"]
 
 
 def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     o = inst.job.options
     bs = o["bs"]
-    flags = os.O_RDWR if writes(inst.job) else os.O_RDONLY
-    if o["direct"]:
-        flags |= os.O_DIRECT
     try:
-        fd = os.open(inst.path, flags)
+        engine = ENGINES[o["ioengine"]](inst.path, o, writes(inst.job), inst.comm)
     except OSError as exc:
         raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': cannot open "
-                           f"{inst.path}: {exc.strerror}") from None
+                           f"{inst.path}: {exc.strerror or exc}") from None
     buffer = mmap.mmap(-1, bs)  # page-aligned, as O_DIRECT requires
     buffer.write(np.random.default_rng(inst.jobnum).integers(0, 256, bs, dtype=np.uint8).tobytes())
-    view = [memoryview(buffer)]
-    rng = np.random.default_rng([hash(inst.job.name) & 0xFFFF, inst.jobnum])
-    if o["invalidate"]:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    view = memoryview(buffer)
+    # collective jobs must issue the same offsets on every rank in the same order
+    rng = np.random.default_rng([sum(inst.job.name.encode()), 0 if o["collective"] else inst.jobnum])
     mix = {"read": 1.0, "randread": 1.0, "write": 0.0, "randwrite": 0.0}.get(o["rw"], o["rwmixread"] / 100)
     kinds, lats, done, syncs = [], [], [], []
     deadline = (o["ramp_time"] + o["runtime"]) if o["runtime"] else None
@@ -132,11 +177,11 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     loop, stop = 0, False
     try:
         while not stop:
-            offsets = _offsets(o, rng)
+            offsets = _offsets(inst, rng)
             is_read = rng.random(len(offsets)) < mix
             for offset, reading in zip(offsets.tolist(), is_read.tolist(), strict=True):
                 t0 = time.perf_counter_ns()
-                n = os.preadv(fd, view, offset) if reading else os.pwritev(fd, view, offset)
+                n = engine.read(view, offset) if reading else engine.write(view, offset)
                 t1 = time.perf_counter_ns()
                 if n != bs:
                     raise IOBenchError(f"{inst.path}: short {'read' if reading else 'write'} at offset {offset}: "
@@ -146,7 +191,7 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
                     writes_since_sync += 1
                     if writes_since_sync == o["fsync"]:
                         s0 = time.perf_counter_ns()
-                        os.fsync(fd)
+                        engine.sync()
                         syncs.append(time.perf_counter_ns() - s0)
                         writes_since_sync = 0
                 if now >= o["ramp_time"]:
@@ -162,8 +207,8 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     finally:
         elapsed = time.perf_counter() - start
         usage_after = resource.getrusage(resource.RUSAGE_THREAD)
-        os.close(fd)
-        view[0].release()
+        engine.close()
+        view.release()
         buffer.close()
     runtime = max(elapsed - o["ramp_time"], 1e-9)
     return Result(inst, np.array(kinds, np.int8), np.array(lats, np.int64), np.array(done),
@@ -243,7 +288,7 @@ def direction_report(results: list[Result], kind: int, percentile_list, runtime_
 def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
     """One entry of fio's "jobs" array for one instance, or for a whole group (group_reporting)."""
     job = results[0].instance.job
-    runtime_ms = int(round(1000 * max(r.runtime_s for r in results)))
+    runtime_ms = max(1, int(round(1000 * max(r.runtime_s for r in results))))  # fio's unit: whole ms
     all_lat = np.concatenate([r.latency_ns for r in results])
     lat_ns, lat_us, lat_ms = latency_distribution(all_lat)
     sync = np.concatenate([r.sync_ns for r in results])

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 from hpc_train.io import fiojob
@@ -68,6 +69,10 @@ size=2MiB
     ("bs=4k\n[a]\n", "x.fio:1: option outside any section"),
     ("[a\nsize=1m\n", "x.fio:1: malformed section header"),
     ("[global]\nbs=4k\n", "no job sections"),
+    ("[a]\nsize=1m\nioengine=mpiio\ndirect=1\n", "direct=1 works with ioengine=psync only"),
+    ("[a]\nsize=1m\ncollective=1\n", "collective=1 needs ioengine=mpiio or hdf5"),
+    ("[a]\nsize=1m\nioengine=hdf5\ncollective=1\n", "collective=1 needs filename="),
+    ("[a]\nsize=1m\nioengine=mpiio\ncollective=1\nfilename=f\nrw=randrw\n", "one direction (not rw/randrw)"),
 ])
 def test_job_file_errors_name_file_line_and_option(text, message):
     with pytest.raises(JobFileError, match=re.escape(message)):
@@ -216,3 +221,58 @@ def test_fuzz_mutated_job_files_only_ever_raise_job_file_error(edits):
         return
     for job in jobs.jobs:  # whatever parses is a complete, consistent job
         assert job.options["size"] > 0 and job.options["bs"] > 0 and job.options["rw"] in fiojob.RW_MODES.values()
+
+
+ENGINES_JOB = """
+[global]
+directory={d}
+bs=64k
+size=512k
+[mpiio-independent]
+ioengine=mpiio
+rw=randread
+numjobs=2
+[mpiio-collective]
+ioengine=mpiio
+rw=write
+filename=shared.dat
+offset_increment=512k
+numjobs=2
+collective=1
+[hdf5-collective]
+ioengine=hdf5
+rw=read
+filename=shared.h5
+offset_increment=512k
+numjobs=2
+collective=1
+[hdf5-chunked]
+ioengine=hdf5
+rw=randwrite
+hdf5_chunk=128k
+numjobs=2
+"""
+
+
+def test_mpiio_and_hdf5_engines_independent_and_collective(tmp_path):
+    job = tmp_path / "engines.fio"
+    job.write_text(ENGINES_JOB.format(d=tmp_path))
+    proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "iobench", str(job), "--output-format", "json"),
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    by_name = {}
+    for entry in doc["jobs"]:
+        by_name.setdefault(entry["jobname"], []).append(entry)
+    for name, direction in (("mpiio-independent", "read"), ("mpiio-collective", "write"),
+                            ("hdf5-collective", "read"), ("hdf5-chunked", "write")):
+        entries = by_name[name]
+        assert len(entries) == 2 and all(e[direction]["io_bytes"] == 512 << 10 for e in entries), name
+    assert (tmp_path / "shared.dat").stat().st_size == 1 << 20  # two copies, offset_increment apart
+    with h5py.File(tmp_path / "hdf5-chunked.0.0", "r") as f:
+        assert f["data"].chunks == (128 << 10,) and f["data"].shape == (512 << 10,)
+    bad = tmp_path / "bad.fio"
+    bad.write_text(f"[c]\nioengine=mpiio\nrw=read\nsize=64k\nfilename={tmp_path / 'x'}\ncollective=1\nnumjobs=3\n")
+    proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "iobench", str(bad)), timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.count("collective=1 needs numjobs equal to the number of ranks (2), got 3") == 2
