@@ -17,12 +17,21 @@ import numpy as np
 DATASET = "data"
 
 
+def drop_cache(path) -> None:
+    """fio's invalidate=1: drop the file's pages from the page cache (posix_fadvise DONTNEED)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 class PsyncEngine:
     def __init__(self, path, options: dict, writable: bool, comm=None):
         flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_DIRECT if options["direct"] else 0)
-        self.fd = os.open(path, flags)
         if options["invalidate"]:
-            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            drop_cache(path)
+        self.fd = os.open(path, flags)
 
     def read(self, view, offset: int) -> int:
         return os.preadv(self.fd, [view], offset)
@@ -41,6 +50,8 @@ class MPIIOEngine:
     def __init__(self, path, options: dict, writable: bool, comm):
         from mpi4py import MPI
 
+        if options["invalidate"]:
+            drop_cache(path)
         self.byte = MPI.BYTE
         self.fh = MPI.File.Open(comm, str(path), MPI.MODE_RDWR if writable else MPI.MODE_RDONLY)
         collective = options["collective"]
@@ -68,6 +79,8 @@ class HDF5Engine:
 
         from .hdf5 import open_parallel
 
+        if options["invalidate"]:
+            drop_cache(path)
         self.file = open_parallel(path, "r+" if writable else "r", comm)
         self.dset = self.file[DATASET].id
         self.xfer = h5p.create(h5p.DATASET_XFER)
