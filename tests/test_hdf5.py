@@ -126,3 +126,17 @@ def test_bad_files_raise_dataset_error_on_every_rank(comm, shared_dir):
         assert path in str(info.value) and message in str(info.value), (name, str(info.value))
         comm.Barrier()  # nobody hung
     assert ht.size() == comm.Get_size()
+
+
+def test_device_option(comm, shared_dir):
+    images, labels = sample_arrays(20)
+    path = os.path.join(shared_dir, "device.h5")
+    write_arrays(path, images, labels, comm)
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        HDF5Loader(path, 4, device="tpu")
+    from hpc_train.backend import cupy_module
+
+    if cupy_module() is not None:
+        pytest.skip("cupy installed: the GPU path is exercised on GPU machines only")
+    with HDF5Loader(path, 4, device="cuda") as loader, pytest.raises(RuntimeError, match="needs cupy"):
+        next(iter(loader))  # the prefetch thread's error reaches the consumer, on every rank

@@ -42,13 +42,15 @@ class HDF5Loader:
 
     def __init__(self, path, batch_size: int, sampler: DistributedSampler | None = None, *,
                  collective: bool = True, prefetch: int = 2, hints: dict | None = None, transform=to_float,
-                 comm=None, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+                 comm=None, shuffle: bool = True, seed: int = 0, drop_last: bool = False, device: str = "cpu"):
         from h5py import h5fd, h5p
 
         from .. import runtime
 
         self.comm = comm if comm is not None else runtime.world().Dup()
-        self.path, self.batch_size, self.transform = str(path), batch_size, transform
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"HDF5Loader device {device!r}: expected 'cpu' or 'cuda'")
+        self.path, self.batch_size, self.transform, self.device = str(path), batch_size, transform, device
         self.prefetch = max(1, prefetch)
         self.file = open_parallel(path, "r", self.comm, hints)
         try:
@@ -150,8 +152,10 @@ class HDF5Loader:
             # Every planned batch is read even if the consumer stops early: the reads are
             # collective, and a rank that skipped one would leave the others waiting in it.
             try:
+                to_device = self._device_copier()
                 for ix in batches:
-                    offer(self.read(ix))
+                    images, labels = self.read(ix)
+                    offer(to_device(self.transform(images), labels))
                 offer(None)
             except BaseException as exc:  # handed to the consumer
                 offer(exc)
@@ -165,11 +169,30 @@ class HDF5Loader:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                images, labels = item
-                yield self.transform(images), labels
+                yield item
         finally:
             stop.set()
             thread.join()  # after the remaining planned reads
+
+    def _device_copier(self):
+        """Identity on the CPU; with device='cuda', a host-to-device copy on the prefetch thread's
+        own non-blocking stream, finished before the batch is handed over (not run on a GPU here)."""
+        if self.device == "cpu":
+            return lambda images, labels: (images, labels)
+        from ..backend import cupy_module
+
+        cupy = cupy_module()
+        if cupy is None:
+            raise RuntimeError("HDF5Loader(device='cuda') needs cupy (pip install 'hpc_train[gpu]')")
+        stream = cupy.cuda.Stream(non_blocking=True)
+
+        def copy(images, labels):
+            with stream:
+                out = cupy.asarray(images), cupy.asarray(labels)
+            stream.synchronize()
+            return out
+
+        return copy
 
     def close(self) -> None:
         """Close the file (collective over the loader's communicator)."""
