@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
+    from .checkpoint import CheckpointError
     from .io.hdf5 import DatasetError
     from .train.config import JobFileError, load
 
@@ -109,7 +110,7 @@ def run_train(args) -> int:
         from .train.trainer import Trainer, summary_line
 
         trainer = Trainer(job, args.timeline or job["log"]["timeline"])
-    except (JobFileError, DatasetError) as exc:  # raised on every rank alike
+    except (JobFileError, DatasetError, CheckpointError) as exc:  # raised on every rank alike
         print(f"hpc-train train: {exc}", file=sys.stderr)
         return 2
     summary = trainer.fit()

@@ -230,20 +230,29 @@ def prepare(mine: list[Instance], overwrite: bool) -> None:
 
 
 def run_local(mine: list[Instance]) -> list[Result]:
-    """Run this rank's prepared instances as threads started together."""
-    start = threading.Barrier(len(mine)) if mine else None
+    """Run this rank's prepared instances, started together.
+
+    psync instances run as concurrent threads, as fio runs jobs. mpiio and hdf5
+    instances run one after another on one thread, in the same order on every rank:
+    MPI-IO and HDF5 calls from several threads of a rank can deadlock against the
+    other ranks' collectives (HDF5 is not thread-safe; h5py serializes every call).
+    """
+    concurrent = [k for k, inst in enumerate(mine) if inst.job.options["ioengine"] == "psync"]
+    serial = [k for k, inst in enumerate(mine) if inst.job.options["ioengine"] != "psync"]
+    lanes = [[k] for k in concurrent] + ([serial] if serial else [])
+    start = threading.Barrier(len(lanes)) if lanes else None
     results: list = [None] * len(mine)
     errors: list = []
 
-    def work(k: int, inst: Instance) -> None:
+    def work(lane: list[int]) -> None:
         try:
-            results[k] = run_instance(inst, start)
+            for position, k in enumerate(lane):
+                results[k] = run_instance(mine[k], start if position == 0 else threading.Barrier(1))
         except BaseException as exc:
             errors.append(exc)
             start.abort()
 
-    threads = [threading.Thread(target=work, args=(k, inst), name=f"iobench-{inst.job.name}.{inst.jobnum}")
-               for k, inst in enumerate(mine)]
+    threads = [threading.Thread(target=work, args=(lane,), name=f"iobench-lane{n}") for n, lane in enumerate(lanes)]
     for t in threads:
         t.start()
     for t in threads:

@@ -74,6 +74,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "stall_warning_s": ((int, float), 60.0),
         "stall_abort_s": ((int, float), 600.0),
     },
+    "checkpoint": {
+        "every_steps": (int, 0),  # 0: no checkpoints
+        "keep_last": (int, 3),
+        "directory": (str, "results/checkpoints"),
+        "resume": (str, ""),  # "" | "auto" (newest complete checkpoint, if any) | a checkpoint path
+    },
     "log": {
         "metrics": (str, "results/metrics.jsonl"),
         "every_steps": (int, 10),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import nn, optim, runtime
+from .. import checkpoint, nn, optim, runtime
 from ..comm import allreduce
 from ..data import ArrayLoader, DistributedSampler, synthetic_classification
 from .config import JobFileError
@@ -126,6 +126,59 @@ class Trainer:
             path = Path(job["log"]["metrics"])
             path.parent.mkdir(parents=True, exist_ok=True)
             self.metrics = path.open("w")
+        self.start_epoch = self.start_batch = self.start_step = 0
+        self._resume()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _state_arrays(self) -> dict:
+        arrays = {f"model/{name}": p.data for name, p in self.model.named_parameters().items()}
+        arrays.update({f"optimizer/{name}": a for name, a in self.optimizer.optimizer.state_arrays().items()})
+        return arrays
+
+    def _rngs(self) -> list:
+        """The generators that make training random beyond the data order (dropout masks)."""
+        return [layer._rng for layer in getattr(self.model, "layers", []) if isinstance(layer, nn.Dropout)]
+
+    def _checkpoint(self, epoch: int, next_batch: int, step: int) -> None:
+        spec = self.job["checkpoint"]
+        started = time.perf_counter()
+        arrays = self._state_arrays()
+        path = checkpoint.save(checkpoint.checkpoint_path(spec["directory"], step), arrays, {
+            "step": step, "epoch": epoch, "next_batch": next_batch, "world_size": self.size,
+            "optimizer_steps": self.optimizer.optimizer.steps, "job": self.job,
+            "rng": [g.bit_generator.state for g in self._rngs()]}, self.comm)
+        seconds = time.perf_counter() - started
+        nbytes = sum(a.nbytes for a in arrays.values())
+        checkpoint.prune(spec["directory"], spec["keep_last"], self.comm)
+        self._emit({"type": "checkpoint", "step": step, "path": str(path), "bytes": nbytes, "seconds": seconds,
+                    "write_gbps": nbytes / seconds / 1e9})
+
+    def _resume(self) -> None:
+        spec = self.job["checkpoint"]
+        if not spec["resume"]:
+            return
+        if spec["resume"] == "auto":
+            found = checkpoint.complete_checkpoints(spec["directory"])
+            if not found:
+                return  # nothing yet: a fresh start
+            path = found[-1]
+        else:
+            path = Path(spec["resume"])
+        current = self._state_arrays()
+        started = time.perf_counter()
+        arrays, attrs = checkpoint.load(path, self.comm, {k: v.shape for k, v in current.items()})
+        for name, target in current.items():
+            target[...] = arrays[name]
+        self.optimizer.optimizer.steps = attrs["optimizer_steps"]
+        for generator, state in zip(self._rngs(), attrs["rng"], strict=True):
+            generator.bit_generator.state = state
+        self.start_epoch, self.start_batch, self.start_step = attrs["epoch"], attrs["next_batch"], attrs["step"]
+        seconds = time.perf_counter() - started
+        nbytes = sum(a.nbytes for a in arrays.values())
+        self._emit({"type": "resume", "path": str(path), "step": self.start_step,
+                    "saved_by_ranks": attrs["world_size"], "bytes": nbytes, "seconds": seconds,
+                    "read_gbps": nbytes / seconds / 1e9})
 
     def _emit(self, record: dict) -> None:
         if self.metrics is not None:
@@ -176,13 +229,19 @@ class Trainer:
             progress = tqdm(total=self.total_steps, unit="step", file=sys.stderr, mininterval=1.0,
                             dynamic_ncols=True, disable=None)
         totals = dict.fromkeys(("data", "forward", "backward", "step", "exposed"), 0.0)
-        step, started, val_acc, val_loss = 0, time.perf_counter(), 0.0, 0.0
-        for epoch in range(self.job["train"]["epochs"]):
+        step, started, val_acc, val_loss = self.start_step, time.perf_counter(), 0.0, 0.0
+        every = self.job["checkpoint"]["every_steps"]
+        if progress is not None:
+            progress.update(step)
+        for epoch in range(self.start_epoch, self.job["train"]["epochs"]):
             self.loader.set_epoch(epoch)
             epoch_times = dict.fromkeys(totals, 0.0)
             batches = iter(self.loader)
+            first = self.start_batch if epoch == self.start_epoch else 0
+            for _ in range(first):  # resumed mid-epoch: the same order, the done part skipped
+                next(batches)
             losses = []
-            for _ in range(self.steps_per_epoch):
+            for index in range(first, self.steps_per_epoch):
                 t0 = time.perf_counter()
                 with self.timeline.span("data wait", "data"):
                     x, y = next(batches)
@@ -191,13 +250,16 @@ class Trainer:
                 step += 1
                 if step % log_every == 0 or step == self.total_steps:
                     self._log_step(epoch, step, losses, epoch_times, progress)
+                if every and step % every == 0:
+                    self._checkpoint(epoch, index + 1, step)
             val_acc, val_loss = self.evaluate()
             for k in totals:
                 totals[k] += epoch_times[k]
-            step_time = sum(epoch_times[k] for k in ("data", "forward", "backward", "step"))
-            record = {"type": "epoch", "epoch": epoch, "step": step, "train_loss": float(np.mean(losses)),
+            step_time = max(sum(epoch_times[k] for k in ("data", "forward", "backward", "step")), 1e-9)
+            record = {"type": "epoch", "epoch": epoch, "step": step,
+                      "train_loss": float(np.mean(losses)) if losses else None,
                       "val_accuracy": val_acc, "val_loss": val_loss,
-                      "samples_per_s": self.steps_per_epoch * self.batch * self.size / step_time,
+                      "samples_per_s": len(losses) * self.batch * self.size / step_time,
                       "exposed_comm_fraction": epoch_times["exposed"] / step_time,
                       "elapsed_s": time.perf_counter() - started}
             self._emit(record)
@@ -206,13 +268,14 @@ class Trainer:
                                f"{record['samples_per_s']:.0f} samples/s")
         if progress is not None:
             progress.close()
-        step_time = sum(totals[k] for k in ("data", "forward", "backward", "step"))
+        step_time = max(sum(totals[k] for k in ("data", "forward", "backward", "step")), 1e-9)
+        ran = max(step - self.start_step, 1)  # steps this run executed (a resumed run starts later)
         summary = {"type": "summary", "val_accuracy": val_acc, "val_loss": val_loss, "steps": step,
                    "epochs": self.job["train"]["epochs"], "ranks": self.size,
-                   "samples_per_s": step * self.batch * self.size / step_time,
-                   "step_ms": 1e3 * step_time / max(step, 1),
+                   "samples_per_s": ran * self.batch * self.size / step_time,
+                   "step_ms": 1e3 * step_time / ran,
                    "exposed_comm_fraction": totals["exposed"] / step_time,
-                   "split_ms": {k: 1e3 * v / max(step, 1) for k, v in totals.items()},
+                   "split_ms": {k: 1e3 * v / ran for k, v in totals.items()},
                    "elapsed_s": time.perf_counter() - started}
         self._emit(summary)
         if self.metrics is not None:
