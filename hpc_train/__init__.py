@@ -14,7 +14,7 @@ from .comm import (
     reduce_scatter,
     shared_empty,
 )
-from .optim import DistributedOptimizer, broadcast_parameters
+from .optim import DistributedOptimizer, ShardedOptimizer, broadcast_parameters
 from .runtime import init, local_rank, local_size, node_index, num_nodes, rank, size
 
 __version__ = "0.1.0"
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CollectiveMismatchError", "DistributedOptimizer", "allgather", "allreduce", "allreduce_async",
     "broadcast", "broadcast_parameters", "init", "local_rank", "local_size", "node_index", "num_nodes",
-    "rank", "reduce_scatter", "shared_empty", "size",
+    "ShardedOptimizer", "rank", "reduce_scatter", "shared_empty", "size",
 ]

@@ -138,3 +138,29 @@ def test_streamed_row_blocks_and_split_buckets(comm, monkeypatch):
     model = train_distributed(comm, batches, sgd, 4, bucket_mb=0.001)
     assert_identical_across_ranks(comm, model)
     assert_close(model, train_single(batches, sgd, 4), rtol=2e-5)
+
+
+@pytest.mark.parametrize("make_opt", [sgd, adam], ids=["sgd", "adam"])
+def test_zero1_matches_data_parallel_with_a_shard_of_the_state(comm, make_opt):
+    p = comm.Get_size()
+    batches = global_batches(5, p)
+    reference = train_distributed(comm, batches, make_opt, 5, bucket_mb=0.002)
+
+    model = nn.mlp(WIDTHS, seed=7)
+    sharded = optim.ShardedOptimizer(make_opt(model), model, stage=1, bucket_mb=0.002)
+    loss = nn.SoftmaxCrossEntropy()
+    r = comm.Get_rank()
+    for x, y in batches:
+        sharded.zero_grad()
+        loss.forward(model(x[r * PER_RANK : (r + 1) * PER_RANK]), y[r * PER_RANK : (r + 1) * PER_RANK])
+        model.backward(loss.backward())
+        sharded.step()
+    assert_identical_across_ranks(comm, model)
+    assert_close(model, reference, rtol=1e-6)
+    total = model.num_parameters()
+    kinds = 2 if make_opt is adam else 1
+    held = comm.allgather(sharded.state_bytes())
+    assert sum(held) == kinds * 4 * total  # every element's state exactly once, over all ranks
+    assert max(held) <= kinds * 4 * (total // p + 1)  # ~1/p each (sizes not divisible by p)
+    with pytest.raises(ValueError, match="stage 3 is not implemented"):
+        optim.ShardedOptimizer(make_opt(model), model, stage=3)

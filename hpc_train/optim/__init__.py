@@ -3,8 +3,9 @@
 from .distributed import DistributedOptimizer, broadcast_optimizer_state, broadcast_parameters
 from .optimizers import SGD, Adam, AdamW, Optimizer
 from .schedules import constant, linear_scaling, warmup_cosine, warmup_step
+from .sharded import ShardedOptimizer
 
 __all__ = [
-    "SGD", "Adam", "AdamW", "DistributedOptimizer", "Optimizer", "broadcast_optimizer_state",
+    "SGD", "Adam", "AdamW", "DistributedOptimizer", "Optimizer", "ShardedOptimizer", "broadcast_optimizer_state",
     "broadcast_parameters", "constant", "linear_scaling", "warmup_cosine", "warmup_step",
 ]
