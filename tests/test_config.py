@@ -43,3 +43,11 @@ def test_missing_file_and_bad_override(tmp_path):
     with pytest.raises(JobFileError, match="expected section.key=value"):
         parse_override("epochs=3")
     assert parse_override("log.metrics=out/m.jsonl") == ("log.metrics", "out/m.jsonl")
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "mlp.toml", "cnn.toml"])
+def test_shipped_jobs_are_valid(name):
+    from pathlib import Path
+
+    job = load(Path(__file__).resolve().parent.parent / "jobs" / name)
+    assert job["model"]["name"] in ("mlp", "cnn")
