@@ -13,7 +13,8 @@ PIP         := $(PY) -m pip --disable-pip-version-check --no-input -q
 # fresh clones on the same machine (CI) install it in seconds.
 WHEEL_CACHE ?= $(HOME)/.cache/hpc_train/wheels
 H5PY_VERSION ?= 3.16.0
-APT_PACKAGES := openmpi-bin libopenmpi-dev libhdf5-openmpi-dev pkg-config fio
+APT_PACKAGES := openmpi-bin libopenmpi-dev libhdf5-openmpi-dev pkg-config fio \
+                slurmctld slurmd slurm-client munge
 # Every mpirun is time-boxed: a hang fails fast instead of eating CI.
 MPI_TIMEOUT ?= 900
 RUFF_ARGS   := --line-length 120 --select E,F,W,B,I,UP,SIM --ignore SIM108 --target-version py311

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# A one-node Slurm on this machine, for tests and for trying the sbatch scripts.
+#   slurm/local-cluster.sh up | down | status
+# Needs root and Debian's slurmctld slurmd slurm-client munge (installed by `up` if missing).
+# State, logs and the generated slurm.conf live in $SLURM_LOCAL_DIR (default /tmp/hpc_train-slurm).
+set -euo pipefail
+dir=${SLURM_LOCAL_DIR:-/tmp/hpc_train-slurm}
+conf=/etc/slurm/slurm.conf
+
+up() {
+  if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
+  fi
+  mkdir -p "$dir/state" "$dir/spool" /etc/slurm /run/munge
+  host=$(hostname); cpus=$(nproc)
+  cat > "$conf" <<CONF
+ClusterName=local
+SlurmctldHost=$host
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldLogFile=$dir/ctld.log
+SlurmdLogFile=$dir/d.log
+SlurmctldPidFile=$dir/ctld.pid
+SlurmdPidFile=$dir/d.pid
+SlurmUser=root
+MpiDefault=none
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName=$host CPUs=$cpus State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+  chown munge:munge /run/munge
+  pgrep -x munged >/dev/null || munged --force
+  pgrep -x slurmctld >/dev/null || slurmctld
+  pgrep -x slurmd >/dev/null || slurmd
+  for _ in $(seq 1 30); do  # idle within a few seconds when healthy
+    if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then echo "slurm up: $(sinfo -h -o '%P %D %t')"; return 0; fi
+    sleep 1
+  done
+  echo "slurm did not come up; see $dir/ctld.log and $dir/d.log" >&2
+  return 1
+}
+
+down() {
+  local pids=""
+  for pidfile in "$dir/d.pid" "$dir/ctld.pid"; do
+    [ -f "$pidfile" ] && pids="$pids $(cat "$pidfile")"
+  done
+  [ -n "$pids" ] && kill $pids 2>/dev/null || true
+  for _ in $(seq 1 20); do  # wait until they have exited
+    alive=""
+    for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ -z "$alive" ] && break
+    sleep 0.5
+  done
+  echo "slurm down"
+}
+
+status() { sinfo 2>/dev/null || { echo "slurm not running"; return 1; }; }
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

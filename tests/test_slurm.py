@@ -1,0 +1,80 @@
+"""The sbatch scripts on a real one-node Slurm brought up by slurm/local-cluster.sh (serial tests).
+
+Skipped, with the reason, where Slurm cannot be started (not root, no packages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from .conftest import ROOT
+
+CLUSTER = ["bash", str(ROOT / "slurm" / "local-cluster.sh")]
+TINY_JOB = """
+[model]
+name = "mlp"
+widths = [3072, 32, 10]
+[data]
+train_samples = 512
+val_samples = 128
+[train]
+global_batch = 64
+[log]
+progress = false
+metrics = "{metrics}"
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("bringing up Slurm needs root")
+    was_running = shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo"], capture_output=True, timeout=30).returncode == 0
+    up = subprocess.run([*CLUSTER, "up"], capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        pytest.skip(f"Slurm could not be started here: {(up.stderr or up.stdout)[-500:]}")
+    yield
+    if not was_running:
+        subprocess.run([*CLUSTER, "down"], capture_output=True, timeout=60)
+
+
+def sbatch(script, tmp_path, ntasks, **env):
+    exports = ",".join(["ALL", *(f"{k}={v}" for k, v in env.items())])
+    proc = subprocess.run(["sbatch", "--wait", "-n", str(ntasks), "-o", str(tmp_path / "out.txt"),
+                           "-e", str(tmp_path / "err.txt"), f"--export={exports}", str(ROOT / "slurm" / script)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return proc, (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_train_sbatch(slurm, tmp_path, launcher):
+    job = tmp_path / "tiny.toml"
+    job.write_text(TINY_JOB.format(metrics=tmp_path / "metrics.jsonl"))
+    proc, out, err = sbatch("train.sbatch", tmp_path, 2, JOB=job, HPC_TRAIN_LAUNCHER=launcher)
+    assert proc.returncode == 0, proc.stderr + err
+    assert out.count("hpc-train train: final val accuracy") == 1  # one job of 2 ranks, not 2 singletons
+    summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["type"] == "summary" and summary["ranks"] == 2
+
+
+def test_iobench_sbatch(slurm, tmp_path):
+    jobfile = tmp_path / "tiny.fio"
+    jobfile.write_text(f"[t]\nrw=read\nbs=64k\nsize=1m\ndirectory={tmp_path}\nnumjobs=2\n")
+    output = tmp_path / "io.json"
+    proc, _, err = sbatch("iobench.sbatch", tmp_path, 2, JOBFILE=jobfile, OUTPUT=output)
+    assert proc.returncode == 0, proc.stderr + err
+    doc = json.loads(output.read_text())
+    assert [j["jobname"] for j in doc["jobs"]] == ["t", "t"] and doc["jobs"][0]["read"]["io_bytes"] == 1 << 20
+
+
+def test_failing_job_fails_the_batch_job(slurm, tmp_path):
+    job = tmp_path / "bad.toml"
+    job.write_text('[model]\nname = "mlp"\n[train]\nepoch = 1\n')
+    proc, _, err = sbatch("train.sbatch", tmp_path, 2, JOB=job)
+    assert proc.returncode != 0 and "unknown key 'train.epoch'" in err
