@@ -19,10 +19,21 @@ MPI_ENV = {
 }
 
 
+def clean_environment() -> dict:
+    """This process's environment without what an MPI singleton left in it, plus MPI_ENV.
+
+    A test that imported mpi4py made this pytest process an MPI singleton, which puts
+    OMPI_*/PMIX_* variables into its environment; handed on, they make a later mpirun
+    (inside a Slurm job, at least) exit 1 without a word. A user's shell has none of them.
+    """
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "OPAL_", "ORTE_"))}
+    return {**kept, **MPI_ENV}
+
+
 def run_mpi(nranks: int, args: list[str], timeout: float = 120, env: dict | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """mpirun -n NRANKS ARGS..., time-boxed; returns the completed process (never raises on rc)."""
-    full_env = {**os.environ, **MPI_ENV, **(env or {})}
+    full_env = {**clean_environment(), **(env or {})}
     return subprocess.run(["mpirun", "-n", str(nranks), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
 

@@ -13,7 +13,7 @@ import pytest
 
 from hpc_train import checkpoint
 
-from .conftest import MPI_ENV, ROOT, python_cmd, run_mpi
+from .conftest import ROOT, clean_environment, python_cmd, run_mpi
 
 JOB = """
 [model]
@@ -92,7 +92,7 @@ def test_kill_9_during_a_write_leaves_the_previous_checkpoint_intact(tmp_path):
     command = ["mpirun", "-n", "2", *python_cmd("-m", "hpc_train.cli", "train", str(job),
                                                 "--set", "checkpoint.every_steps=1", "--set", "train.epochs=20",
                                                 "--set", "checkpoint.keep_last=50")]
-    proc = subprocess.Popen(command, env={**os.environ, **MPI_ENV}, cwd=ROOT, start_new_session=True,
+    proc = subprocess.Popen(command, env=clean_environment(), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     directory = tmp_path / "ckpt"
     deadline = time.monotonic() + 120

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, clean_environment
 
 CLUSTER = ["bash", str(ROOT / "slurm" / "local-cluster.sh")]
 TINY_JOB = """
@@ -48,8 +48,10 @@ def sbatch(script, tmp_path, ntasks, **env):
     exports = ",".join(["ALL", *(f"{k}={v}" for k, v in env.items())])
     proc = subprocess.run(["sbatch", "--wait", "-n", str(ntasks), "-o", str(tmp_path / "out.txt"),
                            "-e", str(tmp_path / "err.txt"), f"--export={exports}", str(ROOT / "slurm" / script)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    return proc, (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=clean_environment())
+    out = (tmp_path / "out.txt").read_text() if (tmp_path / "out.txt").exists() else ""
+    err = (tmp_path / "err.txt").read_text() if (tmp_path / "err.txt").exists() else ""
+    return proc, out, err
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
@@ -57,7 +59,7 @@ def test_train_sbatch(slurm, tmp_path, launcher):
     job = tmp_path / "tiny.toml"
     job.write_text(TINY_JOB.format(metrics=tmp_path / "metrics.jsonl"))
     proc, out, err = sbatch("train.sbatch", tmp_path, 2, JOB=job, HPC_TRAIN_LAUNCHER=launcher)
-    assert proc.returncode == 0, proc.stderr + err
+    assert proc.returncode == 0, f"sbatch: {proc.stderr}\nout: {out}\nerr: {err}"
     assert out.count("hpc-train train: final val accuracy") == 1  # one job of 2 ranks, not 2 singletons
     summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["type"] == "summary" and summary["ranks"] == 2
