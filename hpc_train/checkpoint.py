@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .comm.check import raise_if_any
 from .io.hdf5 import DatasetError, open_parallel
 
 FORMAT = "hpc_train-checkpoint-1"
@@ -106,9 +107,7 @@ def load(path, comm, expected: dict[str, tuple] | None = None) -> tuple[dict, di
             f.visititems(collect)
     except (CheckpointError, DatasetError, OSError, KeyError, ValueError) as exc:
         problem = str(exc) if isinstance(exc, CheckpointError) else f"{path}: unreadable checkpoint ({exc})"
-    problems = [p for p in comm.allgather(problem) if p]
-    if problems:
-        raise CheckpointError(problems[0])
+    raise_if_any(comm, problem, CheckpointError)
     return arrays, attrs
 
 

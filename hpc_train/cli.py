@@ -18,7 +18,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .benchmarks.allreduce import ALGORITHMS
+    from .comm import ALGORITHMS
 
     parser = argparse.ArgumentParser(prog="hpc-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

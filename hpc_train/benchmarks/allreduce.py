@@ -22,12 +22,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import runtime
-from ..comm import allreduce, shared_empty
+from ..comm import ALGORITHMS, allreduce, shared_empty
 from ..comm import auto as auto_table
 from ..comm.ops import bfloat16_dtype
 from ..units import format_size
 
-ALGORITHMS = ("mpi", "ring", "shm", "hierarchical", "auto")
 SHARED_SUFFIX = "+shared"  # input already in node-shared memory, reduced in place
 
 

@@ -41,6 +41,17 @@ def verify_same(comm, collective: str, description: str) -> None:
     raise CollectiveMismatchError(mismatch_message(collective, comm.allgather(description)))
 
 
+def raise_if_any(comm, problem: str | None, error_type) -> None:
+    """Collective: if any rank reports a problem, every rank raises error_type(first problem).
+
+    For failures that only some ranks see (a file one rank cannot read): without this,
+    the others would walk into the next collective and wait forever.
+    """
+    problems = [p for p in comm.allgather(problem) if p]
+    if problems:
+        raise error_type(problems[0])
+
+
 def mismatch_message(collective: str, descriptions: list[str]) -> str:
     """Group ranks by what they passed: 'ranks 0,2: shape=(4,) ...; rank 1: shape=(5,) ...'."""
     by_description: dict[str, list[int]] = {}

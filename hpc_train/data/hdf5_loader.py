@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 
+from ..comm.check import raise_if_any
 from ..io.hdf5 import IMAGES, LABELS, DatasetError, check_labels, open_parallel, validate
 from .loader import to_float
 from .sampler import DistributedSampler
@@ -78,9 +79,7 @@ class HDF5Loader:
             result, problem = check(), None
         except DatasetError as exc:
             result, problem = None, str(exc)
-        problems = [p for p in self.comm.allgather(problem) if p]
-        if problems:
-            raise DatasetError(problems[0])
+        raise_if_any(self.comm, problem, DatasetError)
         return result
 
     def _read_all_labels(self, classes):

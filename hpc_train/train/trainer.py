@@ -9,7 +9,6 @@ metrics and prints the summary; evaluation metrics are averaged over ranks.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -22,8 +21,6 @@ from ..comm import allreduce
 from ..data import ArrayLoader, DistributedSampler, synthetic_classification
 from .config import JobFileError
 from .timeline import Timeline
-
-log = logging.getLogger("hpc_train.train")
 
 
 def build_model(spec: dict, input_shape: tuple, classes: int):
