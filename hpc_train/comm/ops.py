@@ -21,6 +21,11 @@ class ReduceOp:
     scale_by_size: bool = False  # "mean" = sum, then divide by the number of ranks
 
     def ufunc(self, xp=np):
+        """The element-wise reduction f(a, b, out=...): on device, sums run the kernels' sum_f32."""
+        if xp is not np and self.ufunc_name == "add":
+            from .. import kernels
+
+            return kernels.elementwise_sum
         return getattr(xp, self.ufunc_name)
 
     def mpi(self):

@@ -3,15 +3,16 @@
 Optimizer state is created eagerly, one array per parameter and kind, so that it
 can be broadcast from rank 0 at start and written to checkpoints by name. Host
 arrays of float32/float64 are updated by the fused C loops of fused.c (one pass
-over memory instead of about ten); the NumPy code here is their reference and
-the path for everything else (`fused=False` forces it).
+over memory instead of about ten); everything else goes through hpc_train.kernels
+(the CUDA kernels for CuPy float32 arrays, the NumPy references otherwise, which
+are also what `fused=False` runs).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import native
+from .. import kernels, native
 from .schedules import constant
 
 _FUSED_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
@@ -79,16 +80,8 @@ class SGD(Optimizer):
         if kernel:
             kernel(p.data, p.grad, buf, lr, self.momentum, self.weight_decay, self.nesterov, self.steps == 0)
             return
-        g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
-        if self.momentum:
-            buf = state["momentum"]
-            if self.steps == 0:
-                buf[...] = g
-            else:
-                buf *= self.momentum
-                buf += g
-            g = g + self.momentum * buf if self.nesterov else buf
-        p.data -= lr * g
+        kernels.sgd_update(p.data, p.grad, buf, lr, self.momentum, self.weight_decay, self.nesterov,
+                           self.steps == 0)
 
 
 class Adam(Optimizer):
@@ -107,19 +100,8 @@ class Adam(Optimizer):
             kernel(p.data, p.grad, m, v, lr, self.beta1, self.beta2, self.eps, self.weight_decay,
                    self.decoupled, self.steps + 1)
             return
-        g = p.grad
-        if self.weight_decay and not self.decoupled:
-            g = g + self.weight_decay * p.data
-        if self.weight_decay and self.decoupled:
-            p.data *= 1 - lr * self.weight_decay
-        m *= self.beta1
-        m += (1 - self.beta1) * g
-        v *= self.beta2
-        v += (1 - self.beta2) * g * g
-        t = self.steps + 1
-        step_size = lr / (1 - self.beta1**t)
-        denom = np.sqrt(v / (1 - self.beta2**t)) + self.eps
-        p.data -= step_size * m / denom
+        kernels.adam_update(p.data, p.grad, m, v, lr, self.beta1, self.beta2, self.eps, self.weight_decay,
+                            self.decoupled, self.steps + 1)
 
 
 def AdamW(params, lr, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,  # noqa: N802
