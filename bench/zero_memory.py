@@ -1,10 +1,14 @@
-"""Per-rank bytes of parameters + gradients + optimizer state, data parallel vs ZeRO, measured.
+"""Per-rank bytes of parameters + gradients + optimizer state, data parallel vs ZeRO 1-3, measured.
 
-    mpirun -n 2 python bench/zero_memory.py [--json results/zero_memory.json]
+    mpirun -n 2 python bench/zero_memory.py [--bucket-mb 0.25] [--json results/zero_memory.json]
 
-Builds the reference `cnn` with Adam, wraps it as stage 0 (DistributedOptimizer) and
-stage 1 (ShardedOptimizer), and counts the bytes each rank actually holds, beside
-ZeRO's theory: P parameters, P gradients, 2P Adam state; stage 1 keeps 2P/p state.
+Builds the reference `cnn` with Adam (float32), wraps it as stage 0
+(DistributedOptimizer) and stages 1-3 (ShardedOptimizer), trains two steps on
+random data and counts the bytes each rank holds: persistent arrays plus the
+high-water mark of transient ones (gradient buckets in flight, gathered layers).
+Theory (ZeRO paper, 4-byte parameters and gradients, 8-byte Adam state, P
+parameters, p ranks): stage 0 16P, stage 1 8P + 8P/p, stage 2 4P + 12P/p,
+stage 3 16P/p; transient buffers come on top and do not shrink with p.
 """
 
 from __future__ import annotations
@@ -13,39 +17,61 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 import hpc_train as ht
 from hpc_train import nn, optim
 
 
-def held_bytes(model, wrapper) -> dict:
-    params = sum(p.data.nbytes for p in model.parameters())
-    grads = wrapper.flat.nbytes
-    state = sum(a.nbytes for a in wrapper.optimizer.state_arrays().values())
-    return {"params": params, "grads": grads, "state": state, "total": params + grads + state}
+def theory_bytes(stage: int, n: int, p: int) -> float:
+    params = 4 * n / p if stage == 3 else 4 * n
+    grads = 4 * n / p if stage >= 2 else 4 * n
+    state = 8 * n / p if stage >= 1 else 8 * n
+    return params + grads + state
+
+
+def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict]:
+    model = nn.cnn()
+    adam = optim.Adam(model, lr=1e-3)
+    if stage == 0:
+        wrapper = optim.DistributedOptimizer(adam, model, bucket_mb=bucket_mb)
+    else:
+        wrapper = optim.ShardedOptimizer(adam, model, stage=stage, bucket_mb=bucket_mb)
+    loss = nn.SoftmaxCrossEntropy()
+    rng = np.random.default_rng(rank)
+    for _ in range(2):
+        wrapper.zero_grad()
+        loss.forward(model(rng.standard_normal((8, 32, 32, 3)).astype(np.float32)), rng.integers(0, 10, 8))
+        model.backward(loss.backward())
+        wrapper.step()
+    return model.num_parameters(), wrapper.held_bytes()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bucket-mb", type=float, default=0.25, help="gradient bucket size (default 0.25)")
     parser.add_argument("--json", default="results/zero_memory.json")
     args = parser.parse_args()
     ht.init()
-    p = ht.size()
+    p, world = ht.size(), ht.runtime.world()
     rows = []
-    for stage in (0, 1):
-        model = nn.cnn()
-        adam = optim.Adam(model, lr=1e-3)
-        wrapper = optim.DistributedOptimizer(adam, model) if stage == 0 else optim.ShardedOptimizer(adam, model)
-        measured = max(ht.runtime.world().allgather(held_bytes(model, wrapper)["total"]))
-        n = model.num_parameters()
-        theory = 4 * (n + n + (2 * n if stage == 0 else 2 * n / p))
-        rows.append({"ranks": p, "stage": stage, "parameters": n, "measured_bytes_per_rank": measured,
-                     "theory_bytes_per_rank": theory})
+    for stage in (0, 1, 2, 3):
+        n, held = measure(stage, args.bucket_mb, ht.rank())
+        worst = max(world.allgather(held), key=lambda h: h["total"])
+        rows.append({"ranks": p, "stage": stage, "parameters": n, "bucket_mb": args.bucket_mb,
+                     "measured_bytes_per_rank": worst["total"], "transient_bytes": worst["transient"],
+                     "split": {k: worst[k] for k in ("params", "grads", "state")},
+                     "theory_bytes_per_rank": theory_bytes(stage, n, p)})
     if ht.rank() == 0:
-        print(f"# cnn ({rows[0]['parameters']} parameters), Adam, float32, {p} rank(s); max over ranks")
-        print(f"{'stage':>5} {'measured MB':>12} {'theory MB':>10}")
+        print(f"# cnn ({rows[0]['parameters']} parameters), Adam, float32, {p} rank(s), buckets of "
+              f"{args.bucket_mb} MB; max over ranks")
+        print(f"{'stage':>5} {'measured MB':>12} {'persistent MB':>14} {'transient MB':>13} {'theory MB':>10} "
+              f"{'persistent/theory':>18}")
         for r in rows:
             measured, theory = r["measured_bytes_per_rank"] / 1e6, r["theory_bytes_per_rank"] / 1e6
-            print(f"{r['stage']:>5} {measured:12.3f} {theory:10.3f}")
+            transient = r["transient_bytes"] / 1e6
+            print(f"{r['stage']:>5} {measured:12.3f} {measured - transient:14.3f} {transient:13.3f} {theory:10.3f} "
+                  f"{(measured - transient) / theory:18.3f}")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -1,7 +1,9 @@
 """Checkpoints: one HDF5 file each, written collectively, renamed into place only when complete.
 
 Every array (parameters, optimizer state) is a dataset; each rank writes its slab
-of rows through the mpio driver. Scalars, RNG states and the job go into
+of rows through the mpio driver: a share of a replicated array, or under ZeRO the
+slice of the flat vectors it owns (a `Slab`), so that a rank reads back any slice
+and a job resumes with a different rank count. Scalars, RNG states and the job go into
 attributes as JSON text: nothing is ever pickled. A file is written as
 NAME.partial, flushed, fsynced and renamed, so a job killed mid-write leaves the
 previous checkpoint untouched and loadable.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,20 @@ _NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, naming the file and the first mismatch."""
+
+
+@dataclass
+class Slab:
+    """This rank's elements [start, start + data.size) of a flat array of `total` elements."""
+
+    data: np.ndarray
+    start: int
+    total: int
+
+
+def logical_bytes(arrays: dict) -> int:
+    """Bytes the arrays fill in the file (a Slab counts its whole array)."""
+    return sum(a.total * a.data.itemsize if isinstance(a, Slab) else a.nbytes for a in arrays.values())
 
 
 def checkpoint_path(directory, step: int) -> Path:
@@ -46,8 +63,12 @@ def _rows(n: int, comm) -> tuple[int, int]:
     return lo, lo + base + (1 if r < extra else 0)
 
 
-def save(path, arrays: dict[str, np.ndarray], attrs: dict, comm) -> Path:
-    """Write every array (identical on all ranks) collectively, each rank its rows; atomic rename."""
+def save(path, arrays: dict, attrs: dict, comm) -> Path:
+    """Write every array collectively, each rank its rows; atomic rename.
+
+    An ndarray is identical on all ranks (each writes a share of it); a Slab is
+    this rank's part of an array no rank holds whole.
+    """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     if comm.Get_rank() == 0:
@@ -58,15 +79,20 @@ def save(path, arrays: dict[str, np.ndarray], attrs: dict, comm) -> Path:
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value)
         for name, array in arrays.items():
-            flat = np.ascontiguousarray(array).reshape(-1)
-            dset = f.create_dataset(name, flat.shape, dtype=flat.dtype)
-            dset.attrs["shape"] = list(array.shape)
-            lo, hi = _rows(flat.size, comm)
-            if flat.size >= comm.Get_size():
+            if isinstance(array, Slab):
+                total, lo, rows, shape = array.total, array.start, array.data.reshape(-1), (array.total,)
+            else:
+                flat = np.ascontiguousarray(array).reshape(-1)
+                total, shape = flat.size, array.shape
+                lo, hi = _rows(total, comm)
+                rows = flat[lo:hi]
+            dset = f.create_dataset(name, (total,), dtype=rows.dtype)
+            dset.attrs["shape"] = list(shape)
+            if total >= comm.Get_size():  # every rank holds rows: never an empty collective selection
                 with dset.collective:
-                    dset[lo:hi] = flat[lo:hi]
-            elif hi > lo:
-                dset[lo:hi] = flat[lo:hi]
+                    dset[lo : lo + rows.size] = rows
+            elif rows.size:
+                dset[lo : lo + rows.size] = rows
     comm.Barrier()
     if comm.Get_rank() == 0:
         fd = os.open(partial, os.O_RDONLY)
@@ -80,17 +106,38 @@ def save(path, arrays: dict[str, np.ndarray], attrs: dict, comm) -> Path:
     return path
 
 
-def load(path, comm, expected: dict[str, tuple] | None = None) -> tuple[dict, dict]:
+def _first_layout_mismatch(path, stored, expected) -> str | None:
+    if stored is None:
+        return f"{path}: written by a data-parallel job (per-parameter arrays); this job shards the model (ZeRO)"
+    for (name, shape), (want, want_shape) in zip(stored, expected, strict=False):
+        if name != want or shape != want_shape:
+            return (f"{path}: parameter '{name}' {tuple(shape)} in the checkpoint where the job has "
+                    f"'{want}' {tuple(want_shape)}")
+    if len(stored) != len(expected):
+        return f"{path}: {len(stored)} parameters in the checkpoint, {len(expected)} in the job"
+    return None
+
+
+def load(path, comm, expected: dict[str, tuple] | None = None, slices: dict[str, tuple] | None = None,
+         layout: list | None = None) -> tuple[dict, dict]:
     """(arrays, attrs) of a checkpoint; CheckpointError on every rank if unusable.
 
     `expected` maps array names to the shapes the job needs; the first missing
-    array or differing shape is named.
+    array or differing shape is named. `slices` maps flat arrays to the (start,
+    stop) this rank reads instead of the whole. `layout` ([name, shape] per
+    parameter) must equal the one a sharded checkpoint was written with.
     """
     problem, arrays, attrs = None, {}, {}
+    slices = slices or {}
     try:
         with open_parallel(path, "r", comm) as f:
             if f.attrs.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not an hpc_train checkpoint (format {f.attrs.get('format')!r})")
+            if layout is not None:
+                stored = json.loads(f.attrs["layout"]) if "layout" in f.attrs else None
+                mismatch = _first_layout_mismatch(path, stored, layout)
+                if mismatch:
+                    raise CheckpointError(mismatch)
             for name, shape in (expected or {}).items():
                 if name not in f:
                     raise CheckpointError(f"{path}: array '{name}' is missing from the checkpoint")
@@ -101,7 +148,11 @@ def load(path, comm, expected: dict[str, tuple] | None = None) -> tuple[dict, di
             attrs = {k: json.loads(v) for k, v in f.attrs.items() if k != "format"}
 
             def collect(name, obj):
-                if hasattr(obj, "shape"):  # datasets, not groups
+                if not hasattr(obj, "shape"):  # datasets, not groups
+                    return
+                if name in slices:
+                    arrays[name] = obj[slices[name][0] : slices[name][1]]
+                else:
                     arrays[name] = obj[...].reshape(tuple(int(v) for v in obj.attrs["shape"]))
 
             f.visititems(collect)

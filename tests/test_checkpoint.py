@@ -29,6 +29,9 @@ lr = 0.001
 [train]
 epochs = 2
 global_batch = 64
+[distributed]
+zero_stage = {stage}
+bucket_mb = 0.1
 [checkpoint]
 every_steps = 4
 keep_last = 2
@@ -39,9 +42,9 @@ progress = false
 """
 
 
-def write_job(tmp_path, name="job.toml", hidden=64, dropout=0.1, directory="ckpt"):
+def write_job(tmp_path, name="job.toml", hidden=64, dropout=0.1, directory="ckpt", stage=0):
     path = tmp_path / name
-    path.write_text(JOB.format(hidden=hidden, dropout=dropout, directory=tmp_path / directory))
+    path.write_text(JOB.format(hidden=hidden, dropout=dropout, directory=tmp_path / directory, stage=stage))
     return path
 
 
@@ -56,8 +59,9 @@ def losses(metrics):
     return {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["type"] == "step"}
 
 
-def test_resume_is_bit_for_bit(tmp_path):
-    job = write_job(tmp_path)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3], ids=lambda s: f"zero{s}")
+def test_resume_is_bit_for_bit(tmp_path, stage):
+    job = write_job(tmp_path, stage=stage)
     assert train(2, job, tmp_path / "a.jsonl", f"checkpoint.directory={tmp_path / 'a'}").returncode == 0
     first = train(2, job, tmp_path / "b1.jsonl", "train.epochs=1")
     assert first.returncode == 0, first.stderr
@@ -74,9 +78,10 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert any(r["type"] == "checkpoint" and r["write_gbps"] > 0 for r in records)
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3], ids=lambda s: f"zero{s}")
 @pytest.mark.parametrize("before, after", [(2, 4), (4, 2)])
-def test_resume_with_another_rank_count(tmp_path, before, after):
-    job = write_job(tmp_path, dropout=0.0)
+def test_resume_with_another_rank_count(tmp_path, before, after, stage):
+    job = write_job(tmp_path, dropout=0.0, stage=stage)
     assert train(after, job, tmp_path / "a.jsonl", f"checkpoint.directory={tmp_path / 'a'}").returncode == 0
     assert train(before, job, tmp_path / "b1.jsonl", "train.epochs=1").returncode == 0
     proc = train(after, job, tmp_path / "b2.jsonl", "checkpoint.resume=auto")
@@ -133,3 +138,15 @@ def test_bad_checkpoints_are_named_on_every_rank(tmp_path):
     assert proc.returncode != 0
     message = "array 'model/1.weight' has shape (3072, 64) in the checkpoint, (3072, 32) in the job"
     assert proc.stderr.count(message) == 2, proc.stderr
+    proc = train(2, job, tmp_path / "z.jsonl", f"checkpoint.resume={good}", "distributed.zero_stage=3")
+    assert proc.returncode != 0 and proc.stderr.count("written by a data-parallel job") == 2, proc.stderr
+
+
+def test_bad_sharded_checkpoint_names_the_parameter(tmp_path):
+    job = write_job(tmp_path, stage=3)
+    assert train(2, job, tmp_path / "a.jsonl", "train.epochs=1").returncode == 0
+    good = checkpoint.complete_checkpoints(tmp_path / "ckpt")[-1]
+    other = write_job(tmp_path, "other.toml", hidden=32, stage=2)
+    proc = train(2, other, tmp_path / "y.jsonl", f"checkpoint.resume={good}")
+    message = "parameter '4.weight' (64, 10) in the checkpoint where the job has '4.weight' (32, 10)"
+    assert proc.returncode != 0 and proc.stderr.count(message) == 2, proc.stderr

@@ -31,6 +31,10 @@ def test_defaults_and_overrides(tmp_path):
     ('[model]\nname = "mlp"\n[train]\nepochs = true\n', r"'train.epochs' must be integer, got True"),
     ('[model]\nname = "mlp"\n[train]\nglobal_batch = 0\n', r"'train.global_batch' must be positive"),
     ('[model\nname = "mlp"\n', r"job.toml: not valid TOML"),
+    ('[model]\nname = "mlp"\n[distributed]\nzero_stage = 4\n',
+     r"'distributed.zero_stage' = 4: expected one of \(0, 1, 2, 3\)"),
+    ('[model]\nname = "mlp"\n[distributed]\nzero_stage = 3\ncompression = "fp16"\n',
+     r"'distributed.compression' = 'fp16' needs zero_stage 0 or 1"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, message):
     with pytest.raises(JobFileError, match=message):
@@ -45,7 +49,7 @@ def test_missing_file_and_bad_override(tmp_path):
     assert parse_override("log.metrics=out/m.jsonl") == ("log.metrics", "out/m.jsonl")
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "mlp.toml", "cnn.toml"])
+@pytest.mark.parametrize("name", ["demo.toml", "mlp.toml", "cnn.toml", "cnn_zero3.toml"])
 def test_shipped_jobs_are_valid(name):
     from pathlib import Path
 

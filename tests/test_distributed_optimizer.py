@@ -35,10 +35,15 @@ def train_single(batches, make_opt, steps):
     return model
 
 
-def train_distributed(comm, batches, make_opt, steps, micro=1, seed=7, **kwargs):
+def train_distributed(comm, batches, make_opt, steps, micro=1, seed=7, stage=0, **kwargs):
+    """Train on this rank's share; stage > 0 wraps with ShardedOptimizer. Returns the model
+    (with whole parameters, gathered, under stage 3) and the wrapper."""
     p, r = comm.Get_size(), comm.Get_rank()
     model = nn.mlp(WIDTHS, seed=seed)
-    dist = optim.DistributedOptimizer(make_opt(model), model, **kwargs)
+    if stage:
+        dist = optim.ShardedOptimizer(make_opt(model), model, stage=stage, **kwargs)
+    else:
+        dist = optim.DistributedOptimizer(make_opt(model), model, **kwargs)
     loss = nn.SoftmaxCrossEntropy()
     for x, y in batches[:steps]:
         dist.zero_grad()
@@ -47,7 +52,10 @@ def train_distributed(comm, batches, make_opt, steps, micro=1, seed=7, **kwargs)
             loss.forward(model(x[lo : lo + PER_RANK]), y[lo : lo + PER_RANK])
             model.backward(loss.backward())
         dist.step()
-    return model
+    if stage == 3:
+        for name, whole in dist.full_parameters().items():
+            model.named_parameters()[name].data = whole
+    return model, dist
 
 
 def assert_identical_across_ranks(comm, model):
@@ -73,7 +81,7 @@ def adam(model):
 @pytest.mark.parametrize("bucket_mb", [25.0, 0.002], ids=["one-bucket", "many-buckets"])
 def test_matches_single_rank_on_global_batch(comm, make_opt, bucket_mb):
     batches = global_batches(6, comm.Get_size())
-    model = train_distributed(comm, batches, make_opt, 6, bucket_mb=bucket_mb)
+    model, _ = train_distributed(comm, batches, make_opt, 6, bucket_mb=bucket_mb)
     assert_identical_across_ranks(comm, model)
     assert_close(model, train_single(batches, make_opt, 6), rtol=2e-5)
 
@@ -88,7 +96,7 @@ def test_start_broadcasts_rank_zero(comm):
 
 def test_gradient_accumulation(comm):
     batches = global_batches(4, comm.Get_size(), micro=2)
-    model = train_distributed(comm, batches, sgd, 4, micro=2, backward_passes_per_step=2, bucket_mb=0.002)
+    model, _ = train_distributed(comm, batches, sgd, 4, micro=2, backward_passes_per_step=2, bucket_mb=0.002)
     assert_identical_across_ranks(comm, model)
     assert_close(model, train_single(batches, sgd, 4), rtol=2e-5)
 
@@ -96,7 +104,7 @@ def test_gradient_accumulation(comm):
 @pytest.mark.parametrize("compression", ["fp16", "bf16"])
 def test_compression(comm, compression):
     batches = global_batches(4, comm.Get_size())
-    model = train_distributed(comm, batches, sgd, 4, compression=compression, bucket_mb=0.002)
+    model, _ = train_distributed(comm, batches, sgd, 4, compression=compression, bucket_mb=0.002)
     assert_identical_across_ranks(comm, model)
     assert_close(model, train_single(batches, sgd, 4), rtol=2e-2 if compression == "bf16" else 2e-3)
 
@@ -135,32 +143,78 @@ def test_streamed_row_blocks_and_split_buckets(comm, monkeypatch):
     """Gradients announced in row blocks, buckets cut inside parameters: same result."""
     monkeypatch.setattr(nn.Linear, "STREAM_BYTES", 256)  # every weight streams, a row or two a block
     batches = global_batches(4, comm.Get_size())
-    model = train_distributed(comm, batches, sgd, 4, bucket_mb=0.001)
+    model, _ = train_distributed(comm, batches, sgd, 4, bucket_mb=0.001)
     assert_identical_across_ranks(comm, model)
     assert_close(model, train_single(batches, sgd, 4), rtol=2e-5)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("make_opt", [sgd, adam], ids=["sgd", "adam"])
-def test_zero1_matches_data_parallel_with_a_shard_of_the_state(comm, make_opt):
+def test_zero_matches_data_parallel_with_a_shard_of_the_state(comm, make_opt, stage):
     p = comm.Get_size()
     batches = global_batches(5, p)
-    reference = train_distributed(comm, batches, make_opt, 5, bucket_mb=0.002)
-
-    model = nn.mlp(WIDTHS, seed=7)
-    sharded = optim.ShardedOptimizer(make_opt(model), model, stage=1, bucket_mb=0.002)
-    loss = nn.SoftmaxCrossEntropy()
-    r = comm.Get_rank()
-    for x, y in batches:
-        sharded.zero_grad()
-        loss.forward(model(x[r * PER_RANK : (r + 1) * PER_RANK]), y[r * PER_RANK : (r + 1) * PER_RANK])
-        model.backward(loss.backward())
-        sharded.step()
+    reference, _ = train_distributed(comm, batches, make_opt, 5, bucket_mb=0.002)
+    model, sharded = train_distributed(comm, batches, make_opt, 5, stage=stage, bucket_mb=0.002)
     assert_identical_across_ranks(comm, model)
     assert_close(model, reference, rtol=1e-6)
     total = model.num_parameters()
+    assert total % p  # the shards are uneven
     kinds = 2 if make_opt is adam else 1
     held = comm.allgather(sharded.state_bytes())
     assert sum(held) == kinds * 4 * total  # every element's state exactly once, over all ranks
     assert max(held) <= kinds * 4 * (total // p + 1)  # ~1/p each (sizes not divisible by p)
-    with pytest.raises(ValueError, match="stage 3 is not implemented"):
-        optim.ShardedOptimizer(make_opt(model), model, stage=3)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_holds_a_shard_and_a_few_transient_buffers(comm, stage):
+    """Gradients: the shard plus buckets in flight; stage 3 parameters: the shard plus gathered layers."""
+    r = comm.Get_rank()
+    widths = (64,) * 7 + (5,)
+    model = nn.mlp(widths, seed=1)
+    sharded = optim.ShardedOptimizer(sgd(model), model, stage=stage, bucket_mb=0.01, buckets_in_flight=1)
+    loss = nn.SoftmaxCrossEntropy()
+    x = np.random.default_rng(r).standard_normal((8, 64)).astype(np.float32)
+    for _ in range(2):
+        sharded.zero_grad()
+        loss.forward(model(x), np.arange(8) % 5)
+        model.backward(loss.backward())
+        sharded.step()
+    total, largest = 4 * model.num_parameters(), 4 * max(b.stop - b.start for b in sharded.buckets)
+    memory = sharded.held_bytes()
+    assert memory["grads"] - 4 * sharded.owned.data.size == sharded.peak["grads"] <= 2 * largest
+    assert memory["grads"] < total
+    layer = 4 * (64 * 64 + 64)
+    if stage == 3:  # this layer and the prefetched next one
+        assert memory["params"] - 4 * sharded.owned.data.size == sharded.peak["params"] <= 2 * layer
+        assert memory["params"] < total
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_with_accumulation_and_streamed_row_blocks(comm, monkeypatch, stage):
+    monkeypatch.setattr(nn.Linear, "STREAM_BYTES", 256)
+    batches = global_batches(3, comm.Get_size(), micro=2)
+    reference, _ = train_distributed(comm, batches, adam, 3, micro=2, backward_passes_per_step=2)
+    model, _ = train_distributed(comm, batches, adam, 3, micro=2, stage=stage, backward_passes_per_step=2,
+                                 bucket_mb=0.001, buckets_in_flight=1)
+    assert_identical_across_ranks(comm, model)
+    assert_close(model, reference, rtol=1e-6)
+
+
+def test_zero3_evaluates_and_releases_parameters(comm):
+    model = nn.mlp(WIDTHS, seed=7)
+    reference = nn.mlp(WIDTHS, seed=7)
+    sharded = optim.ShardedOptimizer(sgd(model), model, stage=3)
+    for p in model.parameters():  # released: no memory behind the placeholder
+        assert p.data.strides == (0,) * p.data.ndim
+    x = np.random.default_rng(0).standard_normal((5, WIDTHS[0])).astype(np.float32)
+    np.testing.assert_allclose(model.eval()(x), reference.eval()(x), rtol=1e-6)
+    assert all(p.data.strides == (0,) * p.data.ndim for p in model.parameters())
+    assert sharded.peak["params"] <= 4 * (24 * 40 + 40 + 40 * 16 + 16)  # two layers gathered at most
+
+
+def test_zero_rejects_what_it_cannot_do(comm):
+    model = nn.mlp(WIDTHS, seed=7)
+    with pytest.raises(ValueError, match="stage 4 is not implemented"):
+        optim.ShardedOptimizer(sgd(model), model, stage=4)
+    with pytest.raises(ValueError, match="compression 'fp16' is only available with stage 0 or 1"):
+        optim.ShardedOptimizer(sgd(model), model, stage=2, compression="fp16")

@@ -11,17 +11,29 @@ from .ring import partition
 from .shm import SharedArray
 
 
+def _on_engine(collective, name: str, *args, **kwargs) -> Handle:
+    """Queue collective(*args, comm=<engine's>, check=True, **kwargs) on the background engine."""
+    return engine().submit(lambda comm: collective(*args, comm=comm, check=True, name=name, **kwargs),
+                           name or collective.__name__)
+
+
 def allreduce_async(x, op: str = "sum", algorithm: str = "auto", out=None, *, name: str = "") -> Handle:
     """Queue an allreduce on the background engine; `handle.wait()` returns the result.
 
     The cross-rank check is always on here: a mismatch raises CollectiveMismatchError
     from `wait()` on every rank. Do not modify x (or out) until the handle is done.
     """
-    eng = engine()
-    return eng.submit(
-        lambda comm: allreduce(x, op, algorithm, out, comm=comm, check=True, name=name),
-        name or "allreduce",
-    )
+    return _on_engine(allreduce, name, x, op, algorithm, out)
+
+
+def reduce_scatter_async(x, op: str = "sum", out=None, *, counts=None, name: str = "") -> Handle:
+    """Queue a reduce_scatter (blocks `counts`) on the background engine; see allreduce_async."""
+    return _on_engine(reduce_scatter, name, x, op, "auto", out, counts=counts)
+
+
+def allgather_async(x, out=None, *, name: str = "") -> Handle:
+    """Queue an allgather (first dimensions may differ) on the background engine; see allreduce_async."""
+    return _on_engine(allgather, name, x, "auto", out)
 
 
 def shared_empty(shape, dtype="float32", comm=None) -> SharedArray:
@@ -38,5 +50,6 @@ def shared_empty(shape, dtype="float32", comm=None) -> SharedArray:
 
 __all__ = [
     "ALGORITHMS", "CollectiveMismatchError", "Handle", "SharedArray", "allgather", "allreduce",
-    "allreduce_async", "broadcast", "partition", "reduce_scatter", "shared_empty",
+    "allgather_async", "allreduce_async", "broadcast", "partition", "reduce_scatter", "reduce_scatter_async",
+    "shared_empty",
 ]

@@ -235,24 +235,32 @@ def _allreduce(x, op, algorithm, out, comm, check, name):
     return result
 
 
-def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, comm=None,
+def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, counts=None, comm=None,
                    check: bool | None = None, name: str = ""):
     """This rank's block of the element-wise reduction of flattened x.
 
-    Blocks follow `partition(x.size, size)`: sizes differ by at most one element,
-    the first blocks taking the remainder.
+    Blocks follow `counts` (one per rank, summing to x.size; zeros allowed), by
+    default `partition(x.size, size)`: sizes differ by at most one element, the
+    first blocks taking the remainder.
     """
     group = group_for(comm)
     arr = backend.as_array(x)
     spec = reduce_op(op)
     validate(arr.dtype, spec)
     xp = backend.xp_of(arr)
-    counts, offsets = ring.partition(arr.size, group.size)
+    if counts is None:
+        counts, offsets = ring.partition(arr.size, group.size)
+    else:
+        counts = [int(c) for c in counts]
+        if len(counts) != group.size or sum(counts) != arr.size or min(counts) < 0:
+            raise ValueError(f"reduce_scatter {name}: counts {counts} do not split {arr.size} elements "
+                             f"over {group.size} ranks")
+        offsets = [sum(counts[:q]) for q in range(group.size)]
     mine = counts[group.rank]
     result = _output(out, (mine,), arr.dtype, xp, f"reduce_scatter {name}")
     if _checking(check):
         _check(group, "reduce_scatter", name, shape=arr.shape, dtype=arr.dtype.str, op=spec.name,
-               algorithm=algorithm)
+               algorithm=algorithm, counts=counts)
     if arr.size == 0:
         return result
     chosen = _block_algorithm(algorithm)
@@ -263,7 +271,7 @@ def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, com
             mpi_algo.reduce_scatter(group, send, recv, counts, spec, sxp)
         else:
             acc = group.scratch("rs-acc", send.size, send.dtype, sxp)
-            ring.reduce_scatter(group, group.comm, send, acc, spec, sxp)
+            ring.reduce_scatter(group, group.comm, send, acc, spec, sxp, counts=counts)
             recv[...] = acc[offsets[group.rank] : offsets[group.rank] + mine]
 
     _execute(run, _flat_input(arr, xp), result, xp, staged=_staged(xp), in_place=False)

@@ -40,16 +40,19 @@ def _bytes(a):
     return [a.view(np.uint8), MPI.BYTE]
 
 
-def reduce_scatter(group, comm, send, acc, op: ReduceOp, xp=np) -> None:
+def reduce_scatter(group, comm, send, acc, op: ReduceOp, xp=np, counts=None) -> None:
     """Ring reduce-scatter: afterwards acc[block r] holds the reduction of block r.
 
-    `acc` (same length as `send`, may be `send` itself) also receives the partial
-    sums of the other blocks along the way.
+    Blocks are `counts` (default: `partition`). `acc` (same length as `send`, may
+    be `send` itself) also receives the partial sums of the other blocks along the way.
     """
     from mpi4py import MPI
 
     p, r = comm.Get_size(), comm.Get_rank()
-    counts, offsets = partition(send.size, p)
+    if counts is None:
+        counts, offsets = partition(send.size, p)
+    else:
+        offsets = [sum(counts[:q]) for q in range(p)]
     ufunc = op.ufunc(xp)
     right, left = (r + 1) % p, (r - 1) % p
     seg = max(1, SEGMENT_BYTES // send.dtype.itemsize)

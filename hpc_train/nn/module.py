@@ -112,6 +112,7 @@ class Sequential(Module):
     def __init__(self, *layers: Module):
         self.layers = list(layers)
         self._grad_hooks: list = []
+        self._layer_hooks: list = []
 
     def named_parameters(self) -> dict[str, Parameter]:
         named = {}
@@ -132,6 +133,16 @@ class Sequential(Module):
         layer's backward, or row blocks while a large Linear layer is still computing."""
         self._grad_hooks.append(hook)
 
+    def register_layer_hook(self, hook) -> None:
+        """hook(event, index, layer) runs around every layer's forward and backward, event being
+        "forward", "forward_done", "backward" or "backward_done": where sharded parameters are
+        gathered before use and released after (ZeRO stage 3)."""
+        self._layer_hooks.append(hook)
+
+    def _notify(self, event: str, index: int, layer: Module) -> None:
+        for hook in self._layer_hooks:
+            hook(event, index, layer)
+
     def _announcer(self, index: int, layer: Module, announced: set):
         params = layer.named_parameters()
 
@@ -143,8 +154,14 @@ class Sequential(Module):
         return announce
 
     def forward(self, x):
-        for layer in self.layers:
+        if not self._layer_hooks:
+            for layer in self.layers:
+                x = layer.forward(x)
+            return x
+        for i, layer in enumerate(self.layers):
+            self._notify("forward", i, layer)
             x = layer.forward(x)
+            self._notify("forward_done", i, layer)
         return x
 
     def backward(self, dy, input_grad: bool = False):
@@ -158,8 +175,10 @@ class Sequential(Module):
             (i for i, layer in enumerate(self.layers) if layer.named_parameters()), len(self.layers))
         for i in range(len(self.layers) - 1, first - 1, -1):
             layer = self.layers[i]
+            self._notify("backward", i, layer)
             if not self._grad_hooks:
                 dy = layer.backward(dy, input_grad=input_grad or i > first)
+                self._notify("backward_done", i, layer)
                 continue
             announced: set = set()
             layer.grad_ready = announce = self._announcer(i, layer, announced)
@@ -167,6 +186,7 @@ class Sequential(Module):
                 dy = layer.backward(dy, input_grad=input_grad or i > first)
             finally:
                 layer.grad_ready = None
+            self._notify("backward_done", i, layer)
             for name, p in layer.named_parameters().items():
                 if name not in announced:
                     announce(name, 0, p.size)

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from .. import kernels
 from ..comm import allreduce_async, broadcast, engine, shared_empty
 from ..comm.ops import bfloat16_dtype
 
@@ -99,9 +100,7 @@ class DistributedOptimizer:
         self.timeline = timeline
         self.exposed_s = 0.0
         total = sum(p.size for p in named.values())
-        self.flat = shared_empty(total, dtype, comm=comm)
-        self.flat[...] = 0
-        self._wire = shared_empty(total, self.compressed, comm=comm) if self.compressed else None
+        self._allocate_gradients(total, dtype, comm)
         self._offsets: dict[str, int] = {}
         self.buckets = self._lay_out(named, max(1, int(bucket_mb * (1 << 20)) // dtype.itemsize))
         self._starts = [b.start for b in self.buckets]
@@ -110,21 +109,34 @@ class DistributedOptimizer:
         broadcast_optimizer_state(optimizer)
         model.register_grad_hook(self._grad_ready)
 
-    def _lay_out(self, named: dict, cap: int) -> list[_Bucket]:
-        """Point every gradient into the flat buffer in reverse order; cut buckets of ~cap elements.
+    # Buckets may end inside a parameter larger than a bucket (its layer announces row blocks).
+    split_parameters = True
 
-        Buckets end at parameter boundaries, except that a parameter larger than a
-        bucket is cut into bucket-sized pieces (its layer announces it in row blocks).
+    def _allocate_gradients(self, total: int, dtype, comm) -> None:
+        """The fusion buffer every gradient lives in, in node-shared memory."""
+        self.flat = shared_empty(total, dtype, comm=comm)
+        self.flat[...] = 0
+        self._wire = shared_empty(total, self.compressed, comm=comm) if self.compressed else None
+
+    def _bind_gradient(self, name: str, p, offset: int) -> None:
+        view = self.flat[offset : offset + p.size].reshape(p.data.shape)
+        view[...] = p.grad
+        p.grad = view
+
+    def _lay_out(self, named: dict, cap: int) -> list[_Bucket]:
+        """Give every parameter its offset in reverse order; cut buckets of ~cap elements.
+
+        Buckets end at parameter boundaries, except that with `split_parameters` a
+        parameter larger than a bucket is cut into bucket-sized pieces.
         """
         offset, cuts, start = 0, [], 0
         for name, p in reversed(list(named.items())):
-            view = self.flat[offset : offset + p.size].reshape(p.data.shape)
-            view[...] = p.grad
-            p.grad = view
+            self._bind_gradient(name, p, offset)
             self._offsets[name] = offset
             offset += p.size
             while offset - start >= cap:
-                start = start + cap if p.size > cap and offset - start > cap else offset
+                split = self.split_parameters and p.size > cap and offset - start > cap
+                start = start + cap if split else offset
                 cuts.append(start)
         if not cuts or cuts[-1] != offset:
             cuts.append(offset)
@@ -169,7 +181,7 @@ class DistributedOptimizer:
             bucket.handle = allreduce_async(grads, op="mean", out=grads, name=name)
         else:
             wire = self._wire[bucket.start : bucket.stop]
-            np.divide(grads, self.size, out=wire, casting="unsafe")
+            kernels.pack(grads, wire, 1.0 / self.size)
             bucket.handle = allreduce_async(wire, op="sum", out=wire, name=name)
         self._record(f"pack {name}", "comm", start, time.perf_counter())
 
@@ -182,15 +194,21 @@ class DistributedOptimizer:
         for bucket in self.buckets:
             handle = bucket.handle
             self._engine.wait_watched(handle, self.stall_warning_s, self.stall_abort_s)
-            self._record(f"allreduce {handle.name}", "comm", handle.started, handle.finished, tid="engine")
-            if self.compressed is not None:
-                start = time.perf_counter()
-                self.flat[bucket.start : bucket.stop] = self._wire[bucket.start : bucket.stop]
-                self._record(f"unpack {handle.name}", "comm", start, time.perf_counter())
+            self._record(f"{self.reduction} {handle.name}", "comm", handle.started, handle.finished, tid="engine")
+            self._reduced(bucket)
             bucket.handle, bucket.passes, bucket.ready = None, 0, 0
         self._next = 0
         self.exposed_s = time.perf_counter() - waiting
         self._record("wait for gradients", "comm", waiting, waiting + self.exposed_s)
+
+    reduction = "allreduce"
+
+    def _reduced(self, bucket: _Bucket) -> None:
+        """After a bucket's collective: unpack a compressed bucket into the fusion buffer."""
+        if self.compressed is not None:
+            start = time.perf_counter()
+            kernels.unpack(self._wire[bucket.start : bucket.stop], self.flat[bucket.start : bucket.stop])
+            self._record(f"unpack {bucket.handle.name}", "comm", start, time.perf_counter())
 
     def _record(self, name, cat, start, end, tid="main") -> None:
         if self.timeline is not None:
@@ -199,6 +217,13 @@ class DistributedOptimizer:
     def step(self) -> None:
         self.synchronize()
         self.optimizer.step()
+
+    def held_bytes(self) -> dict:
+        """Bytes this rank holds for parameters, gradients (fusion and wire buffers) and optimizer state."""
+        params = sum(p.data.nbytes for p in self._params.values())
+        grads = self.flat.nbytes + (self._wire.nbytes if self._wire is not None else 0)
+        state = sum(a.nbytes for a in self.optimizer.state_arrays().values())
+        return {"params": params, "grads": grads, "state": state, "total": params + grads + state, "transient": 0}
 
     def zero_grad(self) -> None:
         for p in self._params.values():

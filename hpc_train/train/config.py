@@ -73,6 +73,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "backward_passes_per_step": (int, 1),
         "stall_warning_s": ((int, float), 60.0),
         "stall_abort_s": ((int, float), 600.0),
+        "zero_stage": (int, 0),  # 0: data parallel; 1, 2, 3: ZeRO (state; + gradients; + parameters sharded)
     },
     "checkpoint": {
         "every_steps": (int, 0),  # 0: no checkpoints
@@ -94,6 +95,7 @@ CHOICES = {
     "optimizer.name": ("sgd", "adam", "adamw"),
     "schedule.name": ("constant", "cosine", "step"),
     "distributed.compression": ("none", "fp16", "bf16"),
+    "distributed.zero_stage": (0, 1, 2, 3),
 }
 POSITIVE = ("data.train_samples", "data.val_samples", "data.classes", "train.epochs", "train.global_batch",
             "log.every_steps", "distributed.backward_passes_per_step")
@@ -173,4 +175,8 @@ def validate(raw: dict, source: str) -> dict:
         for key in ("path", "val_path"):
             if not job["data"][key]:
                 raise JobFileError(f"{source}: 'data.{key}' is required when data.name = 'hdf5'")
+    dist = job["distributed"]
+    if dist["zero_stage"] >= 2 and dist["compression"] != "none":
+        raise JobFileError(f"{source}: 'distributed.compression' = {dist['compression']!r} needs zero_stage 0 or 1 "
+                           f"(stage {dist['zero_stage']} reduce-scatters float32 gradients)")
     return job

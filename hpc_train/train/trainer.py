@@ -111,12 +111,16 @@ class Trainer:
         dist = job["distributed"]
         self.timeline = Timeline(bool(timeline_path), self.comm)
         self.timeline_path = timeline_path
-        self.optimizer = optim.DistributedOptimizer(
-            build_optimizer(job, self.model, self.total_steps), self.model, bucket_mb=dist["bucket_mb"],
-            compression=None if dist["compression"] == "none" else dist["compression"],
-            backward_passes_per_step=dist["backward_passes_per_step"],
-            stall_warning_s=dist["stall_warning_s"], stall_abort_s=dist["stall_abort_s"],
-            timeline=self.timeline)
+        options = dict(bucket_mb=dist["bucket_mb"],
+                       compression=None if dist["compression"] == "none" else dist["compression"],
+                       backward_passes_per_step=dist["backward_passes_per_step"],
+                       stall_warning_s=dist["stall_warning_s"], stall_abort_s=dist["stall_abort_s"],
+                       timeline=self.timeline)
+        base = build_optimizer(job, self.model, self.total_steps)
+        if dist["zero_stage"]:
+            self.optimizer = optim.ShardedOptimizer(base, self.model, stage=dist["zero_stage"], **options)
+        else:
+            self.optimizer = optim.DistributedOptimizer(base, self.model, **options)
         self.loss = nn.SoftmaxCrossEntropy()
         self.metrics = None
         if self.rank == 0 and job["log"]["metrics"]:
@@ -129,9 +133,17 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def _state_arrays(self) -> dict:
+        """What a checkpoint holds: whole arrays by name, or under ZeRO this rank's slices of the flat ones."""
+        if isinstance(self.optimizer, optim.ShardedOptimizer):
+            shard, total = self.optimizer.shard, self.model.num_parameters()
+            return {f"zero/{name}": checkpoint.Slab(a, shard.start, total)
+                    for name, a in self.optimizer.shard_arrays().items()}
         arrays = {f"model/{name}": p.data for name, p in self.model.named_parameters().items()}
         arrays.update({f"optimizer/{name}": a for name, a in self.optimizer.optimizer.state_arrays().items()})
         return arrays
+
+    def _layout(self) -> list | None:
+        return self.optimizer.layout() if isinstance(self.optimizer, optim.ShardedOptimizer) else None
 
     def _rngs(self) -> list:
         """The generators that make training random beyond the data order (dropout masks)."""
@@ -144,9 +156,10 @@ class Trainer:
         path = checkpoint.save(checkpoint.checkpoint_path(spec["directory"], step), arrays, {
             "step": step, "epoch": epoch, "next_batch": next_batch, "world_size": self.size,
             "optimizer_steps": self.optimizer.optimizer.steps, "job": self.job,
-            "rng": [g.bit_generator.state for g in self._rngs()]}, self.comm)
+            "rng": [g.bit_generator.state for g in self._rngs()],
+            **({"layout": self._layout()} if self._layout() else {})}, self.comm)
         seconds = time.perf_counter() - started
-        nbytes = sum(a.nbytes for a in arrays.values())
+        nbytes = checkpoint.logical_bytes(arrays)
         checkpoint.prune(spec["directory"], spec["keep_last"], self.comm)
         self._emit({"type": "checkpoint", "step": step, "path": str(path), "bytes": nbytes, "seconds": seconds,
                     "write_gbps": nbytes / seconds / 1e9})
@@ -164,15 +177,20 @@ class Trainer:
             path = Path(spec["resume"])
         current = self._state_arrays()
         started = time.perf_counter()
-        arrays, attrs = checkpoint.load(path, self.comm, {k: v.shape for k, v in current.items()})
+        slabs = {k: v for k, v in current.items() if isinstance(v, checkpoint.Slab)}
+        arrays, attrs = checkpoint.load(
+            path, self.comm, {k: (v.total,) if k in slabs else v.shape for k, v in current.items()},
+            slices={k: (v.start, v.start + v.data.size) for k, v in slabs.items()}, layout=self._layout())
         for name, target in current.items():
-            target[...] = arrays[name]
+            (target.data if name in slabs else target)[...] = arrays[name]
+        if slabs:
+            self.optimizer.shards_loaded()
         self.optimizer.optimizer.steps = attrs["optimizer_steps"]
         for generator, state in zip(self._rngs(), attrs["rng"], strict=True):
             generator.bit_generator.state = state
         self.start_epoch, self.start_batch, self.start_step = attrs["epoch"], attrs["next_batch"], attrs["step"]
         seconds = time.perf_counter() - started
-        nbytes = sum(a.nbytes for a in arrays.values())
+        nbytes = checkpoint.logical_bytes(current)
         self._emit({"type": "resume", "path": str(path), "step": self.start_step,
                     "saved_by_ranks": attrs["world_size"], "bytes": nbytes, "seconds": seconds,
                     "read_gbps": nbytes / seconds / 1e9})
