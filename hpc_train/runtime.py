@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import traceback
@@ -109,6 +110,7 @@ class _Runtime:
     def __init__(self, world):
         self.world = world
         self.topology = build_topology(world)
+        self.hostnames = world.allgather(socket.gethostname())  # to name where a silent rank runs
 
 
 _runtime: _Runtime | None = None
@@ -149,6 +151,11 @@ def world():
 
 def topology() -> Topology:
     return runtime().topology
+
+
+def hostnames() -> list[str]:
+    """The host every rank of the world runs on, by rank."""
+    return runtime().hostnames
 
 
 def rank() -> int:

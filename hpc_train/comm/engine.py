@@ -49,36 +49,69 @@ class Handle:
 
 
 class ProgressBoard:
-    """How many collectives each rank has submitted, readable by any rank without its help.
+    """What each rank has reached, readable by any rank without its help.
 
-    A one-sided window: a rank writes its own count; a stalled rank reads all counts
-    (passive target) to name the ranks that never joined.
+    A one-sided window of two counters per rank: collectives submitted to the engine,
+    and a heartbeat the training loop bumps every step. A stalled rank reads them
+    (passive target) to name the ranks that never joined, or that do not answer at
+    all because their node is unreachable.
     """
+
+    SUBMITTED, HEARTBEAT = 0, 1
 
     def __init__(self, comm):
         from mpi4py import MPI
 
         self._mpi = MPI
         self.comm = comm
-        self.win = MPI.Win.Allocate(8, 8, comm=comm)
-        self.mine = np.frombuffer(self.win.tomemory(), np.int64, count=1)
-        self.publish(0)
+        self.win = MPI.Win.Allocate(16, 8, comm=comm)
+        self.mine = np.frombuffer(self.win.tomemory(), np.int64, count=2)
+        self.publish(0, self.SUBMITTED)
+        self.publish(0, self.HEARTBEAT)
         comm.Barrier()
 
-    def publish(self, count: int) -> None:
+    def publish(self, count: int, slot: int = SUBMITTED) -> None:
         rank = self.comm.Get_rank()
         self.win.Lock(rank, self._mpi.LOCK_EXCLUSIVE)
-        self.mine[0] = count
+        self.mine[slot] = count
         self.win.Unlock(rank)
 
-    def read_all(self) -> list[int]:
-        counts, value = [], np.zeros(1, np.int64)
-        for q in range(self.comm.Get_size()):
+    def read_all(self, slot: int = SUBMITTED, timeout: float = 5.0) -> list[int | None]:
+        """Every rank's counter; None for a rank that did not answer within timeout.
+
+        One reader thread per rank: a Get to a rank behind a cut link never returns,
+        and must not keep the others from being read.
+        """
+        size = self.comm.Get_size()
+        counts: list[int | None] = [None] * size
+
+        def read(q: int) -> None:
+            value = np.zeros(2, np.int64)
             self.win.Lock(q, self._mpi.LOCK_SHARED)
             self.win.Get(value, q)
             self.win.Unlock(q)
-            counts.append(int(value[0]))
+            counts[q] = int(value[slot])
+
+        readers = [threading.Thread(target=read, args=(q,), daemon=True, name=f"board-read-{q}")
+                   for q in range(size)]
+        for t in readers:
+            t.start()
+        deadline = time.monotonic() + timeout
+        for t in readers:
+            t.join(max(0.0, deadline - time.monotonic()))
         return counts
+
+
+def open_board(comm) -> ProgressBoard | None:
+    """The progress board, or None (logged) where this MPI cannot open one-sided windows here."""
+    from mpi4py import MPI
+
+    try:
+        return ProgressBoard(comm)
+    except MPI.Exception as exc:
+        log.warning("no progress board (MPI_Win_allocate failed: %s): stalls will be detected but the "
+                    "missing ranks not named; with Open MPI 4.1 over TCP set OMPI_MCA_osc=sm,ucx", exc)
+        return None
 
 
 class Engine:
@@ -91,7 +124,7 @@ class Engine:
                 f"level {MPI.Query_thread()} (check mpi4py.rc.thread_level and the MPI build)"
             )
         self.comm = comm.Dup()
-        self.board = ProgressBoard(self.comm)
+        self.board = open_board(self.comm)
         self.submitted = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="hpc_train-engine", daemon=True)
@@ -101,7 +134,8 @@ class Engine:
         """Queue fn(comm) -> result; identical submission order on every rank is the caller's duty."""
         self.submitted += 1
         handle = Handle(name, self.submitted)
-        self.board.publish(self.submitted)
+        if self.board is not None:
+            self.board.publish(self.submitted)
         self._queue.put((fn, handle))
         return handle
 
@@ -113,17 +147,24 @@ class Engine:
                 return handle.wait(timeout=min(warning_s, max(abort_s - waited, 0.001)))
             except TimeoutError:
                 waited += min(warning_s, max(abort_s - waited, 0.001))
-            counts = self.board.read_all()
-            missing = [q for q, n in enumerate(counts) if n < handle.sequence]
-            where = ", ".join(f"rank {q} at #{counts[q]}" for q in missing) or "none (all submitted it)"
             message = (f"collective {handle.name!r} (#{handle.sequence}) stalled for {waited:.0f} s; "
-                       f"ranks that have not submitted it: {where}")
+                       f"{self.who_is_missing(handle.sequence)}")
             if waited >= abort_s:
-                log.critical("%s; aborting the job after %.0f s", message, abort_s)
-                from mpi4py import MPI
-
-                MPI.COMM_WORLD.Abort(1)
+                abort(f"{message}; aborting the job after {abort_s:.0f} s")
             log.warning(message)
+
+    def who_is_missing(self, sequence: int, slot: int = ProgressBoard.SUBMITTED, what: str = "submitted it") -> str:
+        """Which ranks are behind `sequence` on the board, and which do not answer at all."""
+        if self.board is None:
+            return "the ranks behind cannot be named (no progress board)"
+        counts = self.board.read_all(slot)
+        silent = [q for q, n in enumerate(counts) if n is None]
+        behind = [q for q, n in enumerate(counts) if n is not None and n < sequence]
+        parts = [f"ranks that have not {what}: " + (", ".join(f"rank {q} at #{counts[q]}" for q in behind)
+                                                     or "none")]
+        if silent:
+            parts.append(f"ranks that do not answer (node unreachable or hung): {describe_ranks(silent)}")
+        return "; ".join(parts)
 
     def _loop(self) -> None:
         while True:
@@ -140,6 +181,33 @@ class Engine:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
+
+
+def describe_ranks(ranks: list[int]) -> str:
+    """'2, 3 (on node1)': ranks with the hosts they run on."""
+    from .. import runtime
+
+    hosts = runtime.hostnames()
+    by_host: dict[str, list[int]] = {}
+    for q in ranks:
+        by_host.setdefault(hosts[q], []).append(q)
+    return "; ".join(f"{', '.join(map(str, qs))} (on {host})" for host, qs in by_host.items())
+
+
+def abort(message: str, grace_s: float = 10.0) -> None:
+    """Log, then end the whole job: MPI_Abort, and _exit after grace_s should the abort itself
+    hang (it tries to reach every node, and one may be cut off)."""
+    import os
+
+    log.critical(message)
+    for handler in log.handlers:
+        handler.flush()
+    timer = threading.Timer(grace_s, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+    from mpi4py import MPI
+
+    MPI.COMM_WORLD.Abort(1)
 
 
 _engine: Engine | None = None

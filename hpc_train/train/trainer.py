@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import checkpoint, nn, optim, runtime
 from ..comm import allreduce
+from ..comm.watchdog import StallWatchdog
 from ..data import ArrayLoader, DistributedSampler, synthetic_classification
 from .config import JobFileError
 from .timeline import Timeline
@@ -125,6 +126,7 @@ class Trainer:
         else:
             self.optimizer = optim.DistributedOptimizer(base, self.model, **options)
         self.loss = nn.SoftmaxCrossEntropy()
+        self.watchdog = StallWatchdog(dist["stall_warning_s"], dist["stall_abort_s"])
         self.metrics = None
         if self.rank == 0 and job["log"]["metrics"]:
             path = Path(job["log"]["metrics"])
@@ -208,6 +210,7 @@ class Trainer:
         self.model.eval()
         correct = total = loss_sum = 0.0
         for x, y in self.val_loader:
+            self.watchdog.beat()
             logits = self.model(x)
             correct += float((logits.argmax(axis=1) == y).sum())
             loss_sum += float(self.loss.forward(logits, y)) * len(y)
@@ -246,6 +249,7 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps, unit="step", file=sys.stderr, mininterval=1.0,
                             dynamic_ncols=True, disable=None)
+        self.watchdog.start()
         totals = dict.fromkeys(("data", "forward", "backward", "step", "exposed"), 0.0)
         step, started, val_acc, val_loss = self.start_step, time.perf_counter(), 0.0, 0.0
         every = self.job["checkpoint"]["every_steps"]
@@ -265,6 +269,7 @@ class Trainer:
                     x, y = next(batches)
                 epoch_times["data"] += time.perf_counter() - t0
                 losses.append(self._train_step(x, y, epoch_times))
+                self.watchdog.beat()
                 step += 1
                 if step % log_every == 0 or step == self.total_steps:
                     self._log_step(epoch, step, losses, epoch_times, progress)
@@ -286,10 +291,12 @@ class Trainer:
                                f"{record['samples_per_s']:.0f} samples/s")
         if progress is not None:
             progress.close()
+        self.watchdog.stop()
         step_time = max(sum(totals[k] for k in ("data", "forward", "backward", "step")), 1e-9)
         ran = max(step - self.start_step, 1)  # steps this run executed (a resumed run starts later)
         summary = {"type": "summary", "val_accuracy": val_acc, "val_loss": val_loss, "steps": step,
                    "epochs": self.job["train"]["epochs"], "ranks": self.size,
+                   "parameters": self.model.num_parameters(),
                    "samples_per_s": ran * self.batch * self.size / step_time,
                    "step_ms": 1e3 * step_time / ran,
                    "exposed_comm_fraction": totals["exposed"] / step_time,

@@ -1,0 +1,126 @@
+"""Several nodes on one machine (slurm/netns-nodes.sh): ranks on separate network namespaces that talk
+over TCP. Results across 2 nodes x 2 ranks equal one node's; a node cut off mid-training ends the job.
+
+Skipped, with the reason, where network namespaces cannot be created (not root, no iproute2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, clean_environment, python_cmd, run_mpi
+
+RIG = ["bash", str(ROOT / "slurm" / "netns-nodes.sh")]
+JOB = """
+[model]
+name = "mlp"
+widths = [3072, 64, 10]
+[data]
+train_samples = {samples}
+val_samples = 256
+[train]
+global_batch = 64
+epochs = {epochs}
+[distributed]
+stall_warning_s = 3
+stall_abort_s = {abort_s}
+[log]
+progress = false
+every_steps = 1
+metrics = "{metrics}"
+"""
+
+
+@pytest.fixture(scope="module")
+def rig():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    up = subprocess.run([*RIG, "up", "2", "2"], capture_output=True, text=True, timeout=60)
+    if up.returncode != 0:
+        pytest.skip(f"network namespaces could not be created here: {(up.stderr or up.stdout)[-400:]}")
+    yield
+    subprocess.run([*RIG, "down"], capture_output=True, timeout=60)
+
+
+def on_rig(*args, timeout=300):
+    return subprocess.run([*RIG, "run", "mpirun", "-n", "4", *args], capture_output=True, text=True,
+                          timeout=timeout, env=clean_environment(), cwd=ROOT)
+
+
+def processes_in(node: str) -> list[str]:
+    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
+    names = []
+    for pid in pids:
+        with contextlib.suppress(OSError):  # gone meanwhile
+            names.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return names
+
+
+def test_info_reports_two_nodes(rig):
+    proc = on_rig(*python_cmd("-m", "hpc_train.cli", "info", "--json"))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["nodes"] == 2 and info["ranks_per_node"] in ([2], [2, 2])
+    assert info["hosts"] == ["node0", "node1"] and info["pretended_nodes"] is False
+
+
+def test_hierarchical_allreduce_across_nodes_is_correct(rig, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = on_rig(*python_cmd("-m", "hpc_train.cli", "bench", "allreduce", "-b", "8", "-e", "1M", "-f", "32",
+                              "-r", "1", "-a", "mpi,ring,hierarchical", "--json", str(out)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert rows["machine"]["nodes"] == 2
+    assert {r["algorithm"] for r in rows["results"]} == {"mpi", "ring", "hierarchical"}
+    assert all(r["wrong"] == 0 for r in rows["results"])  # every element checked against the exact sum
+    latency = min(r["time_us"] for r in rows["results"] if r["algorithm"] == "mpi" and r["size"] == 8)
+    assert latency < 1000, f"8-byte allreduce across the rig took {latency:.0f} us (ranks bound to one core?)"
+
+
+def test_training_across_two_nodes_equals_one_node(rig, tmp_path):
+    losses = {}
+    for where in ("rig", "one-node"):
+        job = tmp_path / f"{where}.toml"
+        metrics = tmp_path / f"{where}.jsonl"
+        job.write_text(JOB.format(samples=640, epochs=1, abort_s=60, metrics=metrics))
+        args = python_cmd("-m", "hpc_train.cli", "train", str(job))
+        proc = on_rig(*args) if where == "rig" else run_mpi(4, args, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        losses[where] = [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["type"] == "step"]
+    assert len(losses["rig"]) == 10
+    assert losses["rig"] == pytest.approx(losses["one-node"], rel=1e-5)
+
+
+def test_cutting_a_node_ends_the_whole_job(rig, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    job = tmp_path / "long.toml"
+    job.write_text(JOB.format(samples=4096, epochs=1000, abort_s=10, metrics=metrics))
+    log = (tmp_path / "out.txt").open("w")
+    proc = subprocess.Popen([*RIG, "run", "mpirun", "-n", "4", *python_cmd("-m", "hpc_train.cli", "train", str(job))],
+                            stdout=log, stderr=subprocess.STDOUT, env=clean_environment(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not metrics.exists() or metrics.stat().st_size < 10_000):
+            time.sleep(0.2)  # training is under way on both nodes
+        assert proc.poll() is None, (tmp_path / "out.txt").read_text()[-2000:]
+        subprocess.run([*RIG, "cut", "1"], check=True, capture_output=True)
+        cut = time.monotonic()
+        rc = proc.wait(timeout=10 + 30)  # stall_abort_s + 30 s
+        ended = time.monotonic() - cut
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([*RIG, "heal", "1"], capture_output=True)
+    output = (tmp_path / "out.txt").read_text()
+    assert rc != 0 and ended <= 40
+    assert "2, 3 (on node1)" in output or "lost communication with a remote daemon" in output, output[-3000:]
+    time.sleep(2)
+    left = [c for node in ("htnode0", "htnode1") for c in processes_in(node) if "hpc_train" in c]
+    assert not left, f"ranks still running after the job ended: {left}"
