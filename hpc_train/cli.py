@@ -94,6 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--markdown", action="store_true", help="also print a markdown summary table")
     ar.add_argument("--tune", action="store_true", help="derive the auto table from this sweep and save it")
     ar.add_argument("--tune-out", metavar="PATH", help="where --tune writes (default ~/.config/hpc_train/)")
+
+    scale = sub.add_parser("scale", help="strong/weak scaling study beside a calibrated cost model, or predictions "
+                                         "(run it plainly: it launches mpirun or srun itself)")
+    scale.add_argument("study", nargs="?", help="study file, e.g. jobs/scaling/mlp_weak.toml")
+    scale.add_argument("--ranks", help="rank counts: 1,2,4 or 2,...,4096 (doubling)")
+    which = scale.add_mutually_exclusive_group()
+    which.add_argument("--strong", metavar="JOB", help="strong scaling of JOB (global batch fixed)")
+    which.add_argument("--weak", metavar="JOB", help="weak scaling of JOB (per-rank batch fixed)")
+    scale.add_argument("--repeats", type=int, help="runs per rank count (median kept)")
+    scale.add_argument("--out", help="report folder (default results/scaling/<study>)")
+    scale.add_argument("--link", default="", help="network between nodes, e.g. 'alpha=2us,bw=12.5GB/s'")
+    scale.add_argument("--predict", action="store_true", help="only predict (no runs)")
+    scale.add_argument("--nodes-of", type=int, default=8, help="--predict: ranks per node (8)")
+    scale.add_argument("--bench", action="append", default=[], metavar="JSON",
+                       help="--predict: `hpc-train bench allreduce --json` output to fit (repeatable)")
+    scale.add_argument("--from", dest="from_study", metavar="STUDY_JSON",
+                       help="--predict: take the workload and fitted model from a study report")
+    scale.add_argument("--params", type=float, help="--predict: parameter count (instead of --from)")
+    scale.add_argument("--compute-ms-per-sample", type=float, help="--predict: compute time per sample")
+    scale.add_argument("--batch", type=int, default=128, help="--predict: batch per rank (weak) or at 1 rank")
+    scale.add_argument("--exposure", type=float, default=1.0,
+                       help="--predict: step time added per second of reduction (0 hidden, 1 exposed)")
+    scale.add_argument("--mode", choices=["weak", "strong"], default="weak", help="--predict with --params")
+    scale.add_argument("--stage", type=int, choices=[0, 1, 2, 3], help="--predict: ZeRO stage")
     return parser
 
 
@@ -272,6 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         if runtime.rank() == 0:
             print(json.dumps(data, indent=2) if args.json else info.format_table(data), flush=True)
         return 0
+    if args.command == "scale":
+        from .scaling import command
+        from .train.config import JobFileError
+
+        try:
+            return command.main(args)
+        except (JobFileError, ValueError) as exc:
+            print(f"hpc-train scale: {exc}", file=sys.stderr)
+            return 2
     if args.command == "bench" and args.benchmark == "allreduce":
         from .benchmarks import allreduce
 

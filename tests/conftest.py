@@ -19,6 +19,21 @@ MPI_ENV = {
 }
 
 
+# A job small enough for a test to train under mpirun in a few seconds.
+TINY_JOB = """
+[model]
+name = "mlp"
+widths = [3072, 32, 10]
+[data]
+train_samples = 512
+val_samples = 128
+[train]
+global_batch = 12
+[log]
+progress = false
+"""
+
+
 def clean_environment() -> dict:
     """This process's environment without what an MPI singleton left in it, plus MPI_ENV.
 

@@ -12,22 +12,9 @@ import subprocess
 
 import pytest
 
-from .conftest import ROOT, clean_environment
+from .conftest import ROOT, TINY_JOB, clean_environment
 
 CLUSTER = ["bash", str(ROOT / "slurm" / "local-cluster.sh")]
-TINY_JOB = """
-[model]
-name = "mlp"
-widths = [3072, 32, 10]
-[data]
-train_samples = 512
-val_samples = 128
-[train]
-global_batch = 64
-[log]
-progress = false
-metrics = "{metrics}"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +44,7 @@ def sbatch(script, tmp_path, ntasks, **env):
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_train_sbatch(slurm, tmp_path, launcher):
     job = tmp_path / "tiny.toml"
-    job.write_text(TINY_JOB.format(metrics=tmp_path / "metrics.jsonl"))
+    job.write_text(TINY_JOB + f'metrics = "{tmp_path / "metrics.jsonl"}"\n')  # into [log], the last table
     proc, out, err = sbatch("train.sbatch", tmp_path, 2, JOB=job, HPC_TRAIN_LAUNCHER=launcher)
     assert proc.returncode == 0, f"sbatch: {proc.stderr}\nout: {out}\nerr: {err}"
     assert out.count("hpc-train train: final val accuracy") == 1  # one job of 2 ranks, not 2 singletons
@@ -80,3 +67,17 @@ def test_failing_job_fails_the_batch_job(slurm, tmp_path):
     job.write_text('[model]\nname = "mlp"\n[train]\nepoch = 1\n')
     proc, _, err = sbatch("train.sbatch", tmp_path, 2, JOB=job)
     assert proc.returncode != 0 and "unknown key 'train.epoch'" in err
+
+
+def test_scaling_sbatch_runs_a_study_as_job_steps(slurm, tmp_path):
+    job = tmp_path / "tiny.toml"
+    job.write_text(TINY_JOB)
+    study = tmp_path / "study.toml"
+    study.write_text(f'[study]\njob = "{job}"\nmode = "weak"\nranks = [1, 2]\nper_rank_batch = 16\n'
+                     f'repeats = 1\nsteps = 4\nwarmup_steps = 1\ntimeout_s = 120\nbench = []\n')
+    proc, out, err = sbatch("scaling.sbatch", tmp_path, 2, STUDY=study, OUT=tmp_path / "report")
+    assert proc.returncode == 0, f"sbatch: {proc.stderr}\nout: {out}\nerr: {err}"
+    report = json.loads((tmp_path / "report" / "study.json").read_text())
+    assert [r["status"] for r in report["rows"]] == ["ok", "ok"]
+    assert all(run["command"][0] == "srun" for run in report["runs"])  # job steps of the allocation
+    assert "| 2 | 1 x 2 | ok |" in (tmp_path / "report" / "table.md").read_text()

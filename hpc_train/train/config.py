@@ -101,12 +101,12 @@ POSITIVE = ("data.train_samples", "data.val_samples", "data.classes", "train.epo
             "log.every_steps", "distributed.backward_passes_per_step")
 
 
-def _suggest(word: str, options) -> str:
+def suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _type_name(kind) -> str:
+def type_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join({"int": "integer", "float": "number", "str": "string", "bool": "boolean",
                         "list": "array"}[k.__name__] for k in kinds)
@@ -124,15 +124,20 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def read_toml(path: Path, what: str = "job file") -> dict:
+    """A TOML file's tables; JobFileError naming the file when it is missing or not TOML."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobFileError(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise JobFileError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load(path: str | Path, overrides: list[str] = ()) -> dict:
     """The validated job: every section and key filled in, overrides applied."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise JobFileError(f"{path}: job file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise JobFileError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path)
     for text in overrides:
         key, value = parse_override(text)
         section, _, name = key.partition(".")
@@ -144,7 +149,7 @@ def validate(raw: dict, source: str) -> dict:
     job: dict[str, dict] = {}
     for section, values in raw.items():
         if section not in SCHEMA:
-            raise JobFileError(f"{source}: unknown section [{section}]{_suggest(section, SCHEMA)}")
+            raise JobFileError(f"{source}: unknown section [{section}]{suggest(section, SCHEMA)}")
         if not isinstance(values, dict):
             raise JobFileError(f"{source}: [{section}] must be a table")
     if "model" not in raw:
@@ -153,7 +158,7 @@ def validate(raw: dict, source: str) -> dict:
         given = raw.get(section, {})
         for key in given:
             if key not in keys:
-                raise JobFileError(f"{source}: unknown key '{section}.{key}'{_suggest(key, keys)}")
+                raise JobFileError(f"{source}: unknown key '{section}.{key}'{suggest(key, keys)}")
         job[section] = {}
         for key, (kind, default) in keys.items():
             dotted = f"{section}.{key}"
@@ -165,7 +170,7 @@ def validate(raw: dict, source: str) -> dict:
             value = given[key]
             kinds = kind if isinstance(kind, tuple) else (kind,)
             if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-                raise JobFileError(f"{source}: '{dotted}' must be {_type_name(kind)}, got {value!r}")
+                raise JobFileError(f"{source}: '{dotted}' must be {type_name(kind)}, got {value!r}")
             if dotted in CHOICES and value not in CHOICES[dotted]:
                 raise JobFileError(f"{source}: '{dotted}' = {value!r}: expected one of {CHOICES[dotted]}")
             if dotted in POSITIVE and value <= 0:
