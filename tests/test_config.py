@@ -35,6 +35,10 @@ def test_defaults_and_overrides(tmp_path):
      r"'distributed.zero_stage' = 4: expected one of \(0, 1, 2, 3\)"),
     ('[model]\nname = "mlp"\n[distributed]\nzero_stage = 3\ncompression = "fp16"\n',
      r"'distributed.compression' = 'fp16' needs zero_stage 0 or 1"),
+    ('[model]\nname = "mlp"\n[ps]\nmode = "hogwild"\n', r"'ps.mode' = 'hogwild': expected one of"),
+    ('[model]\nname = "mlp"\n[ps]\nmode = "ssp"\nstaleness = -1\n', r"'ps.staleness' must be >= 0, got -1"),
+    ('[model]\nname = "mlp"\n[ps]\nmode = "async"\n[optimizer]\nname = "adam"\n',
+     r"'optimizer.name' must be 'sgd', got 'adam'"),
 ])
 def test_errors_name_file_and_key(tmp_path, text, message):
     with pytest.raises(JobFileError, match=message):

@@ -75,6 +75,15 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "stall_abort_s": ((int, float), 600.0),
         "zero_stage": (int, 0),  # 0: data parallel; 1, 2, 3: ZeRO (state; + gradients; + parameters sharded)
     },
+    "ps": {  # parameter server over MPI windows instead of allreduce (optimizer: sgd)
+        "mode": (str, ""),  # "" (off) | "sync" | "async" | "ssp" | "easgd" | "staleness_lr"
+        "staleness": (int, 2),  # ssp: the bound s
+        "tau": (int, 4),  # easgd: steps between exchanges with the center
+        "alpha": ((int, float), 0.5),  # easgd: moving rate
+        "servers": (int, 0),  # ranks hosting parameters: 0 = every rank, K = ranks 0..K-1
+        "slow_rank": (int, -1),  # straggler injection: this rank sleeps slow_by_s every step
+        "slow_by_s": ((int, float), 0.0),
+    },
     "checkpoint": {
         "every_steps": (int, 0),  # 0: no checkpoints
         "keep_last": (int, 3),
@@ -96,6 +105,7 @@ CHOICES = {
     "schedule.name": ("constant", "cosine", "step"),
     "distributed.compression": ("none", "fp16", "bf16"),
     "distributed.zero_stage": (0, 1, 2, 3),
+    "ps.mode": ("", "sync", "async", "ssp", "easgd", "staleness_lr"),
 }
 POSITIVE = ("data.train_samples", "data.val_samples", "data.classes", "train.epochs", "train.global_batch",
             "log.every_steps", "distributed.backward_passes_per_step")
@@ -122,6 +132,24 @@ def parse_override(text: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip(), value
+
+
+def _check_ps(job: dict, source: str) -> None:
+    ps = job["ps"]
+    if ps["staleness"] < 0:
+        raise JobFileError(f"{source}: 'ps.staleness' must be >= 0, got {ps['staleness']}")
+    if ps["tau"] < 1 or not 0 < ps["alpha"] <= 1 or ps["servers"] < 0:
+        raise JobFileError(f"{source}: [ps] needs tau >= 1, 0 < alpha <= 1 and servers >= 0, got tau = "
+                           f"{ps['tau']}, alpha = {ps['alpha']}, servers = {ps['servers']}")
+    if not ps["mode"]:
+        return
+    if job["optimizer"]["name"] != "sgd":
+        raise JobFileError(f"{source}: 'ps.mode' = {ps['mode']!r} updates with SGD on the servers: "
+                           f"'optimizer.name' must be 'sgd', got {job['optimizer']['name']!r}")
+    for key, off in (("distributed.zero_stage", 0), ("checkpoint.every_steps", 0)):
+        section, name = key.split(".")
+        if job[section][name] != off:
+            raise JobFileError(f"{source}: '{key}' cannot be used with 'ps.mode' = {ps['mode']!r}")
 
 
 def read_toml(path: Path, what: str = "job file") -> dict:
@@ -180,6 +208,7 @@ def validate(raw: dict, source: str) -> dict:
         for key in ("path", "val_path"):
             if not job["data"][key]:
                 raise JobFileError(f"{source}: 'data.{key}' is required when data.name = 'hdf5'")
+    _check_ps(job, source)
     dist = job["distributed"]
     if dist["zero_stage"] >= 2 and dist["compression"] != "none":
         raise JobFileError(f"{source}: 'distributed.compression' = {dist['compression']!r} needs zero_stage 0 or 1 "

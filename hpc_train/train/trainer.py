@@ -8,6 +8,7 @@ metrics and prints the summary; evaluation metrics are averaged over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from .. import checkpoint, nn, optim, runtime
 from ..comm import allreduce
 from ..comm.watchdog import StallWatchdog
 from ..data import ArrayLoader, DistributedSampler, synthetic_classification
+from ..ps import staleness_summary
 from .config import JobFileError
 from .timeline import Timeline
 
@@ -121,7 +123,15 @@ class Trainer:
                        stall_warning_s=dist["stall_warning_s"], stall_abort_s=dist["stall_abort_s"],
                        timeline=self.timeline)
         base = build_optimizer(job, self.model, self.total_steps)
-        if dist["zero_stage"]:
+        ps = job["ps"]
+        if ps["mode"]:
+            from ..ps import ParameterServerOptimizer
+
+            self.optimizer = ParameterServerOptimizer(
+                self.model, base.schedule, ps["mode"], ps["staleness"], ps["tau"], ps["alpha"], ps["servers"],
+                momentum=job["optimizer"]["momentum"], comm=self.comm, timeline=self.timeline,
+                delay_s=ps["slow_by_s"] if self.rank == ps["slow_rank"] else 0.0)
+        elif dist["zero_stage"]:
             self.optimizer = optim.ShardedOptimizer(base, self.model, stage=dist["zero_stage"], **options)
         else:
             self.optimizer = optim.DistributedOptimizer(base, self.model, **options)
@@ -209,15 +219,26 @@ class Trainer:
         """(accuracy, mean loss) over the whole validation set, every rank contributing its share."""
         self.model.eval()
         correct = total = loss_sum = 0.0
-        for x, y in self.val_loader:
-            self.watchdog.beat()
-            logits = self.model(x)
-            correct += float((logits.argmax(axis=1) == y).sum())
-            loss_sum += float(self.loss.forward(logits, y)) * len(y)
-            total += len(y)
+        with self._evaluated_parameters():
+            for x, y in self.val_loader:
+                self.watchdog.beat()
+                logits = self.model(x)
+                correct += float((logits.argmax(axis=1) == y).sum())
+                loss_sum += float(self.loss.forward(logits, y)) * len(y)
+                total += len(y)
         self.model.train()
         sums = allreduce(np.array([correct, loss_sum, total]), name="evaluate")
         return sums[0] / sums[2], sums[1] / sums[2]
+
+    def _evaluated_parameters(self):
+        """The parameters to evaluate: the model's, or under a parameter server the stored ones."""
+        if self.ps:
+            return self.optimizer.center_parameters()
+        return contextlib.nullcontext()
+
+    @property
+    def ps(self) -> bool:
+        return bool(self.job["ps"]["mode"])
 
     def _train_step(self, x, y, timings: dict) -> float:
         tl = self.timeline
@@ -285,6 +306,8 @@ class Trainer:
                       "samples_per_s": len(losses) * self.batch * self.size / step_time,
                       "exposed_comm_fraction": epoch_times["exposed"] / step_time,
                       "elapsed_s": time.perf_counter() - started}
+            if self.ps:
+                record["staleness"] = staleness_summary(self.optimizer.staleness[-len(losses):])
             self._emit(record)
             if progress is not None:
                 progress.write(f"epoch {epoch}: val accuracy {val_acc:.4f}, val loss {val_loss:.4f}, "
@@ -292,6 +315,9 @@ class Trainer:
         if progress is not None:
             progress.close()
         self.watchdog.stop()
+        if self.ps:
+            summary_staleness = staleness_summary(self.optimizer.staleness)
+            self.optimizer.close()
         step_time = max(sum(totals[k] for k in ("data", "forward", "backward", "step")), 1e-9)
         ran = max(step - self.start_step, 1)  # steps this run executed (a resumed run starts later)
         summary = {"type": "summary", "val_accuracy": val_acc, "val_loss": val_loss, "steps": step,
@@ -302,6 +328,8 @@ class Trainer:
                    "exposed_comm_fraction": totals["exposed"] / step_time,
                    "split_ms": {k: 1e3 * v / ran for k, v in totals.items()},
                    "elapsed_s": time.perf_counter() - started}
+        if self.ps:
+            summary.update(ps_mode=self.job["ps"]["mode"], staleness=summary_staleness)
         self._emit(summary)
         if self.metrics is not None:
             self.metrics.close()
@@ -314,14 +342,19 @@ class Trainer:
 
     def _log_step(self, epoch, step, losses, times, progress) -> None:
         window = losses[-self.job["log"]["every_steps"]:]
-        loss = float(allreduce(np.array([np.mean(window)]), op="mean", name="loss")[0])
+        extra = {}
+        if self.ps:  # workers run at their own pace: no collective here, rank 0's own loss
+            loss = float(np.mean(window))
+            extra["staleness"] = staleness_summary(self.optimizer.staleness[-len(window):])
+        else:
+            loss = float(allreduce(np.array([np.mean(window)]), op="mean", name="loss")[0])
         done = sum(times[k] for k in ("data", "forward", "backward", "step"))
         steps_done = len(losses)
         rate = steps_done * self.batch * self.size / done if done else 0.0
         self._emit({"type": "step", "epoch": epoch, "step": step, "loss": loss, "lr": self.optimizer.lr,
                     "samples_per_s": rate, "step_ms": 1e3 * done / steps_done,
                     "exposed_comm_ms": 1e3 * times["exposed"] / steps_done,
-                    "data_ms": 1e3 * times["data"] / steps_done})
+                    "data_ms": 1e3 * times["data"] / steps_done, **extra})
         if progress is not None:
             progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
             progress.update(step - progress.n)

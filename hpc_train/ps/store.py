@@ -1,0 +1,114 @@
+"""The parameter store: a flat parameter vector sharded over ranks in MPI windows.
+
+Every server rank hosts a contiguous slice (`partition` over the servers: all ranks,
+or the first `servers` ones). Workers read and update it with one-sided operations
+that need nothing from the owner (Li et al. OSDI'14's push/pull, on MPI's RDMA-style
+calls): `pull` is MPI_Get_accumulate with NO_OP (an element-wise atomic read),
+`push` is MPI_Accumulate with SUM (element-wise atomic: no update is ever lost).
+All of it runs in one shared passive-target epoch (Lock_all) opened at start, with
+a flush after each operation, so no rank ever holds an exclusive lock that a dead
+peer could leave behind.
+
+A second window on rank 0 holds one clock per worker (completed steps) and a global
+update counter (pushes so far): what SSP waits on and what staleness is measured by.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..comm import partition
+
+
+class ParameterStore:
+    def __init__(self, initial: np.ndarray, comm, servers: int = 0):
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self.comm = comm
+        p, rank = comm.Get_size(), comm.Get_rank()
+        if not 0 <= servers <= p:
+            raise ValueError(f"ps.servers = {servers}: expected 0 (every rank) to {p} (the ranks of this job)")
+        self.servers = list(range(servers or p))
+        self.size = initial.size
+        self.dtype = initial.dtype
+        self.counts, self.offsets = partition(initial.size, len(self.servers))
+        mine = self.counts[rank] if rank in self.servers else 0
+        item = initial.dtype.itemsize
+        self.win = MPI.Win.Allocate(mine * item, item, comm=comm)
+        self.local = np.frombuffer(self.win.tomemory(), initial.dtype, count=mine)
+        if mine:
+            start = self.offsets[rank]
+            self.local[...] = initial.reshape(-1)[start : start + mine]
+        self.clock_win = MPI.Win.Allocate((p + 1) * 8 if rank == 0 else 0, 8, comm=comm)
+        if rank == 0:
+            np.frombuffer(self.clock_win.tomemory(), np.int64, count=p + 1)[...] = 0
+        from mpi4py.util.dtlib import from_numpy_dtype
+
+        self._mpi_dtype = from_numpy_dtype(initial.dtype)
+        self._ignored = [np.zeros(1, initial.dtype), 0, self._mpi_dtype]  # NO_OP reads no origin data
+        comm.Barrier()
+        self.win.Lock_all()
+        self.clock_win.Lock_all()
+        self._open = True
+
+    def _slices(self):
+        for q, count, offset in zip(self.servers, self.counts, self.offsets, strict=True):
+            if count:
+                yield q, slice(offset, offset + count)
+
+    def pull(self, out: np.ndarray) -> np.ndarray:
+        """out = the stored parameters (each element read atomically; elements may be from
+        different pushes, as in Hogwild)."""
+        flat = out.reshape(-1)
+        for q, part in self._slices():
+            target = (0, part.stop - part.start, self._mpi_dtype)  # not the origin's: NO_OP sends none
+            self.win.Get_accumulate(self._ignored, [flat[part], self._mpi_dtype], q, target, op=self._mpi.NO_OP)
+        self.win.Flush_all()
+        return out
+
+    def push(self, delta: np.ndarray) -> None:
+        """stored += delta, element-wise atomically."""
+        flat = np.ascontiguousarray(delta, self.dtype).reshape(-1)
+        for q, part in self._slices():
+            self.win.Accumulate([flat[part], self._mpi_dtype], q, op=self._mpi.SUM)
+        self.win.Flush_all()
+
+    # -- clocks and the update counter (rank 0's window) --------------------------------------
+
+    def _fetch(self, index: int, value: int, op) -> int:
+        old = np.zeros(1, np.int64)
+        self.clock_win.Fetch_and_op(np.array([value], np.int64), old, 0, index, op=op)
+        self.clock_win.Flush(0)
+        return int(old[0])
+
+    def tick(self) -> int:
+        """This worker finished a step; returns its new clock."""
+        return self._fetch(self.comm.Get_rank(), 1, self._mpi.SUM) + 1
+
+    def clocks(self) -> np.ndarray:
+        """Every worker's clock (completed steps), read atomically."""
+        p = self.comm.Get_size()
+        out = np.zeros(p, np.int64)
+        self.clock_win.Get_accumulate([np.zeros(1, np.int64), 0, self._mpi.INT64_T], [out, self._mpi.INT64_T], 0,
+                                      target=(0, p, self._mpi.INT64_T), op=self._mpi.NO_OP)
+        self.clock_win.Flush(0)
+        return out
+
+    def updates(self) -> int:
+        """Pushes applied so far by all workers."""
+        return self._fetch(self.comm.Get_size(), 0, self._mpi.NO_OP)
+
+    def count_update(self) -> int:
+        """Count one push; returns how many came before it."""
+        return self._fetch(self.comm.Get_size(), 1, self._mpi.SUM)
+
+    def close(self) -> None:
+        """End the epoch and free the windows (collective: after every worker's last push)."""
+        if self._open:
+            self.comm.Barrier()
+            self.win.Unlock_all()
+            self.clock_win.Unlock_all()
+            self.win.Free()
+            self.clock_win.Free()
+            self._open = False
