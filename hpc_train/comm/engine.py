@@ -153,11 +153,12 @@ class Engine:
                 abort(f"{message}; aborting the job after {abort_s:.0f} s")
             log.warning(message)
 
-    def who_is_missing(self, sequence: int, slot: int = ProgressBoard.SUBMITTED, what: str = "submitted it") -> str:
-        """Which ranks are behind `sequence` on the board, and which do not answer at all."""
+    def who_is_missing(self, sequence: int, slot: int = ProgressBoard.SUBMITTED, what: str = "submitted it",
+                       timeout: float = 5.0) -> str:
+        """Which ranks are behind `sequence` on the board, and which do not answer within timeout."""
         if self.board is None:
             return "the ranks behind cannot be named (no progress board)"
-        counts = self.board.read_all(slot)
+        counts = self.board.read_all(slot, timeout)
         silent = [q for q, n in enumerate(counts) if n is None]
         behind = [q for q, n in enumerate(counts) if n is not None and n < sequence]
         parts = [f"ranks that have not {what}: " + (", ".join(f"rank {q} at #{counts[q]}" for q in behind)
@@ -194,7 +195,7 @@ def describe_ranks(ranks: list[int]) -> str:
     return "; ".join(f"{', '.join(map(str, qs))} (on {host})" for host, qs in by_host.items())
 
 
-def abort(message: str, grace_s: float = 10.0) -> None:
+def abort(message: str, grace_s: float = 5.0) -> None:
     """Log, then end the whole job: MPI_Abort, and _exit after grace_s should the abort itself
     hang (it tries to reach every node, and one may be cut off)."""
     import os

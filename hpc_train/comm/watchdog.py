@@ -46,7 +46,9 @@ class StallWatchdog:
             self._thread.join()
 
     def _describe(self, idle: float) -> str:
-        behind = self._engine.who_is_missing(self.beats, ProgressBoard.HEARTBEAT, f"reached beat {self.beats}")
+        # a silent rank costs the whole read timeout: keep it short of the next check
+        behind = self._engine.who_is_missing(self.beats, ProgressBoard.HEARTBEAT, f"reached beat {self.beats}",
+                                             timeout=min(5.0, max(0.5, self.warning_s / 2)))
         return f"no progress for {idle:.0f} s (after beat {self.beats}); {behind}"
 
     def _watch(self) -> None:

@@ -179,8 +179,8 @@ def fit(bench_files: list[str], gamma: float | None = None) -> Model:
         p, nodes = machine["ranks"], machine["nodes"]
         level = INTRA if nodes == 1 else INTER
         by_algorithm: dict[str, list] = {}
-        for row in bench["results"]:
-            if row["wrong"] == 0 and not row["algorithm"].endswith("+shared") and row["algorithm"] != "auto":
+        for row in bench["results"]:  # auto picks among the others; hierarchical is built from shm and ring
+            if row["wrong"] == 0 and row["algorithm"] in ("mpi", "ring", "shm"):
                 by_algorithm.setdefault(row["algorithm"], []).append((row["size"], row["time_us"] * 1e-6))
         for algorithm, samples in by_algorithm.items():
             form = _bench_form(algorithm, nodes)
