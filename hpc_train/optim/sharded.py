@@ -72,7 +72,7 @@ class ShardedOptimizer(DistributedOptimizer):
         counts, offsets = partition(total, self.size)
         rank = self._engine.comm.Get_rank()
         self.shard = slice(offsets[rank], offsets[rank] + counts[rank])
-        self._shard_counts = counts
+        self._shards = list(zip(offsets, counts, strict=True))  # (start, count) of every rank's slice
         self._bucket_of = {name: b for b in self.buckets for name in b.names}
         self._layers = self._layer_spans(model) if stage >= 2 else {}
         self._prefetched: dict[int, tuple] = {}  # layer index -> (handle, buffer) of a gather under way
@@ -173,15 +173,11 @@ class ShardedOptimizer(DistributedOptimizer):
             self._params[name].materialize()
         if self.passes_per_step > 1:
             buffer /= self.passes_per_step
-        counts = [b - a for a, b in (_overlap(bucket.start, bucket.stop, o, o + c)
-                                     for o, c in zip(self._starts_of_shards(), self._shard_counts, strict=True))]
+        counts = [b - a for a, b in (_overlap(bucket.start, bucket.stop, o, o + c) for o, c in self._shards)]
         a, b = _overlap(bucket.start, bucket.stop, self.shard.start, self.shard.stop)
         out = self.owned.grad[a - self.shard.start : b - self.shard.start]
         bucket.handle = reduce_scatter_async(buffer, "mean", out=out, counts=counts, name=f"bucket{bucket.index}")
         self._record(f"submit bucket{bucket.index}", "comm", start, time.perf_counter())
-
-    def _starts_of_shards(self) -> list[int]:
-        return [sum(self._shard_counts[:q]) for q in range(self.size)]
 
     reduction = property(lambda self: "allreduce" if self.stage == 1 else "reduce-scatter")
 

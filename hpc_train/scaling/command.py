@@ -105,8 +105,7 @@ def run(args) -> int:
     if not model.links.get(cost_model.INTRA):
         print("# no predictions: the model has no intra-node level (study.bench is empty)")
     elif parameters:
-        work, calibration = report.calibrate(model, rows, parameters, bucket, core_count, study.ranks_per_node,
-                                             study.mode)
+        work, calibration = report.calibrate(model, rows, parameters, bucket, core_count, study.ranks_per_node)
     if work is not None:
         report.add_predictions(model, work, rows, study.ranks_per_node, stage)
         if study.predict_ranks:

@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 INTRA, INTER = "intra", "inter"
-OURS = ("ring", "shm", "hierarchical")
 MPI_FORMS = ("recursive_doubling", "rabenseifner", "ring")
 
 
@@ -160,7 +159,7 @@ class Model:
         return {"gamma": self.gamma, "links": links, "fit_error": self.fit_error, "sources": self.sources}
 
 
-def _bench_form(algorithm: str, nodes: int) -> str:
+def _bench_form(algorithm: str) -> str:
     if algorithm == "shm":
         return "shm"
     if algorithm == "mpi":
@@ -183,7 +182,7 @@ def fit(bench_files: list[str], gamma: float | None = None) -> Model:
             if row["wrong"] == 0 and row["algorithm"] in ("mpi", "ring", "shm"):
                 by_algorithm.setdefault(row["algorithm"], []).append((row["size"], row["time_us"] * 1e-6))
         for algorithm, samples in by_algorithm.items():
-            form = _bench_form(algorithm, nodes)
+            form = _bench_form(algorithm)
             link, error = fit_link(samples, form, p, model.gamma)
             if level == INTRA:  # per node: the p ranks of the sweep shared its memory
                 link = Link(link.alpha, link.beta / p)

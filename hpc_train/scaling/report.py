@@ -25,7 +25,7 @@ def node_shape(ranks: int, per_node: int) -> tuple[int, int]:
 
 
 def calibrate(model: cost_model.Model, rows: list[dict], parameters: int, bucket_bytes: int, cores: int,
-              per_node: int, mode: str) -> tuple[cost_model.Workload | None, dict]:
+              per_node: int) -> tuple[cost_model.Workload | None, dict]:
     """A Workload fitted to the measured rows, and which rows it was fitted on."""
     ok = [r for r in rows if "step_ms" in r]
     if not ok:
