@@ -62,7 +62,7 @@ export OMPI_MCA_hwloc_base_binding_policy=none
 # One-sided windows across nodes (the stall watchdog's progress board): Open MPI 4.1's osc/pt2pt
 # refuses MPI_THREAD_MULTIPLE and osc/rdma needs RDMA hardware; osc/ucx over UCX's TCP transport works.
 export OMPI_MCA_osc=sm,ucx
-export OMPI_MCA_mca_base_env_list="UCX_TLS=tcp,self"
+export OMPI_MCA_mca_base_env_list="UCX_TLS=tcp,self;UCX_LOG_LEVEL=error"
 # mpirun notices a node that stopped answering after keepalive_time + intvl * probes seconds
 # (Open MPI's default: 300 + 20 * 9 = 8 min, long after every rank has aborted).
 export OMPI_MCA_oob_tcp_keepalive_time=5

@@ -97,6 +97,15 @@ def test_small_messages_cross_the_rig_in_microseconds(rig, tmp_path):
     assert latency < 1000, f"8-byte allreduce across the rig took {latency:.0f} us (ranks bound to one core?)"
 
 
+def test_parameter_server_across_nodes(rig):
+    """Pushes race over TCP without a lost update; the SSP bound holds (tests/test_ps.py, on 2 x 2 ranks)."""
+    proc = on_rig(*python_cmd("-m", "pytest", "--with-mpi", "-m", "mpi", "-q", "-p", "no:cacheprovider",
+                              "--color=no", str(ROOT / "tests" / "test_ps.py"), "-k",
+                              "sum_of_pushes or ssp_never_runs_more_than_s_clocks_ahead"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "5 passed" in proc.stdout
+
+
 def test_training_across_two_nodes_equals_one_node(rig, tmp_path):
     losses = {}
     for where in ("rig", "one-node"):

@@ -11,9 +11,17 @@ peer could leave behind.
 
 A second window on rank 0 holds one clock per worker (completed steps) and a global
 update counter (pushes so far): what SSP waits on and what staleness is measured by.
+
+Across nodes without RDMA hardware (osc/ucx over TCP) a one-sided operation is served
+only while the target rank is inside MPI; a rank busy computing, or spinning on local
+memory, would starve everyone else's pulls and pushes (an SSP job hung that way on the
+network-namespace rig). There a progress thread enters MPI every 200 us.
 """
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 
@@ -43,14 +51,31 @@ class ParameterStore:
         self.clock_win = MPI.Win.Allocate((p + 1) * 8 if rank == 0 else 0, 8, comm=comm)
         if rank == 0:
             np.frombuffer(self.clock_win.tomemory(), np.int64, count=p + 1)[...] = 0
-        from mpi4py.util.dtlib import from_numpy_dtype
-
-        self._mpi_dtype = from_numpy_dtype(initial.dtype)
+        # Predefined MPI types only: osc/ucx (Open MPI 4.1, across nodes) applied an Accumulate of a
+        # derived datatype (mpi4py's from_numpy_dtype returns a Dup of MPI_FLOAT) to the first element only.
+        predefined = {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}
+        if initial.dtype not in predefined:
+            raise TypeError(f"parameter store: dtype {initial.dtype} unsupported (float32 or float64)")
+        self._mpi_dtype = predefined[initial.dtype]
         self._ignored = [np.zeros(1, initial.dtype), 0, self._mpi_dtype]  # NO_OP reads no origin data
         comm.Barrier()
         self.win.Lock_all()
         self.clock_win.Lock_all()
         self._open = True
+        self._progress = None
+        if self._spans_nodes():
+            self._progress = threading.Thread(target=self._drive_progress, name="hpc_train-ps-progress", daemon=True)
+            self._progress.start()
+
+    def _spans_nodes(self) -> bool:
+        from .. import runtime
+
+        return runtime.topology().num_nodes > 1 and not runtime.topology().pretended
+
+    def _drive_progress(self) -> None:
+        while self._open:
+            self.comm.Iprobe()  # opal_progress: serves the one-sided requests aimed at this rank
+            time.sleep(0.0002)
 
     def _slices(self):
         for q, count, offset in zip(self.servers, self.counts, self.offsets, strict=True):
@@ -71,7 +96,8 @@ class ParameterStore:
         """stored += delta, element-wise atomically."""
         flat = np.ascontiguousarray(delta, self.dtype).reshape(-1)
         for q, part in self._slices():
-            self.win.Accumulate([flat[part], self._mpi_dtype], q, op=self._mpi.SUM)
+            target = (0, part.stop - part.start, self._mpi_dtype)
+            self.win.Accumulate([flat[part], self._mpi_dtype], q, target, op=self._mpi.SUM)
         self.win.Flush_all()
 
     # -- clocks and the update counter (rank 0's window) --------------------------------------
@@ -107,8 +133,10 @@ class ParameterStore:
         """End the epoch and free the windows (collective: after every worker's last push)."""
         if self._open:
             self.comm.Barrier()
+            self._open = False
+            if self._progress is not None:
+                self._progress.join()
             self.win.Unlock_all()
             self.clock_win.Unlock_all()
             self.win.Free()
             self.clock_win.Free()
-            self._open = False
