@@ -76,14 +76,12 @@ def run(args) -> int:
     if args.link:
         overrides["link"] = args.link
     if args.study:
-        path = Path(args.study)
+        study = load_study(args.study, overrides)
     else:
         job, mode = (args.strong, "strong") if args.strong else (args.weak, "weak")
         if not job or "ranks" not in overrides:
             raise JobFileError("hpc-train scale: give a study file, or --ranks with --strong JOB or --weak JOB")
-        path = Path(job)
-        overrides.update(job=str(Path(job).resolve()), mode=mode)
-    study = load_study(path, overrides) if args.study else study_from_table(overrides, Path("command line"))
+        study = study_from_table({**overrides, "job": str(Path(job).resolve()), "mode": mode}, Path("command line"))
     name = Path(args.study).stem if args.study else f"{study.mode}-{Path(study.job).stem}"
     out = Path(args.out or f"results/scaling/{name}")
     out.mkdir(parents=True, exist_ok=True)

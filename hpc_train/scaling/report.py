@@ -41,9 +41,9 @@ def calibrate(model: cost_model.Model, rows: list[dict], parameters: int, bucket
     multi = next((r for r in ok if r["ranks"] > 1), None)
     if multi is not None:
         nodes, q = node_shape(multi["ranks"], per_node)
-        work.batch_per_rank = multi["per_rank_batch"]
-        hidden = cost_model.predict(model, _with(work, exposure=0.0), nodes, q)
-        exposed = cost_model.predict(model, _with(work, exposure=1.0), nodes, q)
+        batch = multi["per_rank_batch"]
+        hidden = cost_model.predict(model, _with(work, exposure=0.0, batch_per_rank=batch), nodes, q)
+        exposed = cost_model.predict(model, _with(work, exposure=1.0, batch_per_rank=batch), nodes, q)
         reducible = exposed["exposed_s"] - hidden["exposed_s"]  # the part backward could hide
         added = multi["step_ms"] / 1e3 - hidden["step_s"]
         if reducible > 0:
@@ -55,8 +55,7 @@ def calibrate(model: cost_model.Model, rows: list[dict], parameters: int, bucket
 def add_predictions(model, work, rows: list[dict], per_node: int, stage: int = 0) -> None:
     for row in rows:
         nodes, q = node_shape(row["ranks"], per_node)
-        work.batch_per_rank = row["per_rank_batch"]
-        predicted = cost_model.predict(model, work, nodes, q, stage)
+        predicted = cost_model.predict(model, _with(work, batch_per_rank=row["per_rank_batch"]), nodes, q, stage)
         row["predicted_ms"] = predicted["step_s"] * 1e3
         row["predicted_algorithm"] = predicted["algorithm"]
         if "step_ms" in row:
@@ -66,14 +65,12 @@ def add_predictions(model, work, rows: list[dict], per_node: int, stage: int = 0
 def predictions(model, work, ranks: list[int], nodes_of: int, mode: str, base_batch: int, base_ranks: int,
                 stage: int = 0) -> list[dict]:
     """Predicted rows for rank counts beyond the measured ones (node shape nodes_of)."""
-    out = []
-    for p in ranks:
-        nodes, q = node_shape(p, nodes_of)
-        work.batch_per_rank = base_batch if mode == "weak" else base_batch * base_ranks / p
-        row = cost_model.predict(model, work, nodes, q, stage)
-        out.append(row)
-    one = cost_model.predict(model, _with(work, batch_per_rank=base_batch if mode == "weak" else
-                                          base_batch * base_ranks), 1, 1, stage)
+    def batch(p):  # per rank: fixed (weak), or the base run's global batch split p ways (strong)
+        return base_batch if mode == "weak" else base_batch * base_ranks / p
+
+    out = [cost_model.predict(model, _with(work, batch_per_rank=batch(p)), *node_shape(p, nodes_of), stage)
+           for p in ranks]
+    one = cost_model.predict(model, _with(work, batch_per_rank=batch(1)), 1, 1, stage)
     for row in out:
         if mode == "weak":
             row["efficiency"] = one["step_s"] / row["step_s"]
