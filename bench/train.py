@@ -1,6 +1,6 @@
 """Training-step benchmark: hpc_train against PyTorch DDP (gloo, CPU) on the same MLP.
 
-    python bench/train.py [--steps 30] [--repeats 3] [--json results/bench_train.json]
+    python bench/train.py [--steps 30] [--repeats 3] [--wrapper node-shared] [--json results/bench_train.json]
 
 Runs each configuration as its own `mpirun` job (time-boxed), interleaving ours
 and PyTorch's, and keeps the median step time of each run, then the median over
@@ -9,7 +9,9 @@ per rank (weak scaling). PyTorch is optional: `pip install torch==2.13.0` (a CPU
 build already on the development machine); without it those rows are skipped.
 Reports step time, samples/s per rank and in total, the exposed-communication
 fraction (ours: waiting for gradient buckets after backward) and the weak-scaling
-efficiency t(1 rank) / t(2 ranks).
+efficiency t(1 rank) / t(2 ranks). `--wrapper` picks our data-parallel optimizer:
+NodeSharedOptimizer (what `hpc-train train` uses), DistributedOptimizer (a replica
+per rank) or ZeRO stage 1-3.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 WIDTHS = (3072, 1024, 512, 10)
+WRAPPERS = ("node-shared", "distributed", "zero1", "zero2", "zero3")
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_mpi_yield_when_idle": "1", "OMPI_MCA_rmaps_base_oversubscribe": "true",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -55,7 +58,11 @@ def worker_ours(args) -> dict:
     y = rng.integers(0, WIDTHS[-1], args.batch)
     model = nn.mlp(WIDTHS, seed=0)
     sgd = optim.SGD(model, lr=0.01, momentum=0.9)
-    dist = optim.DistributedOptimizer(sgd, model, bucket_mb=args.bucket_mb)
+    if args.wrapper.startswith("zero"):
+        dist = optim.ShardedOptimizer(sgd, model, stage=int(args.wrapper[4:]), bucket_mb=args.bucket_mb)
+    else:
+        wrapper = optim.NodeSharedOptimizer if args.wrapper == "node-shared" else optim.DistributedOptimizer
+        dist = wrapper(sgd, model, bucket_mb=args.bucket_mb)
     loss = nn.SoftmaxCrossEntropy()
     exposed = []
 
@@ -109,7 +116,8 @@ def run_config(side: str, ranks: int, args, port: int) -> dict | None:
     """One mpirun job; the slowest rank's median step time."""
     out = tempfile.mkdtemp(prefix="hpc_train_bench_")
     cmd = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb), "--port", str(port), "--out", out]
+           "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb), "--wrapper", args.wrapper,
+           "--port", str(port), "--out", out]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                               env={**os.environ, **MPI_ENV})
@@ -139,6 +147,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=128, help="samples per rank")
     parser.add_argument("--bucket-mb", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--wrapper", choices=WRAPPERS, default="node-shared",
+                        help="our data-parallel optimizer (default %(default)s)")
     parser.add_argument("--ranks", default="1,2")
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--json", default="results/bench_train.json")

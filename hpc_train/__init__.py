@@ -14,13 +14,13 @@ from .comm import (
     reduce_scatter,
     shared_empty,
 )
-from .optim import DistributedOptimizer, ShardedOptimizer, broadcast_parameters
+from .optim import DistributedOptimizer, NodeSharedOptimizer, ShardedOptimizer, broadcast_parameters
 from .runtime import init, local_rank, local_size, node_index, num_nodes, rank, size
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CollectiveMismatchError", "DistributedOptimizer", "allgather", "allreduce", "allreduce_async",
+    "CollectiveMismatchError", "DistributedOptimizer", "NodeSharedOptimizer", "allgather", "allreduce", "allreduce_async",
     "broadcast", "broadcast_parameters", "init", "local_rank", "local_size", "node_index", "num_nodes",
     "ShardedOptimizer", "rank", "reduce_scatter", "shared_empty", "size",
 ]

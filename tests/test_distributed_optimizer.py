@@ -35,13 +35,15 @@ def train_single(batches, make_opt, steps):
     return model
 
 
-def train_distributed(comm, batches, make_opt, steps, micro=1, seed=7, stage=0, **kwargs):
-    """Train on this rank's share; stage > 0 wraps with ShardedOptimizer. Returns the model
-    (with whole parameters, gathered, under stage 3) and the wrapper."""
+def train_distributed(comm, batches, make_opt, steps, micro=1, seed=7, stage=0, node_shared=False, **kwargs):
+    """Train on this rank's share; stage > 0 wraps with ShardedOptimizer, node_shared with
+    NodeSharedOptimizer. Returns the model (with whole parameters, gathered, under stage 3) and the wrapper."""
     p, r = comm.Get_size(), comm.Get_rank()
     model = nn.mlp(WIDTHS, seed=seed)
     if stage:
         dist = optim.ShardedOptimizer(make_opt(model), model, stage=stage, **kwargs)
+    elif node_shared:
+        dist = optim.NodeSharedOptimizer(make_opt(model), model, **kwargs)
     else:
         dist = optim.DistributedOptimizer(make_opt(model), model, **kwargs)
     loss = nn.SoftmaxCrossEntropy()
@@ -218,3 +220,47 @@ def test_zero_rejects_what_it_cannot_do(comm):
         optim.ShardedOptimizer(sgd(model), model, stage=4)
     with pytest.raises(ValueError, match="compression 'fp16' is only available with stage 0 or 1"):
         optim.ShardedOptimizer(sgd(model), model, stage=2, compression="fp16")
+
+
+@pytest.mark.parametrize("make_opt", [sgd, adam], ids=["sgd", "adam"])
+@pytest.mark.parametrize("bucket_mb", [25.0, 0.002], ids=["one-bucket", "many-buckets"])
+def test_node_shared_matches_single_rank_on_global_batch(comm, make_opt, bucket_mb):
+    batches = global_batches(6, comm.Get_size())
+    model, _ = train_distributed(comm, batches, make_opt, 6, node_shared=True, bucket_mb=bucket_mb)
+    assert_identical_across_ranks(comm, model)
+    assert_close(model, train_single(batches, make_opt, 6), rtol=2e-5)
+
+
+def test_node_shared_with_accumulation_and_streamed_row_blocks(comm, monkeypatch):
+    monkeypatch.setattr(nn.Linear, "STREAM_BYTES", 256)
+    batches = global_batches(4, comm.Get_size(), micro=2)
+    model, _ = train_distributed(comm, batches, adam, 4, micro=2, node_shared=True, backward_passes_per_step=2,
+                                 bucket_mb=0.001)
+    assert_identical_across_ranks(comm, model)
+    assert_close(model, train_single(batches, adam, 4), rtol=2e-5)
+
+
+def test_node_shared_keeps_one_copy_per_node(comm):
+    """A rank's parameters and optimizer state are views of its node's single copy."""
+    batches = global_batches(2, comm.Get_size())
+    model, dist = train_distributed(comm, batches, adam, 2, node_shared=True, bucket_mb=0.002)
+    node = ht.runtime.topology().node
+    weight = model.parameters()[0].data
+    state = next(iter(dist.optimizer.state.values()))["exp_avg"]
+    node.Barrier()
+    if node.Get_rank() == 0:
+        weight[0, 0] += 1.0  # seen by every rank of the node
+        state.reshape(-1)[0] = 42.0
+    node.Barrier()
+    assert weight[0, 0] == node.bcast(float(weight[0, 0]), root=0)
+    assert state.reshape(-1)[0] == 42.0
+    total = 4 * model.num_parameters()
+    held = dist.held_bytes()
+    assert held["params"] == total // node.Get_size() and held["state"] == 2 * total // node.Get_size()
+    assert held["grads"] == total
+
+
+def test_node_shared_rejects_compression(comm):
+    model = nn.mlp(WIDTHS)
+    with pytest.raises(ValueError, match="compression 'fp16'"):
+        optim.NodeSharedOptimizer(optim.SGD(model, lr=0.1), model, compression="fp16")

@@ -4,7 +4,17 @@ reduce-scatter, allgather, broadcast and asynchronous allreduce on a background 
 from __future__ import annotations
 
 from .check import CollectiveMismatchError
-from .collectives import ALGORITHMS, allgather, allreduce, broadcast, reduce_scatter
+from .collectives import (
+    ALGORITHMS,
+    allgather,
+    allreduce,
+    broadcast,
+    node_barrier,
+    node_piece,
+    node_shared_array,
+    reduce_scatter,
+    reduce_scatter_node,
+)
 from .engine import Handle, engine
 from .group import group_for
 from .ring import partition
@@ -31,6 +41,11 @@ def reduce_scatter_async(x, op: str = "sum", out=None, *, counts=None, name: str
     return _on_engine(reduce_scatter, name, x, op, "auto", out, counts=counts)
 
 
+def reduce_scatter_node_async(x, op: str = "sum", *, name: str = "") -> Handle:
+    """Queue a reduce_scatter_node (x from `shared_empty`) on the background engine; see allreduce_async."""
+    return _on_engine(reduce_scatter_node, name, x, op)
+
+
 def allgather_async(x, out=None, *, name: str = "") -> Handle:
     """Queue an allgather (first dimensions may differ) on the background engine; see allreduce_async."""
     return _on_engine(allgather, name, x, "auto", out)
@@ -50,6 +65,6 @@ def shared_empty(shape, dtype="float32", comm=None) -> SharedArray:
 
 __all__ = [
     "ALGORITHMS", "CollectiveMismatchError", "Handle", "SharedArray", "allgather", "allreduce",
-    "allgather_async", "allreduce_async", "broadcast", "partition", "reduce_scatter", "reduce_scatter_async",
-    "shared_empty",
+    "allgather_async", "allreduce_async", "broadcast", "node_barrier", "node_piece", "node_shared_array", "partition",
+    "reduce_scatter", "reduce_scatter_async", "reduce_scatter_node", "reduce_scatter_node_async", "shared_empty",
 ]

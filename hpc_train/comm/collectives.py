@@ -17,7 +17,7 @@ from . import auto, hierarchical, mpi_algo, ring
 from .check import describe, verify_same
 from .group import Group, group_for
 from .ops import ReduceOp, mpi_wire_dtype, reduce_op, scale_mean, validate
-from .shm import FLAG_OPCODES, SharedArray
+from .shm import FLAG_OPCODES, SharedArray, node_array, reduce_scatter_shared
 
 ALGORITHMS = ("auto", "mpi", "ring", "shm", "hierarchical")
 # Shared-memory inputs skip the copy-in above this size; below it the C flag paths, which
@@ -278,6 +278,59 @@ def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, cou
     if spec.scale_by_size:
         scale_mean(result, group.size, xp)
     return result
+
+
+def node_piece(n: int, *, comm=None) -> tuple[int, int]:
+    """[start, stop) of n elements that this rank owns among the ranks of its node."""
+    node = group_for(comm).topology.node
+    counts, offsets = ring.partition(n, node.Get_size())
+    r = node.Get_rank()
+    return offsets[r], offsets[r] + counts[r]
+
+
+def reduce_scatter_node(x, op: str = "sum", *, comm=None, check: bool | None = None, name: str = ""):
+    """Reduce x over all ranks into this rank's node piece of x (`node_piece(x.size)`), in place.
+
+    x must be a node-shared array from `shared_empty(comm=comm)` (or a contiguous
+    slice of one): peers read their pieces straight from it. Across nodes, the ranks
+    with the same local rank then allreduce their piece (with nodes of different
+    sizes, x is allreduced whole). Returns the piece; the other elements of x are
+    left as they were or hold the result, and x must not be written again before every rank
+    of the node has passed a later `node_barrier` (peers may still be reading it).
+    """
+    group = group_for(comm)
+    arr = backend.as_array(x)
+    spec = reduce_op(op)
+    validate(arr.dtype, spec)
+    node = group.topology.node
+    offset = arr.shared_offset(node) if isinstance(arr, SharedArray) else None
+    if offset is None:
+        raise ValueError(f"reduce_scatter_node {name}: x must lie in node-shared memory allocated with "
+                         f"shared_empty for this communicator (got {type(x).__name__} {arr.shape})")
+    if _checking(check):
+        _check(group, "reduce_scatter_node", name, shape=arr.shape, dtype=arr.dtype.str, op=spec.name)
+    if group.size == 1:
+        return arr.reshape(-1)
+    if group.topology.num_nodes > 1 and not group.topology.uniform:
+        # pieces differ between nodes of different sizes and cannot be paired: reduce everything
+        _allreduce(arr, op, "auto", arr, comm, False, name)
+        a, b = node_piece(arr.size, comm=comm)
+        return arr.reshape(-1)[a:b]
+    piece = reduce_scatter_shared(arr._shared, offset, arr.reshape(-1), spec,
+                                  inter_node=hierarchical.inter_node_hook(group, spec))
+    if spec.scale_by_size:
+        scale_mean(piece, group.size)
+    return piece
+
+
+def node_shared_array(count: int, dtype="float32", *, comm=None):
+    """One array per node in shared memory, mapped by every rank of the node (collective)."""
+    return node_array(group_for(comm).topology.node, count, dtype)
+
+
+def node_barrier(*, comm=None) -> None:
+    """Wait for every rank of this rank's node."""
+    group_for(comm).topology.node.Barrier()
 
 
 def allgather(x, algorithm: str = "auto", out=None, *, comm=None, check: bool | None = None,

@@ -225,6 +225,59 @@ def allreduce_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
         comm.Barrier()
 
 
+def reduce_scatter_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
+                          chunk_bytes: int = CHUNK_BYTES, inter_node=None):
+    """Reduce node rank r's piece r (`partition(array.size, p)`) of `array` over every rank's copy.
+
+    `array` lies at byte `offset` of each rank's segment. After the call this rank's
+    piece holds the reduction (then `inter_node(piece)`); its other elements are
+    untouched. Only an entry barrier: peers may still be reading this rank's other
+    pieces when it returns, so nobody may write `array` again before a later node
+    barrier (the node-shared optimizer's step ends with one). Returns the piece.
+    """
+    comm, p, r = alloc.comm, alloc.comm.Get_size(), alloc.comm.Get_rank()
+    counts, offsets = partition(array.size, p)
+    a, b = offsets[r], offsets[r] + counts[r]
+    pieces = [alloc.segments[q][offset : offset + array.nbytes].view(array.dtype)[a:b] for q in range(p)]
+    per = max(1, chunk_bytes // array.dtype.itemsize)
+    ufunc = op.ufunc()
+    comm.Barrier()  # every rank's input is complete
+    for lo in range(0, b - a, per):  # chunks stay in cache across the p - 1 passes
+        _reduce_into(pieces[r][lo : lo + per], [x[lo : lo + per] for x in pieces], r, ufunc)
+    if inter_node is not None:
+        inter_node(pieces[r])
+    return pieces[r]
+
+
+class NodeArray(np.ndarray):
+    """An array of which each node holds one copy in shared memory (see `node_array`)."""
+
+    _window = None
+
+    def __array_finalize__(self, obj):
+        self._window = getattr(obj, "_window", None)  # views keep the window alive
+
+
+def node_array(node_comm, count: int, dtype=np.float32) -> NodeArray:
+    """One array per node: node rank 0 allocates it in shared memory, every rank maps the same bytes.
+
+    Collective over the node. Writes by any rank are seen by all; ordering them
+    (disjoint pieces, a barrier before reading) is the caller's duty.
+    """
+    from mpi4py import MPI
+
+    dtype = np.dtype(dtype)
+    nbytes = count * dtype.itemsize if node_comm.Get_rank() == 0 else 0
+    win = MPI.Win.Allocate_shared(nbytes, dtype.itemsize, comm=node_comm)
+    buffer, _ = win.Shared_query(0)
+    array = np.frombuffer(buffer, dtype, count=count).view(NodeArray)
+    array._window = win
+    if node_comm.Get_rank() == 0:
+        array.fill(0)  # first touch here, not inside a timed step
+    node_comm.Barrier()
+    return array
+
+
 class SharedArray(np.ndarray):
     """A numpy array in node-shared memory; reduced in place without copy-in."""
 

@@ -176,14 +176,16 @@ class DistributedOptimizer:
         grads = self.flat[bucket.start : bucket.stop]
         if self.passes_per_step > 1:
             grads /= self.passes_per_step
-        name = f"bucket{bucket.index}"
+        bucket.handle = self._reduce(bucket, grads, f"bucket{bucket.index}")
+        self._record(f"pack bucket{bucket.index}", "comm", start, time.perf_counter())
+
+    def _reduce(self, bucket: _Bucket, grads, name: str):
+        """Start averaging a bucket's gradients on the engine; the handle."""
         if self.compressed is None:
-            bucket.handle = allreduce_async(grads, op="mean", out=grads, name=name)
-        else:
-            wire = self._wire[bucket.start : bucket.stop]
-            kernels.pack(grads, wire, 1.0 / self.size)
-            bucket.handle = allreduce_async(wire, op="sum", out=wire, name=name)
-        self._record(f"pack {name}", "comm", start, time.perf_counter())
+            return allreduce_async(grads, op="mean", out=grads, name=name)
+        wire = self._wire[bucket.start : bucket.stop]
+        kernels.pack(grads, wire, 1.0 / self.size)
+        return allreduce_async(wire, op="sum", out=wire, name=name)
 
     def synchronize(self) -> None:
         """Submit what backward did not, wait for every bucket, and unpack compressed ones."""

@@ -50,10 +50,19 @@ class Optimizer:
             p.zero_grad()
 
     def step(self) -> None:
+        self.apply(self.params, self.state)
+
+    def apply(self, params: dict, state: dict) -> None:
+        """One step on `params` (name -> Parameter) with `state` (name -> {kind: array}).
+
+        The updates are element-wise, so any split of the parameters into pieces
+        updated separately gives the same result: the node-shared optimizer updates
+        only this rank's pieces of the node's copy.
+        """
         lr = self.lr
-        for name, p in self.params.items():
+        for name, p in params.items():
             p.materialize()
-            self._update(p, self.state[name], lr)
+            self._update(p, state[name], lr)
         self.steps += 1
 
     def _update(self, p, state: dict, lr: float) -> None:

@@ -74,6 +74,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "stall_warning_s": ((int, float), 60.0),
         "stall_abort_s": ((int, float), 600.0),
         "zero_stage": (int, 0),  # 0: data parallel; 1, 2, 3: ZeRO (state; + gradients; + parameters sharded)
+        # data parallel without compression: one copy of parameters and state per node (NodeSharedOptimizer)
+        "node_shared": (bool, True),
     },
     "ps": {  # parameter server over MPI windows instead of allreduce (optimizer: sgd)
         "mode": (str, ""),  # "" (off) | "sync" | "async" | "ssp" | "easgd" | "staleness_lr"

@@ -133,6 +133,8 @@ class Trainer:
                 delay_s=ps["slow_by_s"] if self.rank == ps["slow_rank"] else 0.0)
         elif dist["zero_stage"]:
             self.optimizer = optim.ShardedOptimizer(base, self.model, stage=dist["zero_stage"], **options)
+        elif dist["node_shared"] and options["compression"] is None:
+            self.optimizer = optim.NodeSharedOptimizer(base, self.model, **options)
         else:
             self.optimizer = optim.DistributedOptimizer(base, self.model, **options)
         self.loss = nn.SoftmaxCrossEntropy()
@@ -198,6 +200,7 @@ class Trainer:
             slices={k: (v.start, v.start + v.data.size) for k, v in slabs.items()}, layout=self._layout())
         for name, target in current.items():
             (target.data if name in slabs else target)[...] = arrays[name]
+        self.comm.Barrier()  # node-shared parameters: every rank of a node wrote them
         if slabs:
             self.optimizer.shards_loaded()
         self.optimizer.optimizer.steps = attrs["optimizer_steps"]
