@@ -20,7 +20,7 @@ from .runtime import init, local_rank, local_size, node_index, num_nodes, rank, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CollectiveMismatchError", "DistributedOptimizer", "NodeSharedOptimizer", "allgather", "allreduce", "allreduce_async",
-    "broadcast", "broadcast_parameters", "init", "local_rank", "local_size", "node_index", "num_nodes",
-    "ShardedOptimizer", "rank", "reduce_scatter", "shared_empty", "size",
+    "CollectiveMismatchError", "DistributedOptimizer", "NodeSharedOptimizer", "allgather", "allreduce",
+    "allreduce_async", "broadcast", "broadcast_parameters", "init", "local_rank", "local_size", "node_index",
+    "num_nodes", "ShardedOptimizer", "rank", "reduce_scatter", "shared_empty", "size",
 ]
