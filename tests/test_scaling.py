@@ -11,6 +11,7 @@ import pytest
 
 from hpc_train.errors import JobFileError
 from hpc_train.scaling import model as m
+from hpc_train.scaling import report
 from hpc_train.scaling.command import parse_ranks
 
 from .conftest import ROOT, TINY_JOB, clean_environment, python_cmd
@@ -74,6 +75,42 @@ def test_the_best_algorithm_per_regime():
     assert steps == sorted(steps)  # weak scaling: never faster with more ranks
     zero = [m.predict(model, work, 8, 8, stage)["comm_s"] for stage in (0, 2, 3)]
     assert zero[2] > zero[1] > 0  # stage 3 gathers the parameters twice more
+
+
+def test_node_shared_reduces_pieces_and_divides_the_update():
+    shm, tcp, gamma = m.Link(8e-7, 1e-11), m.Link(5e-5, 8e-11), 5e-11
+    model = m.Model(gamma=gamma, links={"intra": {"shm": shm, "ring": shm, "mpi": shm},
+                                        "inter": {"ring": tcp, "mpi": tcp}})
+    n, q = 4 << 20, 8
+    piece = m.cost("shm_reduce_scatter", q, n, m.Link(8e-7, 8e-11), gamma)
+    assert m.terms("shm_reduce_scatter", q, n) == (6, n * (1 + 1 / q), n * (q - 1) / q)
+    assert m.node_shared_cost(model, 1, q, n) == pytest.approx(piece)
+    # across nodes: the pieces' rings, q of them through one NIC
+    assert m.node_shared_cost(model, 16, q, n) == pytest.approx(
+        piece + m.cost("ring", 16, n / q, m.Link(5e-5, 8 * 8e-11), gamma))
+    work = m.Workload(parameters=1_000_000, compute_s_per_sample=1e-4, batch_per_rank=32, cores_per_node=q,
+                      bucket_bytes=n, update_s=4e-3, node_shared=True)
+    shared = m.predict(model, work, 1, q)
+    assert shared["algorithm"] == "node-shared"
+    assert shared["compute_s"] == pytest.approx(32e-4 + 4e-3 / q)  # each rank updates 1/q of the copy
+    replicated = m.predict(model, m.Workload(**{**vars(work), "node_shared": False}), 1, q)
+    assert replicated["compute_s"] == pytest.approx(32e-4 + 4e-3) and replicated["algorithm"] != "node-shared"
+    assert m.predict(model, work, 1, q, stage=1)["compute_s"] == pytest.approx(32e-4 + 4e-3 / q)  # ZeRO: 1/p
+
+
+def test_calibration_splits_the_update_and_the_wait_for_the_slowest_rank():
+    shm = m.Link(8e-7, 2e-11)
+    model = m.Model(gamma=5e-11, links={"intra": {"shm": shm, "ring": shm, "mpi": shm}})
+    rows = [{"ranks": 1, "per_rank_batch": 64, "step_ms": 23.0, "compute_ms": 22.5, "data_ms": 0.5,
+             "update_ms": 3.5, "backward_fraction": 0.5},
+            {"ranks": 2, "per_rank_batch": 64, "step_ms": 30.0, "compute_ms": 22.0, "data_ms": 0.5}]
+    work, used = report.calibrate(model, rows, 3_700_000, 4 << 20, 2, 0, node_shared=True)
+    assert used == {"compute": 1, "exposure": 2}
+    assert work.update_s == pytest.approx(3.5e-3) and work.compute_s_per_sample == pytest.approx(19e-3 / 64)
+    # 2 ranks add far more than their whole reduction: the rest is waiting for the slower rank
+    assert work.exposure == 1.0 and work.skew > 0
+    assert m.predict(model, work, 1, 2)["step_s"] == pytest.approx(30e-3)
+    assert m.predict(model, work, 1, 1)["step_s"] == pytest.approx(23e-3)
 
 
 def scale(*args, timeout=600):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import JobFileError
+from ..train.config import uses_node_shared
 from . import model as cost_model
 from . import report
 from .study import child_environment, cores, launch_prefix, load_study, run_study, study_from_table, summarize
@@ -103,7 +104,8 @@ def run(args) -> int:
     if not model.links.get(cost_model.INTRA):
         print("# no predictions: the model has no intra-node level (study.bench is empty)")
     elif parameters:
-        work, calibration = report.calibrate(model, rows, parameters, bucket, core_count, study.ranks_per_node)
+        work, calibration = report.calibrate(model, rows, parameters, bucket, core_count, study.ranks_per_node,
+                                             node_shared=uses_node_shared(study.base_job))
     if work is not None:
         report.add_predictions(model, work, rows, study.ranks_per_node, stage)
         if study.predict_ranks:
@@ -119,7 +121,8 @@ def run(args) -> int:
           f"{study.warmup_steps} warm-up; {core_count} cores per node")
     if calibration:
         print(f"# model calibrated on: compute/data from {calibration['compute']} rank(s)"
-              + (f", exposure {work.exposure:.2f} from {calibration['exposure']} ranks" if "exposure" in calibration
+              + (f", exposure {work.exposure:.2f} and skew {work.skew:.3f} from {calibration['exposure']} ranks"
+                 if "exposure" in calibration
                  else "") + f"; links {_links(model)}")
     print(table)
     if predicted:
@@ -174,7 +177,8 @@ def predict_only(args) -> int:
     stage = args.stage if args.stage is not None else (source or {}).get("zero_stage", 0)
     predicted = report.predictions(model, work, ranks, args.nodes_of, mode, batch, base_ranks, stage)
     print(f"# predicted {mode} scaling: {work.parameters} parameters, {1e3 * work.compute_s_per_sample:.4f} ms "
-          f"compute per sample, batch {batch} per rank, exposure {work.exposure:.2f}, ZeRO stage {stage}, nodes of "
+          f"compute per sample, batch {batch} per rank, exposure {work.exposure:.2f}, skew {work.skew:.3f}, "
+          f"ZeRO stage {stage}, nodes of "
           f"{args.nodes_of} ranks; links {_links(model)}")
     print(report.prediction_markdown(predicted))
     for size, algorithm in cost_model.best_algorithms(model, max(1, ranks[-1] // args.nodes_of),

@@ -12,6 +12,10 @@ byte reduced; Thakur, Rabenseifner & Gropp 2005, see ../shared/notes/collectives
                             copies out)
     hierarchical            shm allreduce inside each node + ring across the N node leaders
                             + a copy out of the node's window (n q b_node)
+    node-shared (ours)      2 lg q a + n(1 + 1/q) b + n(q-1)/q g inside the node (a rank reads
+                            its piece from every rank, writes its own) + a ring allreduce of
+                            n/q across the N nodes per local rank, the q rings sharing a NIC;
+                            and the optimizer update is 1/q of one replica's per rank (ZeRO: 1/p)
     MPI's own               the cheapest of recursive doubling, Rabenseifner and ring
                             (Open MPI's tuned component switches among them by size); across
                             nodes the q ranks of a node exchange at once and share its link,
@@ -95,6 +99,8 @@ def terms(form: str, p: int, n: float, q: int = 1) -> tuple[float, float, float]
         return p - 1, share, 0.0
     if form == "shm":
         return 2 * _lg(p), 3 * n, share
+    if form == "shm_reduce_scatter":
+        return 2 * _lg(p), n * (1 + 1 / p), share
     raise ValueError(f"no cost form {form!r}")
 
 
@@ -241,11 +247,30 @@ def allreduce_costs(model: Model, nodes: int, per_node: int, n: float) -> dict[s
     return costs
 
 
-def zero_costs(model: Model, nodes: int, per_node: int, n: float, stage: int) -> tuple[str, float, float]:
-    """(algorithm, gradient-reduction seconds, parameter-gather seconds) per step for a ZeRO stage."""
+def node_shared_cost(model: Model, nodes: int, per_node: int, n: float) -> float | None:
+    """Seconds for NodeSharedOptimizer's reduction of n bytes (None without an shm link)."""
+    shm_link = _shared(model.link(INTRA, "shm"), per_node)
+    if shm_link is None:
+        return None
+    seconds = cost("shm_reduce_scatter", per_node, n, shm_link, model.gamma)
+    if nodes > 1:
+        inter = model.link(INTER, "ring")
+        if inter is None:
+            return None
+        seconds += cost("ring", nodes, n / per_node, _shared(inter, per_node), model.gamma)
+    return seconds
+
+
+def zero_costs(model: Model, nodes: int, per_node: int, n: float, stage: int,
+               node_shared: bool = False) -> tuple[str, float, float]:
+    """(algorithm, gradient-reduction seconds, parameter-gather seconds) per step for a ZeRO stage
+    (stage 0 with node_shared: NodeSharedOptimizer, where the model has an shm link)."""
     p = nodes * per_node
     if p <= 1:
         return "none", 0.0, 0.0
+    shared = node_shared_cost(model, nodes, per_node, n) if node_shared and stage == 0 else None
+    if shared is not None:
+        return "node-shared", shared, 0.0
     link, g = link_for(model, nodes, per_node, "ring"), model.gamma
     gather = cost("allgather", p, n, link, g)
     if stage <= 1:
@@ -268,6 +293,13 @@ class Workload:
     # backward, 1 = fully exposed, above 1 = it also slows compute (engine and backward share a core).
     exposure: float = 1.0
     backward_fraction: float = 2 / 3  # of compute: the time a reduction can hide behind
+    # The optimizer update of one whole replica per step (not per sample; 0 = folded into compute).
+    # Node-shared data parallel pays 1/q of it per rank, ZeRO 1/p; a replica per rank all of it.
+    update_s: float = 0.0
+    node_shared: bool = False  # stage 0 runs NodeSharedOptimizer (one copy per node)
+    # Waiting for the slowest rank each step, as a fraction of compute at 2 ranks (run-to-run jitter of
+    # compute); the expected maximum of p such jitters grows like sqrt(log2 p).
+    skew: float = 0.0
     bucket_bytes: int = 25 << 20
     bytes_per_parameter: int = 4
     cores_per_node: int | None = None  # ranks beyond the cores share them (oversubscription)
@@ -279,15 +311,17 @@ def predict(model: Model, work: Workload, nodes: int, per_node: int, stage: int 
     slow = max(1.0, per_node / work.cores_per_node) if work.cores_per_node else 1.0
     n = work.parameters * work.bytes_per_parameter
     buckets = max(1, math.ceil(n / work.bucket_bytes))
-    algorithm, reduce_s, gather_s = zero_costs(model, nodes, per_node, n / buckets, stage)
+    algorithm, reduce_s, gather_s = zero_costs(model, nodes, per_node, n / buckets, stage, work.node_shared)
     reduce_s *= buckets * slow
     gather_s *= buckets * slow
-    compute = work.compute_s_per_sample * work.batch_per_rank * slow
+    update_share = 1 / p if stage else (1 / per_node if algorithm == "node-shared" else 1.0)
+    compute = (work.compute_s_per_sample * work.batch_per_rank + work.update_s * update_share) * slow
     data = work.data_s_per_sample * work.batch_per_rank
     prefetched = stage == 3  # stage 3 gathers run ahead of the layers; stages 1-2 gather after the step
     overlappable = reduce_s + (gather_s if prefetched else 0.0)
     hideable = work.backward_fraction * compute  # nothing hides behind more time than backward takes
     exposed = max(work.exposure * overlappable, overlappable - hideable) + (0.0 if prefetched else gather_s)
+    exposed += work.skew * compute * math.sqrt(math.log2(p)) if p > 1 else 0.0
     step = compute + data + exposed
     return {"ranks": p, "nodes": nodes, "per_node": per_node, "stage": stage, "algorithm": algorithm,
             "comm_s": reduce_s + gather_s, "exposed_s": exposed, "compute_s": compute, "data_s": data,

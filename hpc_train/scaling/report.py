@@ -25,18 +25,25 @@ def node_shape(ranks: int, per_node: int) -> tuple[int, int]:
 
 
 def calibrate(model: cost_model.Model, rows: list[dict], parameters: int, bucket_bytes: int, cores: int,
-              per_node: int) -> tuple[cost_model.Workload | None, dict]:
-    """A Workload fitted to the measured rows, and which rows it was fitted on."""
+              per_node: int, node_shared: bool = False) -> tuple[cost_model.Workload | None, dict]:
+    """A Workload fitted to the measured rows, and which rows it was fitted on.
+
+    The optimizer update is taken out of the base run's compute (a cost per step, which
+    node-shared data parallel and ZeRO divide among ranks) when that run was on one rank.
+    """
     ok = [r for r in rows if "step_ms" in r]
     if not ok:
         return None, {}
     base = ok[0]
     _, base_q = node_shape(base["ranks"], per_node)
     slow = max(1.0, base_q / cores)
+    update_ms = (base.get("update_ms") or 0.0) if base["ranks"] == 1 else 0.0
     work = cost_model.Workload(
-        parameters=parameters, compute_s_per_sample=base["compute_ms"] / 1e3 / base["per_rank_batch"] / slow,
+        parameters=parameters,
+        compute_s_per_sample=(base["compute_ms"] - update_ms) / 1e3 / base["per_rank_batch"] / slow,
         batch_per_rank=base["per_rank_batch"], data_s_per_sample=base["data_ms"] / 1e3 / base["per_rank_batch"],
-        bucket_bytes=bucket_bytes, cores_per_node=cores, backward_fraction=base.get("backward_fraction") or 2 / 3)
+        bucket_bytes=bucket_bytes, cores_per_node=cores, backward_fraction=base.get("backward_fraction") or 2 / 3,
+        update_s=update_ms / 1e3 / slow, node_shared=node_shared)
     used = {"compute": base["ranks"]}
     multi = next((r for r in ok if r["ranks"] > 1), None)
     if multi is not None:
@@ -48,6 +55,9 @@ def calibrate(model: cost_model.Model, rows: list[dict], parameters: int, bucket
         added = multi["step_ms"] / 1e3 - hidden["step_s"]
         if reducible > 0:
             work.exposure = max(0.0, added / reducible)
+        if work.exposure > 1:  # more than the whole reduction: the rest is waiting for the slower rank
+            work.skew = (added - reducible) / hidden["compute_s"]
+            work.exposure = 1.0
         used["exposure"] = multi["ranks"]
     return work, used
 

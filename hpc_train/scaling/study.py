@@ -200,7 +200,8 @@ def steady_state(metrics: Path, warmup: int) -> dict:
     work = split.get("forward", 0.0) + split.get("backward", 0.0) + split.get("step", 0.0) - split.get("exposed", 0.0)
     return {"step_ms": step, "exposed_ms": exposed, "data_ms": data, "compute_ms": step - exposed - data,
             "steps_timed": n_b - n_a, "parameters": summary.get("parameters"),
-            "backward_fraction": split["backward"] / work if work > 0 else None}
+            "backward_fraction": split["backward"] / work if work > 0 else None,
+            "update_ms": max(0.0, split.get("step", 0.0) - split.get("exposed", 0.0))}  # optimizer step, no wait
 
 
 def run_one(study: Study, ranks: int, repeat: int, out: Path, python: str = sys.executable) -> dict:
@@ -269,8 +270,9 @@ def summarize(study: Study, records: list[dict]) -> list[dict]:
             row["status"] = "ok" if len(ok) == len(mine) else f"ok ({len(mine) - len(ok)} repeat(s) failed)"
             for key in ("step_ms", "compute_ms", "exposed_ms", "data_ms"):
                 row[key] = statistics.median(r[key] for r in ok)
-            fractions = [r["backward_fraction"] for r in ok if r.get("backward_fraction")]
-            row["backward_fraction"] = statistics.median(fractions) if fractions else None
+            for key in ("backward_fraction", "update_ms"):  # absent from older records
+                values = [r[key] for r in ok if r.get(key) is not None]
+                row[key] = statistics.median(values) if values else None
             row["samples_per_s"] = global_batch / (row["step_ms"] / 1e3)
         rows.append(row)
     base = next((r for r in rows if "step_ms" in r), None)

@@ -154,6 +154,14 @@ def _check_ps(job: dict, source: str) -> None:
             raise JobFileError(f"{source}: '{key}' cannot be used with 'ps.mode' = {ps['mode']!r}")
 
 
+def uses_node_shared(job: dict) -> bool:
+    """Whether the job's data parallelism keeps one copy per node (NodeSharedOptimizer): asked for,
+    and plain data parallel (no compression, no ZeRO, no parameter server)."""
+    dist = job["distributed"]
+    return bool(dist["node_shared"] and dist["compression"] == "none" and not dist["zero_stage"]
+                and not job["ps"]["mode"])
+
+
 def read_toml(path: Path, what: str = "job file") -> dict:
     """A TOML file's tables; JobFileError naming the file when it is missing or not TOML."""
     try:

@@ -22,7 +22,7 @@ from ..comm import allreduce
 from ..comm.watchdog import StallWatchdog
 from ..data import ArrayLoader, DistributedSampler, synthetic_classification
 from ..ps import staleness_summary
-from .config import JobFileError
+from .config import JobFileError, uses_node_shared
 from .timeline import Timeline
 
 
@@ -133,7 +133,7 @@ class Trainer:
                 delay_s=ps["slow_by_s"] if self.rank == ps["slow_rank"] else 0.0)
         elif dist["zero_stage"]:
             self.optimizer = optim.ShardedOptimizer(base, self.model, stage=dist["zero_stage"], **options)
-        elif dist["node_shared"] and options["compression"] is None:
+        elif uses_node_shared(job):
             self.optimizer = optim.NodeSharedOptimizer(base, self.model, **options)
         else:
             self.optimizer = optim.DistributedOptimizer(base, self.model, **options)
