@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 import hpc_train as ht
-from hpc_train.comm import partition
+from hpc_train.comm import node_piece, partition, reduce_scatter_node
 from hpc_train.comm.collectives import ZERO_COPY_MIN_BYTES
 from hpc_train.comm.ops import bfloat16_dtype
 from hpc_train.comm.shm import CHUNK_BYTES
@@ -151,6 +152,25 @@ def test_shared_input_reduced_in_place(comm, algorithm):
         np.testing.assert_array_equal(view, want[: view.size])
         comm.Barrier()
         ht.allreduce(buf, op="max", algorithm=algorithm, out=buf)
+
+
+def test_reduce_scatter_node_reduces_this_ranks_piece_in_place(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    q = comm.allreduce(ht.local_size(), op=MPI.MAX)  # the same sizes on every rank, whatever its node
+    for n in [1, q - 1, q + 1, 3 * CHUNK_BYTES // 4 + 5]:
+        buf = ht.shared_empty(n + 2, np.float32)
+        buf[:] = np.arange(n + 2) % 7 + r
+        x = buf[1 : n + 1]  # a slice of a shared array, like a bucket of the fusion buffer
+        piece = reduce_scatter_node(x, op="mean")
+        a, b = node_piece(n)
+        assert piece.size == b - a and (piece.size == 0 or np.shares_memory(piece, buf))
+        want = (np.arange(n + 2) % 7 + (p - 1) / 2)[1 : n + 1]
+        np.testing.assert_allclose(piece, want[a:b], rtol=1e-6)
+        if ht.runtime.topology().uniform:  # (nodes of different sizes reduce everything)
+            np.testing.assert_array_equal(x[:a], (np.arange(n + 2) % 7 + r)[1 : a + 1])  # others untouched
+        comm.Barrier()  # peers read this rank's other pieces until every rank is done
+    with pytest.raises(ValueError, match="node-shared memory"):
+        reduce_scatter_node(np.ones(4, np.float32))
 
 
 @pytest.mark.parametrize("algorithm", ["auto", "mpi", "ring"])
