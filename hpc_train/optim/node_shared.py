@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from .. import runtime
 from ..comm import node_barrier, node_piece, node_shared_array, reduce_scatter_node_async
 from ..nn.module import Parameter
@@ -65,8 +63,8 @@ class NodeSharedOptimizer(DistributedOptimizer):
             self._piece_state[key] = {kind: flat[lo:hi] for kind, flat in self.state_flat.items()}
 
     def _view(self, flat, name: str):
-        offset, shape = self._offsets[name], self._params[name].data.shape
-        return flat[offset : offset + int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        offset, p = self._offsets[name], self._params[name]
+        return flat[offset : offset + p.size].reshape(p.data.shape)
 
     def _share(self, arrays: dict, total: int, dtype, a: int, b: int):
         """A node-shared flat vector in the fusion layout; this rank copies in elements [a, b)."""
