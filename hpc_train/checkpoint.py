@@ -162,6 +162,13 @@ def load(path, comm, expected: dict[str, tuple] | None = None, slices: dict[str,
     return arrays, attrs
 
 
+def load_like(path, comm, current: dict, layout: list | None = None) -> tuple[dict, dict]:
+    """`load` for a job whose own arrays are `current` (name -> array, or Slab: only its slice is read)."""
+    expected = {k: (v.total,) if isinstance(v, Slab) else v.shape for k, v in current.items()}
+    slices = {k: (v.start, v.start + v.data.size) for k, v in current.items() if isinstance(v, Slab)}
+    return load(path, comm, expected, slices=slices, layout=layout)
+
+
 def prune(directory, keep_last: int, comm) -> None:
     """Delete all but the newest keep_last complete checkpoints (rank 0)."""
     if comm.Get_rank() == 0 and keep_last > 0:

@@ -92,7 +92,7 @@ path = "{tmp_path / 'train.h5'}"
 val_path = "{tmp_path / 'val.h5'}"
 [train]
 epochs = 2
-max_steps = 8
+steps_per_epoch = 8
 global_batch = 64
 [log]
 progress = false

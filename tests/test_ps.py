@@ -66,10 +66,11 @@ def linear_model():
     return nn.Sequential(nn.Linear(make_data()[0].shape[1], 2, rng=0))
 
 
-def train_ps(comm, mode, steps, lr, batch=16, record_every=10, **kwargs):
+def train_ps(comm, mode, steps, lr, batch=16, record_every=10, watch=lambda opt: None, **kwargs):
     x, y = make_data()
     model = linear_model()
     opt = ParameterServerOptimizer(model, lr, mode, comm=comm, **kwargs)
+    watch(opt)
     losses = []
 
     def record(step):
@@ -114,18 +115,56 @@ def test_every_mode_reaches_the_synchronous_loss(comm, mode, options):
     assert reached <= 1.01 * reference, f"{mode}: best loss {reached:.4f}, synchronous {reference:.4f}"
 
 
+def record_pushes(log: list):
+    """Log (sequence, pusher's clock) for every push, in the store's own order: `count_update`
+    is an atomic fetch-and-add on rank 0's counter, so its results order all workers' pushes."""
+
+    def watch(opt):
+        count = opt.store.count_update
+
+        def counted():
+            sequence = count()
+            log.append((sequence, opt.steps))
+            return sequence
+
+        opt.store.count_update = counted
+
+    return watch
+
+
+def assert_ssp_bound_in_push_order(comm, log, bound):
+    """A worker may start step c only once every other worker has finished step c - bound - 1,
+    push included: so in the store's order, each push at clock c follows every other worker's
+    push at clock c - bound - 1. Checked from the pushes alone, not from the wait loop's records."""
+    p = comm.Get_size()
+    pushes = sorted((seq, worker, clock) for worker, entries in enumerate(comm.allgather(log))
+                    for seq, clock in entries)
+    assert [seq for seq, _, _ in pushes] == list(range(len(pushes)))  # every push counted once
+    pushed = [-1] * p  # the last clock each worker has pushed, in store order
+    ahead = 0
+    for seq, worker, clock in pushes:
+        slowest = min(pushed[v] for v in range(p) if v != worker)
+        assert slowest >= clock - bound - 1, (f"push #{seq}: worker {worker} at clock {clock} while another "
+                                              f"had pushed only up to clock {slowest} (bound {bound})")
+        ahead = max(ahead, clock - 1 - slowest)
+        pushed[worker] = clock
+    return ahead
+
+
 @pytest.mark.parametrize("bound", [0, 1, 3])
 def test_ssp_never_runs_more_than_s_clocks_ahead(comm, bound):
     slow = comm.Get_size() - 1
     # The slow rank sleeps several fast steps long (a fast step over the rig's TCP, 4 ranks on 2 cores, takes
     # a few ms), so the fast ranks reach the bound within a few of its steps wherever the test runs.
-    _, _, opt = train_ps(comm, "ssp", 40, lr=0.01, record_every=10**9, staleness=bound,
+    log = []
+    _, _, opt = train_ps(comm, "ssp", 40, lr=0.01, record_every=10**9, staleness=bound, watch=record_pushes(log),
                          delay_s=0.02 if comm.Get_rank() == slow else 0.0)
-    gaps = [mine - slowest for mine, slowest in opt.clock_log]  # at every step start
-    assert len(gaps) == 40 and max(gaps) <= bound
-    if comm.Get_rank() != slow and bound > 0:
-        assert max(gaps) == bound  # the fast workers did run ahead, up to the bound
-    assert opt.staleness == gaps
+    assert len(log) == 40
+    ahead = assert_ssp_bound_in_push_order(comm, log, bound)
+    if bound > 0:
+        assert ahead == bound  # the fast workers did run ahead, up to the bound
+    gaps = [mine - slowest for mine, slowest in opt.clock_log]  # the wait loop's own view agrees
+    assert len(gaps) == 40 and max(gaps) <= bound and opt.staleness == gaps
 
 
 def test_async_measures_staleness(comm):

@@ -87,3 +87,23 @@ def test_stall_watchdog_names_the_missing_rank_then_aborts():
     assert "ranks that have not submitted it: rank 1 at #0" in proc.stderr
     assert "aborting the job after 4 s" in proc.stderr
     assert elapsed < 20, elapsed
+
+
+def step_epochs(tmp_path, *sets: str) -> tuple[list[int], dict]:
+    """The epoch of every step record and the summary of a 3-rank run of SMALL_JOB (10 steps an epoch)."""
+    job = tmp_path / "job.toml"
+    job.write_text(SMALL_JOB)
+    metrics = tmp_path / "m.jsonl"
+    proc = run_mpi(3, python_cmd("-m", "hpc_train.cli", "train", str(job), "--metrics", str(metrics),
+                                 "--set", "train.global_batch=120", "--set", "log.every_steps=1",
+                                 "--set", "train.epochs=3", *(a for s in sets for a in ("--set", s))), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [r["epoch"] for r in records if r["type"] == "step"], records[-1]
+
+
+def test_max_steps_bounds_the_whole_run_and_steps_per_epoch_each_epoch(tmp_path):
+    epochs, summary = step_epochs(tmp_path, "train.max_steps=13")  # 1200 samples / 120 = 10 steps an epoch
+    assert epochs == [0] * 10 + [1] * 3 and summary["steps"] == 13
+    epochs, summary = step_epochs(tmp_path, "train.max_steps=7", "train.steps_per_epoch=4")
+    assert epochs == [0] * 4 + [1] * 3 and summary["steps"] == 7

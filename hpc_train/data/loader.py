@@ -1,7 +1,8 @@
 """In-memory loader: batches of (images, labels) for this rank, one epoch per pass.
 
 The interface the parallel-HDF5 loader keeps: iterate for an epoch, `set_epoch`
-to choose one, `len()` batches per epoch, identical on every rank.
+to choose one, `len()` batches per epoch, identical on every rank, `max_batches`
+to end a pass early, `close()`.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ class ArrayLoader:
         self.sampler, self.transform = sampler, transform
         self._passes = 0
         self._epoch_set = False
+        self.max_batches: int | None = None  # batches per pass, if fewer than a whole epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self._epoch_set = True
 
     def __len__(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)
+        whole = -(-len(self.sampler) // self.batch_size)
+        return whole if self.max_batches is None else min(whole, self.max_batches)
 
     def __iter__(self):
         if self._passes and not self._epoch_set:  # a new pass without set_epoch: the next epoch
@@ -43,6 +46,9 @@ class ArrayLoader:
         self._passes += 1
         self._epoch_set = False
         indices = self.sampler.indices()
-        for lo in range(0, len(indices), self.batch_size):
+        for lo in range(0, min(len(indices), len(self) * self.batch_size), self.batch_size):
             batch = indices[lo : lo + self.batch_size]
             yield self.transform(self.images[batch]), self.labels[batch]
+
+    def close(self) -> None:
+        """Nothing to release (the arrays are the caller's); here for the loader interface."""

@@ -4,8 +4,9 @@ from .layers import GELU, BatchNorm, Conv2d, Dropout, Embedding, Flatten, LayerN
 from .losses import SoftmaxCrossEntropy, accuracy
 from .models import cnn, mlp
 from .module import Module, Parameter, Sequential
+from .trainable import Classifier, TrainableModel
 
 __all__ = [
-    "GELU", "BatchNorm", "Conv2d", "Dropout", "Embedding", "Flatten", "LayerNorm", "Linear", "MaxPool2d",
-    "Module", "Parameter", "ReLU", "Sequential", "SoftmaxCrossEntropy", "accuracy", "cnn", "mlp",
+    "GELU", "BatchNorm", "Classifier", "Conv2d", "Dropout", "Embedding", "Flatten", "LayerNorm", "Linear", "MaxPool2d",
+    "Module", "Parameter", "ReLU", "Sequential", "SoftmaxCrossEntropy", "TrainableModel", "accuracy", "cnn", "mlp",
 ]

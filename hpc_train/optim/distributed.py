@@ -23,6 +23,7 @@ import numpy as np
 from .. import kernels
 from ..comm import allreduce_async, broadcast, engine, shared_empty
 from ..comm.ops import bfloat16_dtype
+from .strategy import ReplicatedState
 
 COMPRESSIONS = ("fp16", "bf16")
 
@@ -67,7 +68,7 @@ class _Bucket:
         self.handle = None
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(ReplicatedState):
     """Wrap an optimizer so that `step()` applies gradients averaged over all ranks.
 
     `backward_passes_per_step=k` accumulates k backward passes locally and reduces
@@ -77,6 +78,8 @@ class DistributedOptimizer:
     than `stall_warning_s` logs the ranks that have not joined; after `stall_abort_s`
     the job aborts. `timeline` (train.timeline.Timeline) records pack, allreduce and
     unpack per bucket; `exposed_s` is the last step's wait for communication.
+
+    It is the data-parallel training strategy (`strategy.Strategy`).
     """
 
     def __init__(self, optimizer, model, bucket_mb: float = 25.0, compression: str | None = None,

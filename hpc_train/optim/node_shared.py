@@ -44,14 +44,13 @@ class NodeSharedOptimizer(DistributedOptimizer):
         total, dtype = self.flat.size, self.flat.dtype
         a, b = node_piece(total, comm=comm)
         self.params_flat = self._share({name: p.data for name, p in self._params.items()}, total, dtype, a, b)
-        kinds = next(iter(optimizer.state.values())).keys()
         self.state_flat = {kind: self._share({name: s[kind] for name, s in optimizer.state.items()},
-                                             total, dtype, a, b) for kind in kinds}
+                                             total, dtype, a, b) for kind in optimizer.state_kinds}
         node_barrier(comm=comm)  # every piece copied in before anyone reads the node's copy
         for name, p in self._params.items():
             p.data = self._view(self.params_flat, name)
-            for kind, flat in self.state_flat.items():
-                optimizer.state[name][kind] = self._view(flat, name)
+        optimizer.retarget(self._params, {name: {kind: self._view(flat, name) for kind, flat in self.state_flat.items()}
+                                          for name in self._params})
         self._pieces, self._piece_state = {}, {}
         for bucket in self.buckets:
             lo, hi = node_piece(bucket.stop - bucket.start, comm=comm)

@@ -39,11 +39,21 @@ class Optimizer:
         self.schedule = lr if callable(lr) else constant(float(lr))
         self.steps = 0
         self.fused = fused
+        self.state_kinds = state_kinds
         self.state = {name: {kind: p.data * 0 for kind in state_kinds} for name, p in named.items()}
 
     @property
     def lr(self) -> float:
         return self.schedule(self.steps)
+
+    def retarget(self, params: dict, state: dict) -> None:
+        """Update other arrays from now on: `params` name -> Parameter and `state` name -> {kind: array}
+        (every kind of `state_kinds`). Strategies point the optimizer at a shard or at a node's shared copy."""
+        for name in params:
+            if set(state[name]) != set(self.state_kinds):
+                raise ValueError(f"state of {name!r} has kinds {sorted(state[name])}, the optimizer "
+                                 f"keeps {sorted(self.state_kinds)}")
+        self.params, self.state = params, state
 
     def zero_grad(self) -> None:
         for p in self.params.values():

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from ..checkpoint import Slab
 from ..comm import allgather, allgather_async, partition, reduce_scatter_async
 from ..nn.module import Parameter
 from .distributed import DistributedOptimizer
@@ -97,9 +98,7 @@ class ShardedOptimizer(DistributedOptimizer):
                 p.data = released(p)
         owned.grad = self.flat[self.shard] if stage == 1 else np.zeros(counts[rank], dtype)
         self.owned = owned
-        kinds = next(iter(optimizer.state.values())).keys()
-        optimizer.params = {"shard": owned}
-        optimizer.state = {"shard": {kind: owned.data * 0 for kind in kinds}}
+        optimizer.retarget({"shard": owned}, {"shard": {kind: owned.data * 0 for kind in optimizer.state_kinds}})
         if stage >= 2:
             model.register_layer_hook(self._layer_event)
 
@@ -280,3 +279,17 @@ class ShardedOptimizer(DistributedOptimizer):
     def layout(self) -> list:
         """[name, shape] in flat order: what a sharded checkpoint must match."""
         return [[name, list(self._params[name].data.shape)] for name in sorted(self._offsets, key=self._offsets.get)]
+
+    # -- the Strategy's checkpoints: this rank's slices of the flat vectors --------------------------
+
+    def checkpoint_arrays(self) -> dict:
+        total = sum(p.size for p in self._params.values())
+        return {f"zero/{name}": Slab(a, self.shard.start, total) for name, a in self.shard_arrays().items()}
+
+    checkpoint_layout = layout
+
+    def load_checkpoint(self, arrays: dict, steps: int) -> None:
+        for name, slab in self.checkpoint_arrays().items():
+            slab.data[...] = arrays[name]
+        self.shards_loaded()
+        self.optimizer.steps = steps

@@ -11,8 +11,9 @@
 
 Staleness of a gradient = updates other workers pushed between this worker's pull and
 its push (from the store's global update counter); for SSP also the clock gap to the
-slowest worker when a step starts. `ParameterServerOptimizer` has the interface the
-Trainer drives (zero_grad, step, lr, exposed_s) and keeps per-step staleness records.
+slowest worker when a step starts. `ParameterServerOptimizer` is a training strategy
+(`optim.strategy.Strategy`: workers are not in lockstep, evaluation reads the stored
+parameters) and keeps per-step staleness records.
 """
 
 from __future__ import annotations
@@ -157,6 +158,23 @@ class ParameterServerOptimizer:
         self.params -= elastic
         self.store.push(elastic)
         self.store.count_update()
+
+    lockstep = False  # every worker runs at its own pace: no collective between steps
+
+    def step_metrics(self, steps: int) -> dict:
+        return {"staleness": staleness_summary(self.staleness[len(self.staleness) - steps:])}
+
+    def run_metrics(self) -> dict:
+        return {"ps_mode": self.mode, "staleness": staleness_summary(self.staleness)}
+
+    def checkpoint_arrays(self, *_):
+        raise NotImplementedError("checkpoints of parameter-server training are not implemented (the store's "
+                                  "parameters live in MPI windows across the servers)")
+
+    checkpoint_layout = load_checkpoint = checkpoint_arrays
+
+    def evaluation_parameters(self):
+        return self.center_parameters()
 
     @contextlib.contextmanager
     def center_parameters(self):

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import JobFileError
-from ..train.config import uses_node_shared
+from ..optim.factory import uses_node_shared
 from . import model as cost_model
 from . import report
 from .study import child_environment, cores, launch_prefix, load_study, run_study, study_from_table, summarize

@@ -170,9 +170,9 @@ def child_environment(study: Study, ranks: int) -> dict:
 def run_overrides(study: Study, ranks: int, metrics: Path) -> list[str]:
     global_batch, _ = study.batch(ranks)
     steps = study.warmup_steps + study.steps
-    sets = [f"train.global_batch={global_batch}", "train.epochs=1", f"train.max_steps={steps}",
-            "log.every_steps=1", "log.progress=false", "checkpoint.every_steps=0", "checkpoint.resume=",
-            f"log.metrics={metrics}"]
+    sets = [f"train.global_batch={global_batch}", "train.epochs=1", f"train.steps_per_epoch={steps}",
+            "train.max_steps=0", "log.every_steps=1", "log.progress=false", "checkpoint.every_steps=0",
+            "checkpoint.resume=", f"log.metrics={metrics}"]
     if study.base_job["data"]["name"] == "synthetic":
         sets += [f"data.train_samples={max(study.base_job['data']['train_samples'], global_batch * steps)}",
                  f"data.val_samples={max(ranks, min(study.base_job['data']['val_samples'], global_batch))}"]

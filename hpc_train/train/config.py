@@ -62,7 +62,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "train": {
         "epochs": (int, 1),
-        "max_steps": (int, 0),  # 0: no limit
+        "max_steps": (int, 0),  # steps of the whole run; 0: epochs * steps per epoch
+        "steps_per_epoch": (int, 0),  # steps of each epoch; 0: the whole training set
         "global_batch": (int, 128),
         "seed": (int, 0),
         "drop_last": (bool, False),
@@ -109,6 +110,7 @@ CHOICES = {
     "distributed.zero_stage": (0, 1, 2, 3),
     "ps.mode": ("", "sync", "async", "ssp", "easgd", "staleness_lr"),
 }
+NON_NEGATIVE = ("train.max_steps", "train.steps_per_epoch")
 POSITIVE = ("data.train_samples", "data.val_samples", "data.classes", "train.epochs", "train.global_batch",
             "log.every_steps", "distributed.backward_passes_per_step")
 
@@ -148,18 +150,10 @@ def _check_ps(job: dict, source: str) -> None:
     if job["optimizer"]["name"] != "sgd":
         raise JobFileError(f"{source}: 'ps.mode' = {ps['mode']!r} updates with SGD on the servers: "
                            f"'optimizer.name' must be 'sgd', got {job['optimizer']['name']!r}")
-    for key, off in (("distributed.zero_stage", 0), ("checkpoint.every_steps", 0)):
+    for key, off in (("distributed.zero_stage", 0), ("checkpoint.every_steps", 0), ("checkpoint.resume", "")):
         section, name = key.split(".")
         if job[section][name] != off:
             raise JobFileError(f"{source}: '{key}' cannot be used with 'ps.mode' = {ps['mode']!r}")
-
-
-def uses_node_shared(job: dict) -> bool:
-    """Whether the job's data parallelism keeps one copy per node (NodeSharedOptimizer): asked for,
-    and plain data parallel (no compression, no ZeRO, no parameter server)."""
-    dist = job["distributed"]
-    return bool(dist["node_shared"] and dist["compression"] == "none" and not dist["zero_stage"]
-                and not job["ps"]["mode"])
 
 
 def read_toml(path: Path, what: str = "job file") -> dict:
@@ -213,6 +207,8 @@ def validate(raw: dict, source: str) -> dict:
                 raise JobFileError(f"{source}: '{dotted}' = {value!r}: expected one of {CHOICES[dotted]}")
             if dotted in POSITIVE and value <= 0:
                 raise JobFileError(f"{source}: '{dotted}' must be positive, got {value}")
+            if dotted in NON_NEGATIVE and value < 0:
+                raise JobFileError(f"{source}: '{dotted}' must be >= 0 (0: no limit), got {value}")
             job[section][key] = value
     if job["data"]["name"] == "hdf5":
         for key in ("path", "val_path"):

@@ -1,0 +1,30 @@
+"""The run's metrics: one JSON object a line (step, epoch, checkpoint, resume, summary records).
+
+Rank 0 writes; the other ranks hold a log that drops records, so callers never ask
+which rank they are on. Every record is flushed as written: a job that is killed
+keeps what it logged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: str, rank: int):
+        self._file = None
+        if rank == 0 and path:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._file = target.open("w")
+
+    def emit(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
