@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .blocks import block
 from .comm.check import raise_if_any
-from .io.hdf5 import DatasetError, open_parallel
+from .io.hdf5 import DatasetError, open_parallel, write_rows
 
 FORMAT = "hpc_train-checkpoint-1"
 _NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
@@ -56,13 +57,6 @@ def complete_checkpoints(directory) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
 
 
-def _rows(n: int, comm) -> tuple[int, int]:
-    p, r = comm.Get_size(), comm.Get_rank()
-    base, extra = divmod(n, p)
-    lo = r * base + min(r, extra)
-    return lo, lo + base + (1 if r < extra else 0)
-
-
 def save(path, arrays: dict, attrs: dict, comm) -> Path:
     """Write every array collectively, each rank its rows; atomic rename.
 
@@ -84,15 +78,11 @@ def save(path, arrays: dict, attrs: dict, comm) -> Path:
             else:
                 flat = np.ascontiguousarray(array).reshape(-1)
                 total, shape = flat.size, array.shape
-                lo, hi = _rows(total, comm)
+                lo, hi = block(total, comm.Get_size(), comm.Get_rank())
                 rows = flat[lo:hi]
             dset = f.create_dataset(name, (total,), dtype=rows.dtype)
             dset.attrs["shape"] = list(shape)
-            if total >= comm.Get_size():  # every rank holds rows: never an empty collective selection
-                with dset.collective:
-                    dset[lo : lo + rows.size] = rows
-            elif rows.size:
-                dset[lo : lo + rows.size] = rows
+            write_rows(dset, lo, rows, total, comm)
     comm.Barrier()
     if comm.Get_rank() == 0:
         fd = os.open(partial, os.O_RDONLY)

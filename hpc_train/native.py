@@ -1,20 +1,25 @@
 """Small C modules shipped as source and compiled on first use (no compiler needed at install).
 
-Built once per machine into a cache directory, named by a hash of the source and
-the Python ABI; an atomic rename makes concurrent builders harmless. Where no
-compiler works (or HPC_TRAIN_NO_NATIVE=1), callers fall back to NumPy and the
-job says so once in the log.
+Built once into a cache directory, named by a hash of the sources, the compiler,
+its flags, the platform and the Python ABI. A build is written under a name of
+its own (host and process) and linked into place, never replacing a library
+another process, perhaps on another node sharing the home directory, has loaded.
+Where no compiler works (or HPC_TRAIN_NO_NATIVE=1), callers fall back to NumPy
+and the job says so once in the log. The kernels' host build uses the same cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.machinery
 import importlib.util
 import logging
 import os
+import platform
 import shutil
+import socket
 import subprocess
 import sysconfig
 from importlib import resources
@@ -41,35 +46,59 @@ def _source(package: str, source: str):
     return resources.files(package).joinpath(source)
 
 
+def compiler(variable: str, names: tuple[str, ...]) -> str:
+    """$variable, or the first of `names` on PATH; NativeUnavailable naming them otherwise."""
+    found = os.environ.get(variable) or next((shutil.which(n) for n in names if shutil.which(n)), None)
+    if found is None:
+        raise NativeUnavailable(f"no compiler ({', '.join(names)} or ${variable}) on PATH")
+    return found
+
+
+def cached_path(stem: str, sources: bytes, command: list[str], suffix: str) -> Path:
+    """Where the build of `sources` by `command` (compiler, resolved, and flags) lives for this platform."""
+    key = b"\0".join([sources, os.path.realpath(command[0]).encode(), *(a.encode() for a in command[1:]),
+                      platform.platform().encode(), suffix.encode()])
+    return cache_dir() / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}{suffix}"
+
+
+def cached_build(stem: str, sources: bytes, command: list[str], inputs: list[str], suffix: str) -> Path:
+    """`command + inputs + ['-o', file]` run once into the cache (`cached_path`); the cached file."""
+    target = cached_path(stem, sources, command, suffix)
+    if target.exists():
+        return target
+    partial = target.with_name(f"{target.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    full = [*command, *inputs, "-o", str(partial)]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(full, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise NativeUnavailable(f"{' '.join(full)} failed:\n{result.stderr.strip()}")
+        with contextlib.suppress(FileExistsError):  # another process finished first: the same library
+            os.link(partial, target)  # a complete file or none, and never over one in use
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NativeUnavailable(f"{' '.join(full)}: {exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+    return target
+
+
+def _c_command() -> list[str]:
+    return [compiler("CC", ("cc", "gcc")), "-O3", "-shared", "-fPIC", "-std=c11"]
+
+
 def library_path(package: str, source: str, module: str) -> Path:
-    """Where the compiled module for this source, Python ABI and platform lives."""
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    tag = hashlib.sha256(_source(package, source).read_bytes() + suffix.encode()).hexdigest()[:16]
-    return cache_dir() / f"{module}-{tag}{suffix}"
+    """Where the compiled module for this source lives (built or not)."""
+    return cached_path(module, _source(package, source).read_bytes(), _c_command(),
+                       importlib.machinery.EXTENSION_SUFFIXES[0])
 
 
 def build(package: str, source: str, module: str) -> Path:
     """Compile package/source into the cache unless it is there already."""
-    target = library_path(package, source, module)
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise NativeUnavailable("no C compiler (cc, gcc or $CC) on PATH")
     with resources.as_file(_source(package, source)) as path:
-        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        command = [compiler, "-O3", "-shared", "-fPIC", "-std=c11", "-I", sysconfig.get_paths()["include"],
-                   str(path), "-o", str(partial)]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise NativeUnavailable(f"compiling {path}: {exc}") from None
-        if result.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise NativeUnavailable(f"compiling {path} failed:\n{result.stderr.strip()}")
-    os.replace(partial, target)
-    return target
+        return cached_build(module, path.read_bytes(), _c_command(),
+                            ["-I", sysconfig.get_paths()["include"], str(path)],
+                            importlib.machinery.EXTENSION_SUFFIXES[0])
 
 
 def import_built(path: Path, module: str):

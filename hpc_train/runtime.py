@@ -211,17 +211,28 @@ def setup_logging(level: int | str | None = None) -> None:
     log.setLevel(level.upper() if isinstance(level, str) else level)
 
 
+def abort(message: str, grace_s: float = 5.0) -> None:
+    """Log, then end the whole job: MPI_Abort, and _exit after grace_s should the abort itself
+    hang (it tries to reach every node, and one may be cut off). The one way a job is ended."""
+    from mpi4py import MPI
+
+    log.critical(message)
+    for handler in log.handlers:
+        handler.flush()
+    sys.stderr.flush()
+    timer = threading.Timer(grace_s, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
+    MPI.COMM_WORLD.Abort(1)
+
+
 def abort_job(exc_type, exc, tb, where: str = "") -> None:
-    """Log the traceback with the rank, then MPI_Abort the whole job."""
+    """Log the traceback with the rank, then abort the whole job."""
     from mpi4py import MPI
 
     text = "".join(traceback.format_exception(exc_type, exc, tb))
     rank_ = MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() else -1
-    log.critical("uncaught exception%s on rank %d, aborting the job:\n%s", where, rank_, text)
-    for handler in log.handlers:
-        handler.flush()
-    sys.stderr.flush()
-    MPI.COMM_WORLD.Abort(1)
+    abort(f"uncaught exception{where} on rank {rank_}, aborting the job:\n{text}")
 
 
 def install_abort_hooks() -> None:

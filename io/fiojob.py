@@ -12,23 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import JobFileError
+from ..units import parse_size
 
 RW_MODES = {"read": "read", "write": "write", "randread": "randread", "randwrite": "randwrite",
             "rw": "rw", "readwrite": "rw", "randrw": "randrw"}
 ENGINES = ("psync", "mpiio", "hdf5")
 DEFAULT_PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9,
                        99.95, 99.99)
-_SIZE = re.compile(r"^(\d+)\s*([kmgtp]?)(i?b)?$", re.IGNORECASE)
 _TIME = re.compile(r"^(\d+(?:\.\d+)?)\s*(us|ms|s|m|h|d)?$", re.IGNORECASE)
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_bytes(text: str) -> int:
-    """fio sizes: base 1024 (kb_base default), k/m/g/t/p with optional 'b' or 'ib'."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise ValueError(f"{text!r} is not a size (e.g. 4k, 1m, 2g)")
-    return int(match.group(1)) * 1024 ** " kmgtp".index(match.group(2).lower() or " ")
 
 
 def parse_seconds(text: str) -> float:
@@ -81,10 +73,10 @@ def parse_percentiles(text: str) -> tuple[float, ...]:
 OPTIONS = {
     "rw": (parse_rw, "read"),
     "rwmixread": (parse_int(0, 100), 50),
-    "bs": (parse_bytes, 4096),
-    "size": (parse_bytes, None),
-    "offset": (parse_bytes, 0),
-    "offset_increment": (parse_bytes, 0),  # job copy k starts at offset + k * offset_increment
+    "bs": (parse_size, 4096),
+    "size": (parse_size, None),
+    "offset": (parse_size, 0),
+    "offset_increment": (parse_size, 0),  # job copy k starts at offset + k * offset_increment
     "filename": (str.strip, None),
     "directory": (str.strip, None),
     "numjobs": (parse_int(1), 1),
@@ -100,7 +92,7 @@ OPTIONS = {
     "ioengine": (parse_engine, "psync"),
     # ours, for the engines fio does not have
     "collective": (parse_bool, False),  # mpiio / hdf5: the collective _all forms
-    "hdf5_chunk": (parse_bytes, 0),  # hdf5: chunk size of the byte dataset; 0 = contiguous
+    "hdf5_chunk": (parse_size, 0),  # hdf5: chunk size of the byte dataset; 0 = contiguous
 }
 ALIASES = {"readwrite": "rw"}  # fio accepts both names
 

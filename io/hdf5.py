@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..blocks import block
+
 IMAGES, LABELS = "images", "labels"
 DEFAULT_CHUNK_BYTES = 1 << 20
 
@@ -42,6 +44,17 @@ def open_parallel(path, mode: str, comm, hints: dict | None = None, **kwargs):
         return h5py.File(path, mode, driver="mpio", comm=comm, info=mpi_info(hints), **kwargs)
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot open as HDF5 ({exc})") from None
+
+
+def write_rows(dataset, lo: int, rows: np.ndarray, total: int, comm) -> None:
+    """dataset[lo : lo + len(rows)] = rows, where every rank writes its block of `total` rows:
+    collective when every rank has rows, independent otherwise (a rank with an empty
+    selection inside a collective write hangs the others)."""
+    if total >= comm.Get_size():
+        with dataset.collective:
+            dataset[lo : lo + len(rows)] = rows
+    elif len(rows):
+        dataset[lo : lo + len(rows)] = rows
 
 
 def rows_per_chunk(row_bytes: int, chunk_bytes: int, n: int) -> int:
@@ -74,23 +87,12 @@ class DatasetWriter:
 
     def slab(self) -> tuple[int, int]:
         """This rank's share [lo, hi) of the samples (contiguous, as even as possible)."""
-        p, r = self.comm.Get_size(), self.comm.Get_rank()
-        base, extra = divmod(self.n, p)
-        lo = r * base + min(r, extra)
-        return lo, lo + base + (1 if r < extra else 0)
+        return block(self.n, self.comm.Get_size(), self.comm.Get_rank())
 
     def write(self, lo: int, images: np.ndarray, labels: np.ndarray) -> None:
-        """Write this rank's rows starting at lo: collective when every rank has rows (never an
-        empty selection inside a collective), independent otherwise."""
-        hi = lo + len(images)
-        if self.n >= self.comm.Get_size():
-            with self.images.collective:
-                self.images[lo:hi] = images
-            with self.labels.collective:
-                self.labels[lo:hi] = labels
-        elif hi > lo:
-            self.images[lo:hi] = images
-            self.labels[lo:hi] = labels
+        """Write this rank's rows starting at lo (its `slab()`)."""
+        write_rows(self.images, lo, images, self.n, self.comm)
+        write_rows(self.labels, lo, labels, self.n, self.comm)
 
     def close(self) -> Path:
         """Close collectively, then rank 0 renames the complete file into place."""

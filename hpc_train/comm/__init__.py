@@ -3,6 +3,7 @@ reduce-scatter, allgather, broadcast and asynchronous allreduce on a background 
 
 from __future__ import annotations
 
+from ..blocks import partition
 from .check import CollectiveMismatchError
 from .collectives import (
     ALGORITHMS,
@@ -17,7 +18,6 @@ from .collectives import (
 )
 from .engine import Handle, engine
 from .group import group_for
-from .ring import partition
 from .shm import SharedArray
 
 

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from ..runtime import abort
+
 log = logging.getLogger("hpc_train.comm")
 
 
@@ -193,22 +195,6 @@ def describe_ranks(ranks: list[int]) -> str:
     for q in ranks:
         by_host.setdefault(hosts[q], []).append(q)
     return "; ".join(f"{', '.join(map(str, qs))} (on {host})" for host, qs in by_host.items())
-
-
-def abort(message: str, grace_s: float = 5.0) -> None:
-    """Log, then end the whole job: MPI_Abort, and _exit after grace_s should the abort itself
-    hang (it tries to reach every node, and one may be cut off)."""
-    import os
-
-    log.critical(message)
-    for handler in log.handlers:
-        handler.flush()
-    timer = threading.Timer(grace_s, os._exit, args=(1,))
-    timer.daemon = True
-    timer.start()
-    from mpi4py import MPI
-
-    MPI.COMM_WORLD.Abort(1)
 
 
 _engine: Engine | None = None

@@ -17,21 +17,12 @@ import os
 import numpy as np
 
 from ..backend import sync_device
+from ..blocks import partition
 from .ops import ReduceOp
 
 # Bytes per pipelined segment; tunable because the best value depends on caches and transport.
 SEGMENT_BYTES = int(os.environ.get("HPC_TRAIN_RING_SEGMENT", 1 << 20))
 _TAG = 0x52494E47 % 32767  # "RING"
-
-
-def partition(n: int, parts: int) -> tuple[list[int], list[int]]:
-    """Block sizes and offsets of n elements over `parts` ranks, remainder on the first blocks."""
-    base, extra = divmod(n, parts)
-    counts = [base + (1 if i < extra else 0) for i in range(parts)]
-    offsets = [0] * parts
-    for i in range(1, parts):
-        offsets[i] = offsets[i - 1] + counts[i - 1]
-    return counts, offsets
 
 
 def _bytes(a):

@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 
-from .engine import ProgressBoard, abort, engine
+from ..runtime import abort
+from .engine import ProgressBoard, engine
 
 log = logging.getLogger("hpc_train.comm")
 
