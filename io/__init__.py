@@ -1,7 +1,9 @@
 """hpc_train.io: parallel HDF5 (h5py on MPI-IO) and the fio-compatible I/O benchmark.
 
-The reader, writer and benchmark land with the parallel-HDF5 issue; today this
-package reports what the h5py installation can do.
+hdf5.py lays out and writes datasets in parallel and checks them, convert.py turns other
+formats into them (the loader that reads them is `hpc_train.data.HDF5Loader`); fiojob.py,
+engines.py, iostats.py and iobench.py are `hpc-train iobench`. This module itself
+reports what the h5py installation can do.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ reduce-scatter, allgather, broadcast and asynchronous allreduce on a background 
 from __future__ import annotations
 
 from ..blocks import partition
+from .algorithms import ALGORITHMS, ALLREDUCE, Algorithm
 from .check import CollectiveMismatchError
 from .collectives import (
-    ALGORITHMS,
     allgather,
     allreduce,
     broadcast,
@@ -64,7 +64,8 @@ def shared_empty(shape, dtype="float32", comm=None) -> SharedArray:
 
 
 __all__ = [
-    "ALGORITHMS", "CollectiveMismatchError", "Handle", "SharedArray", "allgather", "allreduce",
-    "allgather_async", "allreduce_async", "broadcast", "node_barrier", "node_piece", "node_shared_array", "partition",
-    "reduce_scatter", "reduce_scatter_async", "reduce_scatter_node", "reduce_scatter_node_async", "shared_empty",
+    "ALGORITHMS", "ALLREDUCE", "Algorithm", "CollectiveMismatchError", "Handle", "SharedArray", "allgather",
+    "allgather_async", "allreduce", "allreduce_async", "broadcast", "node_barrier", "node_piece", "node_shared_array",
+    "partition", "reduce_scatter", "reduce_scatter_async", "reduce_scatter_node", "reduce_scatter_node_async",
+    "shared_empty",
 ]

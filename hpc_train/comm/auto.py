@@ -18,9 +18,11 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from .algorithms import ALLREDUCE, for_topology
+
 TUNING_VARIABLE = "HPC_TRAIN_TUNING"
 USER_TABLE = Path.home() / ".config" / "hpc_train" / "allreduce_tuning.json"
-HOST_ALGORITHMS = ("mpi", "ring", "shm", "hierarchical")
+HOST_ALGORITHMS = tuple(ALLREDUCE)  # a table may name any registered algorithm
 
 
 @functools.cache
@@ -53,11 +55,11 @@ def validate_table(tables: dict, source: str) -> dict:
         if not isinstance(rules, list) or not rules:
             raise ValueError(f"{source}: tables[{key!r}] must be a non-empty list of [max_bytes, algorithm]")
         for rule in rules:
-            if (not isinstance(rule, list) or len(rule) != 2 or rule[1] not in HOST_ALGORITHMS
+            if (not isinstance(rule, list) or len(rule) != 2 or rule[1] not in ALLREDUCE
                     or not (rule[0] is None or isinstance(rule[0], int))):
                 raise ValueError(
                     f"{source}: tables[{key!r}] rule {rule!r}: expected [max_bytes or null, "
-                    f"one of {HOST_ALGORITHMS}]"
+                    f"one of {tuple(ALLREDUCE)}]"
                 )
         if rules[-1][0] is not None:
             raise ValueError(f"{source}: tables[{key!r}] must end with a [null, algorithm] rule")
@@ -111,11 +113,7 @@ def _choose(nbytes: int, topology) -> str:
     tables = active_tables()
     rules = tables.get(topology_key(topology)) or tables[fallback_key(topology)]
     algorithm = next(algo for max_bytes, algo in rules if max_bytes is None or nbytes <= max_bytes)
-    if algorithm == "shm" and topology.num_nodes > 1:
-        return "hierarchical"
-    if algorithm == "hierarchical" and topology.num_nodes == 1:
-        return "shm"
-    return algorithm
+    return for_topology(algorithm, topology.num_nodes)
 
 
 def save_table(path: Path | str, key: str, rules: list, provenance: dict) -> Path:

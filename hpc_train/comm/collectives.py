@@ -13,18 +13,17 @@ import os
 import numpy as np
 
 from .. import backend
-from . import auto, hierarchical, mpi_algo, ring
+from ..blocks import partition
+from . import auto, hierarchical, mpi_algo
+from .algorithms import ALLGATHER, ALLREDUCE, BLOCK_ALGORITHMS, REDUCE_SCATTER
 from .check import describe, verify_same
 from .group import Group, group_for
 from .ops import ReduceOp, mpi_wire_dtype, reduce_op, scale_mean, validate
 from .shm import FLAG_OPCODES, SharedArray, node_array, reduce_scatter_shared
 
-ALGORITHMS = ("auto", "mpi", "ring", "shm", "hierarchical")
 # Shared-memory inputs skip the copy-in above this size; below it the C flag paths, which
 # copy in anyway, are faster than the zero-copy path's MPI barriers (measured: 1-2 MiB).
 ZERO_COPY_MIN_BYTES = 1 << 20
-# Algorithms that can run on device memory when MPI is CUDA-aware; others stage through the host.
-DEVICE_ALGORITHMS = ("mpi", "ring")
 CHECK_VARIABLE = "HPC_TRAIN_CHECK"
 
 
@@ -36,28 +35,16 @@ def check_by_default() -> bool:
 _CHECK_DEFAULT = check_by_default()
 
 
-def _shm(group: Group, send, recv, op: ReduceOp, xp=np) -> None:
-    group.node_window().allreduce(send, recv, op)
-
-
-_ALLREDUCE = {
-    "mpi": mpi_algo.allreduce,
-    "ring": ring.allreduce,
-    "shm": _shm,
-    "hierarchical": hierarchical.allreduce,
-}
-
-
 def resolve_algorithm(algorithm: str, nbytes: int, group: Group, on_device: bool) -> str:
     """Turn `auto` into a concrete algorithm; reject names and topologies that cannot work."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+    if algorithm != "auto" and algorithm not in ALLREDUCE:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {('auto', *ALLREDUCE)}")
     if algorithm == "auto":
         return "mpi" if on_device else auto.choose(nbytes, group.topology)
-    if algorithm == "shm" and group.topology.num_nodes > 1:
+    if ALLREDUCE[algorithm].one_node and group.topology.num_nodes > 1:
         raise ValueError(
-            f"algorithm 'shm' needs every rank on one node; this communicator spans "
-            f"{group.topology.num_nodes} nodes (use 'hierarchical' or 'auto')"
+            f"algorithm {algorithm!r} needs every rank on one node; this communicator spans "
+            f"{group.topology.num_nodes} nodes (use {ALLREDUCE[algorithm].across_nodes!r} or 'auto')"
         )
     return algorithm
 
@@ -168,7 +155,7 @@ def _direct_plan(group: Group, chosen: str, spec: ReduceOp, arr):
     """A plan for C-contiguous host arrays whose call is one MPI_Allreduce or one flag call."""
     if chosen == "mpi" and mpi_wire_dtype(arr.dtype) == arr.dtype:
         return _direct_mpi_plan(group.comm, spec.mpi(), group.size if spec.scale_by_size else 0)
-    if chosen in ("shm", "hierarchical") and group.topology.num_nodes == 1:
+    if ALLREDUCE[chosen].node_window and group.topology.num_nodes == 1:
         flags = group.node_window().flags
         if flags is not None and flags.accepts(arr):
             return _direct_flag_plan(flags.context, FLAG_OPCODES[spec.name])
@@ -216,7 +203,7 @@ def _allreduce(x, op, algorithm, out, comm, check, name):
         return result
     on_device = xp is not np
     chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device)
-    staged = _staged(xp) or (on_device and chosen not in DEVICE_ALGORITHMS)
+    staged = _staged(xp) or (on_device and not ALLREDUCE[chosen].device)
     if staged:
         chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device=False)
     if (comm is None and not _checking(check) and type(x) in _DIRECT_TYPES
@@ -224,10 +211,10 @@ def _allreduce(x, op, algorithm, out, comm, check, name):
         plan = _direct_plan(group, chosen, spec, arr)
         if plan is not None:
             _direct_plans[(x.shape, x.strides, x.dtype, op, algorithm)] = plan
-    if shared_offset is not None and chosen in ("shm", "hierarchical") and arr.nbytes > ZERO_COPY_MIN_BYTES:
+    if shared_offset is not None and ALLREDUCE[chosen].node_window and arr.nbytes > ZERO_COPY_MIN_BYTES:
         hierarchical.allreduce_in_shared(group, arr, shared_offset, spec)
     else:
-        algorithm_fn = _ALLREDUCE[chosen]
+        algorithm_fn = ALLREDUCE[chosen].run
         _execute(lambda s, r: algorithm_fn(group, s, r, spec, backend.xp_of(s)),
                  _flat_input(arr, xp), result, xp, staged=staged, in_place=in_place)
     if spec.scale_by_size:
@@ -249,13 +236,12 @@ def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, cou
     validate(arr.dtype, spec)
     xp = backend.xp_of(arr)
     if counts is None:
-        counts, offsets = ring.partition(arr.size, group.size)
+        counts, _ = partition(arr.size, group.size)
     else:
         counts = [int(c) for c in counts]
         if len(counts) != group.size or sum(counts) != arr.size or min(counts) < 0:
             raise ValueError(f"reduce_scatter {name}: counts {counts} do not split {arr.size} elements "
                              f"over {group.size} ranks")
-        offsets = [sum(counts[:q]) for q in range(group.size)]
     mine = counts[group.rank]
     result = _output(out, (mine,), arr.dtype, xp, f"reduce_scatter {name}")
     if _checking(check):
@@ -263,18 +249,9 @@ def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, cou
                algorithm=algorithm, counts=counts)
     if arr.size == 0:
         return result
-    chosen = _block_algorithm(algorithm)
-
-    def run(send, recv):
-        sxp = backend.xp_of(send)
-        if chosen == "mpi":
-            mpi_algo.reduce_scatter(group, send, recv, counts, spec, sxp)
-        else:
-            acc = group.scratch("rs-acc", send.size, send.dtype, sxp)
-            ring.reduce_scatter(group, group.comm, send, acc, spec, sxp, counts=counts)
-            recv[...] = acc[offsets[group.rank] : offsets[group.rank] + mine]
-
-    _execute(run, _flat_input(arr, xp), result, xp, staged=_staged(xp), in_place=False)
+    reduce_blocks = REDUCE_SCATTER[_block_algorithm(algorithm)]
+    _execute(lambda send, recv: reduce_blocks(group, send, recv, counts, spec, backend.xp_of(send)),
+             _flat_input(arr, xp), result, xp, staged=_staged(xp), in_place=False)
     if spec.scale_by_size:
         scale_mean(result, group.size, xp)
     return result
@@ -283,7 +260,7 @@ def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", out=None, *, cou
 def node_piece(n: int, *, comm=None) -> tuple[int, int]:
     """[start, stop) of n elements that this rank owns among the ranks of its node."""
     node = group_for(comm).topology.node
-    counts, offsets = ring.partition(n, node.Get_size())
+    counts, offsets = partition(n, node.Get_size())
     r = node.Get_rank()
     return offsets[r], offsets[r] + counts[r]
 
@@ -343,7 +320,7 @@ def allgather(x, algorithm: str = "auto", out=None, *, comm=None, check: bool | 
     if _checking(check):
         _check(group, "allgather", name, trailing_shape=arr.shape[1:], dtype=arr.dtype.str,
                algorithm=algorithm)
-    chosen = _block_algorithm(algorithm)
+    gather_blocks = ALLGATHER[_block_algorithm(algorithm)]
     firsts = np.empty(group.size, np.int64)
     group.comm.Allgather(np.array([arr.shape[0]], np.int64), firsts)
     row = int(np.prod(arr.shape[1:], dtype=np.int64))
@@ -353,15 +330,8 @@ def allgather(x, algorithm: str = "auto", out=None, *, comm=None, check: bool | 
     if result.size == 0:
         return result
 
-    def run(send, recv):
-        if chosen == "mpi":
-            mpi_algo.allgather(group, send, recv, counts, offsets)
-        else:
-            start = offsets[group.rank]
-            recv[start : start + send.size] = send
-            ring.allgather_blocks(group.comm, recv, counts, offsets)
-
-    _execute(run, _flat_input(arr, xp), result, xp, staged=_staged(xp), in_place=False)
+    _execute(lambda send, recv: gather_blocks(group, send, recv, counts, offsets), _flat_input(arr, xp), result,
+             xp, staged=_staged(xp), in_place=False)
     return result
 
 
@@ -386,8 +356,7 @@ def _staged(xp) -> bool:
 
 
 def _block_algorithm(algorithm: str) -> str:
-    """reduce_scatter and allgather offer `mpi` and `ring`; `auto` picks `mpi`."""
-    if algorithm not in ("auto", "mpi", "ring"):
-        raise ValueError(
-            f"algorithm {algorithm!r}: reduce_scatter and allgather offer 'auto', 'mpi', 'ring'")
+    """reduce_scatter and allgather offer the BLOCK_ALGORITHMS; `auto` is the MPI library's."""
+    if algorithm not in BLOCK_ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r}: reduce_scatter and allgather offer {BLOCK_ALGORITHMS}")
     return "mpi" if algorithm == "auto" else algorithm

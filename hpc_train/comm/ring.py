@@ -97,3 +97,18 @@ def allreduce(group, send, recv, op: ReduceOp, xp=np, comm=None) -> None:
     reduce_scatter(group, comm, send, recv, op, xp)
     counts, offsets = partition(send.size, comm.Get_size())
     allgather_blocks(comm, recv, counts, offsets)
+
+
+def reduce_scatter_blocks(group, send, recv, counts, op: ReduceOp, xp=np) -> None:
+    """recv = this rank's block (sizes `counts`) of reduce(send): the ring reduce-scatter in a scratch buffer."""
+    acc = group.scratch("rs-acc", send.size, send.dtype, xp)
+    reduce_scatter(group, group.comm, send, acc, op, xp, counts=counts)
+    start = sum(counts[: group.rank])
+    recv[...] = acc[start : start + counts[group.rank]]
+
+
+def allgather_into(group, send, recv, counts, offsets) -> None:
+    """recv = every rank's send concatenated (block sizes `counts`): this rank's block, then the ring."""
+    start = offsets[group.rank]
+    recv[start : start + send.size] = send
+    allgather_blocks(group.comm, recv, counts, offsets)

@@ -1,7 +1,8 @@
 """An alpha-beta-gamma cost model of our collectives, fitted to measurements, predicting step times.
 
 Costs (p ranks, n bytes; alpha s per message, beta s per byte moved, gamma s per
-byte reduced; Thakur, Rabenseifner & Gropp 2005, see ../shared/notes/collectives.md):
+byte reduced; Thakur, Rabenseifner & Gropp, "Optimization of Collective Communication
+Operations in MPICH", IJHPCA 2005):
 
     ring allreduce          2(p-1) a + 2n(p-1)/p b + n(p-1)/p g
     recursive doubling      lg p a   + n lg p b    + n lg p g
@@ -27,7 +28,9 @@ divided by p). Every level (one node's shared memory, the network between nodes)
 algorithm: our algorithms carry different software overheads, so alpha and beta are
 fitted per algorithm by least squares over an `hpc-train bench allreduce` size sweep
 (relative residuals, non-negative), with gamma measured separately (the reduction
-rate of this machine) because one rank count cannot tell beta from gamma.
+rate of this machine) because one rank count cannot tell beta from gamma. Which
+algorithms exist, which are fitted and which cost form each takes come from the
+registry `comm.algorithms.ALLREDUCE`; the forms are `ALLREDUCE_COSTS` below.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from ..comm.algorithms import ALLREDUCE, for_topology
 
 INTRA, INTER = "intra", "inter"
 MPI_FORMS = ("recursive_doubling", "rabenseifner", "ring")
@@ -185,7 +190,8 @@ def fit(bench_files: list[str], gamma: float | None = None) -> Model:
         level = INTRA if nodes == 1 else INTER
         by_algorithm: dict[str, list] = {}
         for row in bench["results"]:  # auto picks among the others; hierarchical is built from shm and ring
-            if row["wrong"] == 0 and row["algorithm"] in ("mpi", "ring", "shm"):
+            algorithm = ALLREDUCE.get(row["algorithm"])
+            if row["wrong"] == 0 and algorithm is not None and algorithm.fitted:
                 by_algorithm.setdefault(row["algorithm"], []).append((row["size"], row["time_us"] * 1e-6))
         for algorithm, samples in by_algorithm.items():
             form = _bench_form(algorithm)
@@ -218,29 +224,51 @@ def link_for(model: Model, nodes: int, per_node: int, algorithm: str) -> Link | 
     return Link(max(inter.alpha, intra.alpha), max(inter.beta, intra.beta))
 
 
+def _mpi_cost(model: Model, nodes: int, per_node: int, n: float) -> float | None:
+    link = link_for(model, nodes, per_node, "mpi")
+    if link is None:
+        return None
+    crowded = _shared(link, per_node if nodes > 1 else 1)  # across nodes a node's ranks share its one link
+    return min(cost(form, nodes * per_node, n, crowded if form != "ring" else link, model.gamma)
+               for form in MPI_FORMS)
+
+
+def _ring_cost(model: Model, nodes: int, per_node: int, n: float) -> float | None:
+    link = link_for(model, nodes, per_node, "ring")
+    return None if link is None else cost("ring", nodes * per_node, n, link, model.gamma)
+
+
+def _shm_cost(model: Model, nodes: int, per_node: int, n: float) -> float | None:
+    link = _shared(model.link(INTRA, "shm"), per_node)
+    return None if link is None else cost("shm", per_node, n, link, model.gamma)
+
+
+def _hierarchical_cost(model: Model, nodes: int, per_node: int, n: float) -> float | None:
+    inter_ring = model.link(INTER, "ring")
+    if inter_ring is None:
+        return None
+    shm_link = _shared(model.link(INTRA, "shm"), per_node)
+    inside = 0.0
+    if shm_link is not None and per_node > 1:  # reduce in the node's window, later copy the result out
+        inside = cost("shm", per_node, n, shm_link, model.gamma) + n * shm_link.beta
+    return inside + cost("ring", nodes, n, inter_ring, model.gamma)
+
+
+# The cost forms the registry's entries name (comm.algorithms.Algorithm.cost).
+ALLREDUCE_COSTS = {"mpi": _mpi_cost, "ring": _ring_cost, "shm": _shm_cost, "hierarchical": _hierarchical_cost}
+
+
 def allreduce_costs(model: Model, nodes: int, per_node: int, n: float) -> dict[str, float]:
     """Seconds for an allreduce of n bytes with each applicable algorithm on nodes x per_node ranks."""
-    p = nodes * per_node
-    if p <= 1:
+    if nodes * per_node <= 1:
         return {"none": 0.0}
-    g = model.gamma
     costs = {}
-    mpi_link = link_for(model, nodes, per_node, "mpi")
-    if mpi_link is not None:  # across nodes a node's ranks exchange at once through its one link
-        crowded = _shared(mpi_link, per_node if nodes > 1 else 1)
-        costs["mpi"] = min(cost(form, p, n, crowded if form != "ring" else mpi_link, g) for form in MPI_FORMS)
-    ring_link = link_for(model, nodes, per_node, "ring")
-    if ring_link is not None:
-        costs["ring"] = cost("ring", p, n, ring_link, g)
-    shm_link = _shared(model.link(INTRA, "shm"), per_node)
-    if nodes == 1 and shm_link is not None:
-        costs["shm"] = cost("shm", per_node, n, shm_link, g)
-    inter_ring = model.link(INTER, "ring")
-    if nodes > 1 and inter_ring is not None:
-        inside = 0.0
-        if shm_link is not None and per_node > 1:  # reduce in the node's window, later copy the result out
-            inside = cost("shm", per_node, n, shm_link, g) + n * shm_link.beta
-        costs["hierarchical"] = inside + cost("ring", nodes, n, inter_ring, g)
+    for name, algorithm in ALLREDUCE.items():
+        if for_topology(name, nodes) != name:  # shm across nodes is hierarchical's job, and the reverse
+            continue
+        seconds = ALLREDUCE_COSTS[algorithm.cost](model, nodes, per_node, n)
+        if seconds is not None:
+            costs[name] = seconds
     if not costs:
         level = INTRA if nodes == 1 else INTER
         raise ValueError(f"the model has no link for the {level} level: fit a bench file or give --link")
