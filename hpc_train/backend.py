@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CUDA_AWARE_VARIABLE = "HPC_TRAIN_CUDA_AWARE"
+from . import settings
+
+CUDA_AWARE_VARIABLE = settings.VARIABLES["cuda_aware"].name
 # DLPack device types (dlpack.h): memory MPI can only reach if CUDA-aware.
 _DLPACK_DEVICE_TYPES = {2: "cuda", 13: "cuda_managed", 10: "rocm"}
 
@@ -83,11 +85,9 @@ class CudaAwareness:
 @functools.cache
 def cuda_awareness() -> CudaAwareness:
     """Whether the MPI library accepts device pointers, and how we know."""
-    override = os.environ.get(CUDA_AWARE_VARIABLE)
-    if override is not None and override.strip() != "":
-        if override.strip() not in ("0", "1"):
-            raise ValueError(f"{CUDA_AWARE_VARIABLE}={override!r}: expected 0 or 1")
-        return CudaAwareness(override.strip() == "1", f"environment {CUDA_AWARE_VARIABLE}={override}")
+    override = settings.current().cuda_aware
+    if override is not None:
+        return CudaAwareness(override, f"environment {CUDA_AWARE_VARIABLE}={int(override)}")
     from mpi4py import MPI
 
     library = MPI.Get_library_version()

@@ -25,9 +25,11 @@ import sysconfig
 from importlib import resources
 from pathlib import Path
 
+from . import settings
+
 log = logging.getLogger("hpc_train")
-CACHE_VARIABLE = "HPC_TRAIN_CACHE"
-DISABLE_VARIABLE = "HPC_TRAIN_NO_NATIVE"
+CACHE_VARIABLE = settings.VARIABLES["cache"].name
+DISABLE_VARIABLE = settings.VARIABLES["no_native"].name
 
 
 class NativeUnavailable(RuntimeError):
@@ -35,11 +37,11 @@ class NativeUnavailable(RuntimeError):
 
 
 def disabled() -> bool:
-    return os.environ.get(DISABLE_VARIABLE) == "1"
+    return settings.current().no_native
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "hpc_train") / "native"
+    return Path(settings.current().cache or Path.home() / ".cache" / "hpc_train") / "native"
 
 
 def _source(package: str, source: str):

@@ -17,6 +17,8 @@ import threading
 import traceback
 from dataclasses import dataclass
 
+from . import settings
+
 log = logging.getLogger("hpc_train")
 
 # Variables through which launchers announce a process's rank on its node.
@@ -27,7 +29,6 @@ LOCAL_RANK_VARIABLES = (
     "PMI_LOCAL_RANK",
     "SLURM_LOCALID",
 )
-PRETEND_RANKS_PER_NODE = "HPC_TRAIN_RANKS_PER_NODE"
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,7 @@ def env_local_rank() -> int | None:
 
 def pretended_ranks_per_node() -> int | None:
     """HPC_TRAIN_RANKS_PER_NODE as an int, or None; a bad value is named."""
-    value = os.environ.get(PRETEND_RANKS_PER_NODE)
-    if value is None or value == "":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{PRETEND_RANKS_PER_NODE}={value!r}: expected a positive integer")
-    return int(value)
+    return settings.current().ranks_per_node
 
 
 def build_topology(comm) -> Topology:
@@ -129,6 +125,7 @@ def init(abort_on_exception: bool = True, log_level: int | str | None = None) ->
             return _runtime
         from mpi4py import MPI
 
+        settings.agree(MPI.COMM_WORLD)  # before anything that must match across ranks is decided
         _runtime = _Runtime(MPI.COMM_WORLD)
         setup_logging(log_level)
         if abort_on_exception:
@@ -207,7 +204,7 @@ def setup_logging(level: int | str | None = None) -> None:
         handler.setFormatter(RankFormatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.propagate = False
-    level = level or os.environ.get("HPC_TRAIN_LOG_LEVEL", "WARNING")
+    level = level or settings.current().log_level
     log.setLevel(level.upper() if isinstance(level, str) else level)
 
 

@@ -14,7 +14,7 @@ import hpc_train as ht
 from hpc_train.comm import node_piece, partition, reduce_scatter_node
 from hpc_train.comm.collectives import ZERO_COPY_MIN_BYTES
 from hpc_train.comm.ops import bfloat16_dtype
-from hpc_train.comm.shm import CHUNK_BYTES
+from hpc_train.comm.shm import pipeline_chunk_bytes
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -28,7 +28,7 @@ if bfloat16_dtype() is not None:
 
 def sizes(p: int, itemsize: int) -> list[int]:
     """0, 1, p-1, p+1 and a large odd count spanning several shm chunks and ring segments."""
-    large = 3 * CHUNK_BYTES // itemsize + 7
+    large = 3 * pipeline_chunk_bytes() // itemsize + 7
     return [0, 1, p - 1, p + 1, large | 1]
 
 
@@ -143,7 +143,8 @@ def test_results_identical_on_every_rank(comm):
 def test_shared_input_reduced_in_place(comm, algorithm):
     skip_if_unsupported(algorithm)
     p, r = comm.Get_size(), comm.Get_rank()
-    for n in [1, p + 1, 3 * CHUNK_BYTES // 4 + 5, ZERO_COPY_MIN_BYTES // 4 + 3 * CHUNK_BYTES // 4 + 1]:
+    chunk = pipeline_chunk_bytes()
+    for n in [1, p + 1, 3 * chunk // 4 + 5, ZERO_COPY_MIN_BYTES // 4 + 3 * chunk // 4 + 1]:
         buf = ht.shared_empty(n, np.float32)
         buf[:] = np.arange(n) % 5 + r
         view = buf[: max(1, n - 1)]  # a view of a shared array reduces without copy-in too
@@ -157,7 +158,7 @@ def test_shared_input_reduced_in_place(comm, algorithm):
 def test_reduce_scatter_node_reduces_this_ranks_piece_in_place(comm):
     p, r = comm.Get_size(), comm.Get_rank()
     q = comm.allreduce(ht.local_size(), op=MPI.MAX)  # the same sizes on every rank, whatever its node
-    for n in [1, q - 1, q + 1, 3 * CHUNK_BYTES // 4 + 5]:
+    for n in [1, q - 1, q + 1, 3 * pipeline_chunk_bytes() // 4 + 5]:
         buf = ht.shared_empty(n + 2, np.float32)
         buf[:] = np.arange(n + 2) % 7 + r
         x = buf[1 : n + 1]  # a slice of a shared array, like a bucket of the fusion buffer

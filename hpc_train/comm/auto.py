@@ -7,7 +7,7 @@ The table maps a topology key to size thresholds, e.g.
 more ranks than it has cores (spinning shared-memory paths then lose to MPI).
 The shipped table was measured on the development machine; `hpc-train bench
 allreduce --tune` measures the machine at hand and writes a table that takes
-precedence (HPC_TRAIN_TUNING names another file).
+precedence (HPC_TRAIN_TUNING names another file, agreed across ranks at init).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from .. import settings
 from .algorithms import ALLREDUCE, for_topology
 
-TUNING_VARIABLE = "HPC_TRAIN_TUNING"
+TUNING_VARIABLE = settings.VARIABLES["tuning"].name
 USER_TABLE = Path.home() / ".config" / "hpc_train" / "allreduce_tuning.json"
 HOST_ALGORITHMS = tuple(ALLREDUCE)  # a table may name any registered algorithm
 
@@ -77,7 +78,7 @@ def active_tables() -> dict:
     """The shipped table, overlaid by the user's tuned table, overlaid by $HPC_TRAIN_TUNING."""
     shipped = resources.files("hpc_train").joinpath("tuning/allreduce.json")
     tables = dict(validate_table(json.loads(shipped.read_text())["tables"], str(shipped)))
-    for path in (USER_TABLE, os.environ.get(TUNING_VARIABLE)):
+    for path in (USER_TABLE, settings.current().tuning):
         if path and Path(path).is_file():
             tables.update(read_table(path))
     return tables

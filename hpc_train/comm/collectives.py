@@ -8,11 +8,9 @@ cross-rank check.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .. import backend
+from .. import backend, settings
 from ..blocks import partition
 from . import auto, hierarchical, mpi_algo
 from .algorithms import ALLGATHER, ALLREDUCE, BLOCK_ALGORITHMS, REDUCE_SCATTER
@@ -24,15 +22,6 @@ from .shm import FLAG_OPCODES, SharedArray, node_array, reduce_scatter_shared
 # Shared-memory inputs skip the copy-in above this size; below it the C flag paths, which
 # copy in anyway, are faster than the zero-copy path's MPI barriers (measured: 1-2 MiB).
 ZERO_COPY_MIN_BYTES = 1 << 20
-CHECK_VARIABLE = "HPC_TRAIN_CHECK"
-
-
-def check_by_default() -> bool:
-    return os.environ.get(CHECK_VARIABLE, "0") == "1"
-
-
-# Read once: the small-message path below cannot afford an environment lookup per call.
-_CHECK_DEFAULT = check_by_default()
 
 
 def resolve_algorithm(algorithm: str, nbytes: int, group: Group, on_device: bool) -> str:
@@ -70,7 +59,7 @@ def _flat_input(arr, xp):
 
 
 def _checking(check) -> bool:
-    return bool(check) or (check is None and _CHECK_DEFAULT)
+    return bool(check) or (check is None and settings.current().check)
 
 
 def _check(group: Group, what: str, name: str, **fields) -> None:

@@ -12,16 +12,13 @@ reduction overlap and the received data is reduced while still in cache.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from .. import settings
 from ..backend import sync_device
 from ..blocks import partition
 from .ops import ReduceOp
 
-# Bytes per pipelined segment; tunable because the best value depends on caches and transport.
-SEGMENT_BYTES = int(os.environ.get("HPC_TRAIN_RING_SEGMENT", 1 << 20))
 _TAG = 0x52494E47 % 32767  # "RING"
 
 
@@ -46,7 +43,8 @@ def reduce_scatter(group, comm, send, acc, op: ReduceOp, xp=np, counts=None) -> 
         offsets = [sum(counts[:q]) for q in range(p)]
     ufunc = op.ufunc(xp)
     right, left = (r + 1) % p, (r - 1) % p
-    seg = max(1, SEGMENT_BYTES // send.dtype.itemsize)
+    # bytes per pipelined segment: tunable (HPC_TRAIN_RING_SEGMENT), the best value depends on caches and transport
+    seg = max(1, settings.current().ring_segment // send.dtype.itemsize)
     tmp = group.scratch("ring-recv", 2 * seg, send.dtype, xp)
 
     def block(a, i):

@@ -20,20 +20,31 @@ peers still read it.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
+from .. import settings
+from ..blocks import partition
 from .ops import ReduceOp
-from .ring import partition
 
 log = logging.getLogger("hpc_train.comm")
-CHUNK_BYTES = int(os.environ.get("HPC_TRAIN_SHM_CHUNK", 512 << 10)) // 64 * 64
 NBUF = 4
-# Messages up to this size take the flag-synchronized C path (flagshm.c) when it is built;
-# larger ones its chunk pipeline, whose barriers are flags too.
-FLAG_SLOT_BYTES = int(os.environ.get("HPC_TRAIN_SHM_SMALL", 256 << 10)) // 64 * 64
-FLAG_CHUNK_BYTES = int(os.environ.get("HPC_TRAIN_SHM_FLAG_CHUNK", 256 << 10)) // 64 * 64
+
+
+def pipeline_chunk_bytes() -> int:
+    """Bytes per chunk of the shared-memory pipeline (HPC_TRAIN_SHM_CHUNK, a multiple of 64)."""
+    return settings.current().shm_chunk // 64 * 64
+
+
+def flag_slot_bytes() -> int:
+    """Messages up to this size take the flag-synchronized C path (flagshm.c) when it is built;
+    larger ones its chunk pipeline, whose barriers are flags too (HPC_TRAIN_SHM_SMALL)."""
+    return settings.current().shm_small // 64 * 64
+
+
+def flag_chunk_bytes() -> int:
+    return settings.current().shm_flag_chunk // 64 * 64
+
 FLAG_OPCODES = {"sum": 0, "prod": 1, "max": 2, "min": 3, "mean": 4}
 _FLAG_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.int8, np.uint8, np.int16,
                                                 np.uint16, np.int32, np.uint32, np.int64, np.uint64))
@@ -69,8 +80,9 @@ class SharedSegments:
 class FlagPath:
     """The C paths of flagshm.c: flag-synchronized, no MPI barrier, no Python per chunk."""
 
-    def __init__(self, node_comm, module, slot_bytes: int = FLAG_SLOT_BYTES,
-                 chunk_bytes: int = FLAG_CHUNK_BYTES):
+    def __init__(self, node_comm, module, slot_bytes: int | None = None, chunk_bytes: int | None = None):
+        slot_bytes = slot_bytes or flag_slot_bytes()
+        chunk_bytes = chunk_bytes or flag_chunk_bytes()
         self.slot_bytes = slot_bytes
         self.shared = SharedSegments(node_comm, module.segment_bytes(slot_bytes, chunk_bytes))
         addresses = [segment.ctypes.data for segment in self.shared.segments]
@@ -122,7 +134,8 @@ def load_flagshm(node_comm):
 class NodeWindow:
     """A communicator's shared-memory workspace: the chunk ring and the small-message flags."""
 
-    def __init__(self, node_comm, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, node_comm, chunk_bytes: int | None = None):
+        chunk_bytes = chunk_bytes or pipeline_chunk_bytes()
         self.comm = node_comm
         self.chunk_bytes = chunk_bytes
         self.shared = SharedSegments(node_comm, NBUF * chunk_bytes)
@@ -197,12 +210,12 @@ def _reduce_into(target, sources, r: int, ufunc) -> None:
 
 
 def allreduce_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
-                     chunk_bytes: int = CHUNK_BYTES, inter_node=None) -> None:
+                     chunk_bytes: int | None = None, inter_node=None) -> None:
     """In-place allreduce of `array`, which lies at byte `offset` of this rank's shared segment."""
     comm, p, r = alloc.comm, alloc.comm.Get_size(), alloc.comm.Get_rank()
     n, dtype = array.size, array.dtype
     arrays = [alloc.segments[q][offset : offset + array.nbytes].view(dtype) for q in range(p)]
-    per = max(1, chunk_bytes // dtype.itemsize)
+    per = max(1, (chunk_bytes or pipeline_chunk_bytes()) // dtype.itemsize)
     nchunks = -(-n // per)
     ufunc = op.ufunc()
     comm.Barrier()  # every rank's input is complete
@@ -226,7 +239,7 @@ def allreduce_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
 
 
 def reduce_scatter_shared(alloc: SharedSegments, offset: int, array, op: ReduceOp,
-                          chunk_bytes: int = CHUNK_BYTES, inter_node=None):
+                          chunk_bytes: int | None = None, inter_node=None):
     """Reduce node rank r's piece r (`partition(array.size, p)`) of `array` over every rank's copy.
 
     `array` lies at byte `offset` of each rank's segment. After the call this rank's
@@ -239,7 +252,7 @@ def reduce_scatter_shared(alloc: SharedSegments, offset: int, array, op: ReduceO
     counts, offsets = partition(array.size, p)
     a, b = offsets[r], offsets[r] + counts[r]
     pieces = [alloc.segments[q][offset : offset + array.nbytes].view(array.dtype)[a:b] for q in range(p)]
-    per = max(1, chunk_bytes // array.dtype.itemsize)
+    per = max(1, (chunk_bytes or pipeline_chunk_bytes()) // array.dtype.itemsize)
     ufunc = op.ufunc()
     comm.Barrier()  # every rank's input is complete
     for lo in range(0, b - a, per):  # chunks stay in cache across the p - 1 passes
