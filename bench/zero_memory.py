@@ -6,6 +6,12 @@ Builds the reference `cnn` with Adam (float32), wraps it as stage 0
 (DistributedOptimizer) and stages 1-3 (ShardedOptimizer), trains two steps on
 random data and counts the bytes each rank holds: persistent arrays plus the
 high-water mark of transient ones (gradient buckets in flight, gathered layers).
+Beside that tally, the process's own figure: the growth of its peak resident set
+(VmHWM, reset through /proc/self/clear_refs) from before the model is built to after
+the two steps. It sees what the tally may miss (a full-size temporary, the optimizer
+state allocated before it is sharded) and also what the tally leaves out on purpose
+(activations, im2col buffers, allocator slack); pages of node-shared windows count
+in the resident set of every rank that touched them.
 Theory (ZeRO paper, 4-byte parameters and gradients, 8-byte Adam state, P
 parameters, p ranks): stage 0 16P, stage 1 8P + 8P/p, stage 2 4P + 12P/p,
 stage 3 16P/p; transient buffers come on top and do not shrink with p.
@@ -30,7 +36,21 @@ def theory_bytes(stage: int, n: int, p: int) -> float:
     return params + grads + state
 
 
-def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict]:
+def resident_kb(field: str) -> int:
+    """VmRSS or VmHWM of this process, in kB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict, int]:
+    reset_peak()
+    before = resident_kb("VmRSS")
     model = nn.cnn()
     adam = optim.Adam(model, lr=1e-3)
     if stage == 0:
@@ -44,7 +64,7 @@ def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict]:
         loss.forward(model(rng.standard_normal((8, 32, 32, 3)).astype(np.float32)), rng.integers(0, 10, 8))
         model.backward(loss.backward())
         wrapper.step()
-    return model.num_parameters(), wrapper.held_bytes()
+    return model.num_parameters(), wrapper.held_bytes(), (resident_kb("VmHWM") - before) * 1024
 
 
 def main() -> int:
@@ -56,22 +76,23 @@ def main() -> int:
     p, world = ht.size(), ht.runtime.world()
     rows = []
     for stage in (0, 1, 2, 3):
-        n, held = measure(stage, args.bucket_mb, ht.rank())
+        n, held, resident = measure(stage, args.bucket_mb, ht.rank())
         worst = max(world.allgather(held), key=lambda h: h["total"])
+        resident = max(world.allgather(resident))
         rows.append({"ranks": p, "stage": stage, "parameters": n, "bucket_mb": args.bucket_mb,
                      "measured_bytes_per_rank": worst["total"], "transient_bytes": worst["transient"],
                      "split": {k: worst[k] for k in ("params", "grads", "state")},
-                     "theory_bytes_per_rank": theory_bytes(stage, n, p)})
+                     "theory_bytes_per_rank": theory_bytes(stage, n, p), "peak_resident_growth_bytes": resident})
     if ht.rank() == 0:
         print(f"# cnn ({rows[0]['parameters']} parameters), Adam, float32, {p} rank(s), buckets of "
               f"{args.bucket_mb} MB; max over ranks")
-        print(f"{'stage':>5} {'measured MB':>12} {'persistent MB':>14} {'transient MB':>13} {'theory MB':>10} "
-              f"{'persistent/theory':>18}")
+        print(f"{'stage':>5} {'tally MB':>9} {'persistent MB':>14} {'transient MB':>13} {'theory MB':>10} "
+              f"{'persistent/theory':>18} {'peak RSS growth MB':>19}")
         for r in rows:
             measured, theory = r["measured_bytes_per_rank"] / 1e6, r["theory_bytes_per_rank"] / 1e6
             transient = r["transient_bytes"] / 1e6
-            print(f"{r['stage']:>5} {measured:12.3f} {measured - transient:14.3f} {transient:13.3f} {theory:10.3f} "
-                  f"{(measured - transient) / theory:18.3f}")
+            print(f"{r['stage']:>5} {measured:9.3f} {measured - transient:14.3f} {transient:13.3f} {theory:10.3f} "
+                  f"{(measured - transient) / theory:18.3f} {r['peak_resident_growth_bytes'] / 1e6:19.3f}")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -129,11 +129,11 @@ def run_train(args) -> int:
     try:  # before MPI starts: a bad job file fails the same way on every rank, quickly
         job = load(args.job, args.set)
         if args.metrics is not None:
-            job["log"]["metrics"] = args.metrics
+            job = job.replace("log", metrics=args.metrics)
         from . import runtime
         from .train.trainer import Trainer, summary_line
 
-        trainer = Trainer(job, args.timeline or job["log"]["timeline"])
+        trainer = Trainer(job, args.timeline or job.log.timeline)
     except (JobFileError, DatasetError, CheckpointError) as exc:  # raised on every rank alike
         print(f"hpc-train train: {exc}", file=sys.stderr)
         return 2

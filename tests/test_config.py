@@ -59,3 +59,31 @@ def test_shipped_jobs_are_valid(name):
 
     job = load(Path(__file__).resolve().parent.parent / "jobs" / name)
     assert job["model"]["name"] in ("mlp", "cnn")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[distributed]\nstall_warning_s = 0\n", r"'distributed.stall_warning_s' must be positive, got 0"),
+    ("[distributed]\nstall_abort_s = -1\n", r"'distributed.stall_abort_s' must be positive, got -1"),
+    ("[distributed]\nstall_warning_s = 30\nstall_abort_s = 20\n",
+     r"'distributed.stall_abort_s' = 20 must exceed 'distributed.stall_warning_s' = 30"),
+    ("[distributed]\nbucket_mb = -5\n", r"'distributed.bucket_mb' must be positive, got -5"),
+    ("[optimizer]\nlr = nan\n", r"'optimizer.lr' must be a finite number, got nan"),
+    ("[optimizer]\nmomentum = 1.5\n", r"'optimizer.momentum' must be <= 1.0, got 1.5"),
+    ("[train]\nmax_steps = -1\n", r"'train.max_steps' must be >= 0, got -1"),
+    ("[data]\nprefetch = 0\n", r"'data.prefetch' must be positive, got 0"),
+])
+def test_values_out_of_range_are_named(tmp_path, text, message):
+    with pytest.raises(JobFileError, match=message):
+        load(write(tmp_path, '[model]\nname = "mlp"\n' + text))
+
+
+def test_sections_are_typed_and_frozen(tmp_path):
+    import dataclasses
+
+    job = load(write(tmp_path, '[model]\nname = "cnn"\n[train]\nepochs = 2\n'))
+    assert job.train.epochs == job["train"]["epochs"] == 2 and job.model.name == "cnn"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.train.epochs = 3
+    changed = job.replace("log", metrics="elsewhere.jsonl")
+    assert changed.log.metrics == "elsewhere.jsonl" and job.log.metrics == "results/metrics.jsonl"
+    assert changed.to_dict()["train"]["epochs"] == 2

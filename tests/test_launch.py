@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from .conftest import ROOT, python_cmd, run_mpi
+from .conftest import ROOT, TINY_JOB, python_cmd, run_mpi
 
 RAISE_ON_RANK_2 = """
 import time, numpy as np, hpc_train as ht
@@ -91,3 +92,24 @@ def test_regular_install_ships_subpackages(tmp_path):
     assert where["io"].endswith("hpc_train/io/__init__.py")
     assert where["kernels"].endswith("hpc_train/kernels/__init__.py")
     assert "site-packages" not in where["stdlib_io"] and where["tuning"]
+
+
+@pytest.mark.slow
+def test_regular_install_trains_from_outside_the_checkout(tmp_path):
+    """What README's install gives a user: every subpackage of the source tree ships, and
+    `hpc-train train` runs from a folder that is not the checkout."""
+    source, target = tmp_path / "source", tmp_path / "site"  # a copy without build/: setuptools keeps stale files there
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "results", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+                    "--target", str(target), str(source)], check=True, timeout=300)
+    sources = {p.parent.relative_to(ROOT / "hpc_train") for p in (ROOT / "hpc_train").rglob("__init__.py")}
+    shipped = {p.parent.relative_to(target / "hpc_train") for p in (target / "hpc_train").rglob("__init__.py")}
+    assert sources <= shipped, f"left out of a regular install: {sorted(map(str, sources - shipped))}"
+    job = tmp_path / "job.toml"
+    job.write_text(TINY_JOB.replace("[train]\n", "[train]\nepochs = 1\nsteps_per_epoch = 4\n"))
+    metrics = tmp_path / "m.jsonl"
+    proc = run_mpi(2, [sys.executable, "-m", "hpc_train.cli", "train", str(job), "--metrics", str(metrics)],
+                   timeout=300, env={"PYTHONPATH": str(target)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(metrics.read_text().splitlines()[-1])
+    assert summary["type"] == "summary" and summary["steps"] == 4 and summary["ranks"] == 2

@@ -47,3 +47,7 @@ def cnn(channels=(32, 64, 128), hidden: int = 256, classes: int = 10, *, input_s
     layers += [Flatten(), Linear(height * width * previous, hidden, rng=rng, dtype=dtype, xp=xp), ReLU(),
                Linear(hidden, classes, rng=rng, dtype=dtype, xp=xp)]
     return Sequential(*layers)
+
+
+# The models a job file names ([model] name); build_model in train/build.py passes each its keys.
+MODELS = {"mlp": mlp, "cnn": cnn}

@@ -36,10 +36,14 @@ def broadcast_parameters(params, root: int = 0) -> None:
 
 
 def broadcast_optimizer_state(optimizer, root: int = 0) -> None:
-    """Copy root's optimizer state arrays and step count to every rank."""
-    arrays = optimizer.state_arrays()
-    for name in sorted(arrays):
-        broadcast(arrays[name], root=root, name=name)
+    """Copy root's optimizer state arrays and step count to every rank. A root whose state was never
+    created (all zeros) sends none, and no rank creates its own: a sharding strategy may still retarget it."""
+    created = np.array([optimizer.has_state], np.int8)
+    broadcast(created, root=root, name="optimizer.has_state")
+    if created[0]:
+        arrays = optimizer.state_arrays()
+        for name in sorted(arrays):
+            broadcast(arrays[name], root=root, name=name)
     steps = np.array([optimizer.steps], np.int64)
     broadcast(steps, root=root, name="optimizer.steps")
     optimizer.steps = int(steps[0])

@@ -44,8 +44,9 @@ class NodeSharedOptimizer(DistributedOptimizer):
         total, dtype = self.flat.size, self.flat.dtype
         a, b = node_piece(total, comm=comm)
         self.params_flat = self._share({name: p.data for name, p in self._params.items()}, total, dtype, a, b)
-        self.state_flat = {kind: self._share({name: s[kind] for name, s in optimizer.state.items()},
-                                             total, dtype, a, b) for kind in optimizer.state_kinds}
+        created = optimizer.state if optimizer.has_state else {}  # never created: the node's copy starts at zero
+        self.state_flat = {kind: self._share({name: s[kind] for name, s in created.items()}, total, dtype, a, b)
+                           for kind in optimizer.state_kinds}
         node_barrier(comm=comm)  # every piece copied in before anyone reads the node's copy
         for name, p in self._params.items():
             p.data = self._view(self.params_flat, name)
@@ -68,6 +69,7 @@ class NodeSharedOptimizer(DistributedOptimizer):
     def _share(self, arrays: dict, total: int, dtype, a: int, b: int):
         """A node-shared flat vector in the fusion layout; this rank copies in elements [a, b)."""
         flat = node_shared_array(total, dtype, comm=self._engine.comm)
+        flat[a:b] = 0  # elements no array covers
         for name, array in arrays.items():
             offset = self._offsets[name]
             lo, hi = max(a, offset), min(b, offset + array.size)

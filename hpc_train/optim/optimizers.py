@@ -1,7 +1,9 @@
 """SGD (momentum, Nesterov, weight decay) and Adam / AdamW, on named parameters.
 
-Optimizer state is created eagerly, one array per parameter and kind, so that it
-can be broadcast from rank 0 at start and written to checkpoints by name. Host
+Optimizer state is one array per parameter and kind, addressable by name for
+broadcasts and checkpoints. It is created at first use, not at construction: a
+strategy that shards it (ZeRO) retargets the optimizer at its slice first and so
+never holds the whole state, even for a moment. Host
 arrays of float32/float64 are updated by the fused C loops of fused.c (one pass
 over memory instead of about ten); everything else goes through hpc_train.kernels
 (the CUDA kernels for CuPy float32 arrays, the NumPy references otherwise, which
@@ -40,7 +42,19 @@ class Optimizer:
         self.steps = 0
         self.fused = fused
         self.state_kinds = state_kinds
-        self.state = {name: {kind: p.data * 0 for kind in state_kinds} for name, p in named.items()}
+        self._state: dict | None = None
+
+    @property
+    def state(self) -> dict:
+        """name -> {kind: array}; zeros until a step writes them (created here at first use)."""
+        if self._state is None:
+            self._state = {name: {kind: p.data * 0 for kind in self.state_kinds} for name, p in self.params.items()}
+        return self._state
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the state arrays exist yet (until then they would all be zeros)."""
+        return self._state is not None
 
     @property
     def lr(self) -> float:
@@ -53,7 +67,7 @@ class Optimizer:
             if set(state[name]) != set(self.state_kinds):
                 raise ValueError(f"state of {name!r} has kinds {sorted(state[name])}, the optimizer "
                                  f"keeps {sorted(self.state_kinds)}")
-        self.params, self.state = params, state
+        self.params, self._state = params, state
 
     def zero_grad(self) -> None:
         for p in self.params.values():

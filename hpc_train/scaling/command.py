@@ -97,8 +97,8 @@ def run(args) -> int:
     rows = summarize(study, records)
     parameters = next((r["parameters"] for r in records if r.get("parameters")), None)
     core_count = study.cores_per_node or cores()
-    bucket = int(study.base_job["distributed"]["bucket_mb"] * (1 << 20))
-    stage = study.base_job["distributed"]["zero_stage"]
+    bucket = int(study.base_job.distributed.bucket_mb * (1 << 20))
+    stage = study.base_job.distributed.zero_stage
     work, calibration = (None, {})
     predicted = []
     if not model.links.get(cost_model.INTRA):

@@ -120,9 +120,9 @@ def study_from_table(given: dict, path: Path) -> Study:
     base = config.load(job_path, values["set"])
     study = Study(path=path, **{**values, "job": job_path}, base_job=base)
     if study.mode == "weak" and not study.per_rank_batch:
-        study.per_rank_batch = base["train"]["global_batch"]
+        study.per_rank_batch = base.train.global_batch
     if study.mode == "strong" and not study.global_batch:
-        study.global_batch = base["train"]["global_batch"]
+        study.global_batch = base.train.global_batch
     return study
 
 
@@ -173,9 +173,9 @@ def run_overrides(study: Study, ranks: int, metrics: Path) -> list[str]:
     sets = [f"train.global_batch={global_batch}", "train.epochs=1", f"train.steps_per_epoch={steps}",
             "train.max_steps=0", "log.every_steps=1", "log.progress=false", "checkpoint.every_steps=0",
             "checkpoint.resume=", f"log.metrics={metrics}"]
-    if study.base_job["data"]["name"] == "synthetic":
-        sets += [f"data.train_samples={max(study.base_job['data']['train_samples'], global_batch * steps)}",
-                 f"data.val_samples={max(ranks, min(study.base_job['data']['val_samples'], global_batch))}"]
+    if study.base_job.data.name == "synthetic":
+        sets += [f"data.train_samples={max(study.base_job.data.train_samples, global_batch * steps)}",
+                 f"data.val_samples={max(ranks, min(study.base_job.data.val_samples, global_batch))}"]
     return [*study.set, *sets]
 
 
@@ -198,10 +198,14 @@ def steady_state(metrics: Path, warmup: int) -> dict:
     summary = next((r for r in records if r["type"] == "summary"), {})
     split = summary.get("split_ms", {})
     work = split.get("forward", 0.0) + split.get("backward", 0.0) + split.get("step", 0.0) - split.get("exposed", 0.0)
+    # the optimizer step without its waits, over the same steps as compute_ms: a slow first step (first
+    # touch of the buffers) averaged in would make the update look longer than all the compute
+    update = window("optimizer_ms") - exposed if "optimizer_ms" in last else split.get("step", 0.0) - split.get(
+        "exposed", 0.0)
     return {"step_ms": step, "exposed_ms": exposed, "data_ms": data, "compute_ms": step - exposed - data,
             "steps_timed": n_b - n_a, "parameters": summary.get("parameters"),
             "backward_fraction": split["backward"] / work if work > 0 else None,
-            "update_ms": max(0.0, split.get("step", 0.0) - split.get("exposed", 0.0))}  # optimizer step, no wait
+            "update_ms": min(max(0.0, update), step - exposed - data)}
 
 
 def run_one(study: Study, ranks: int, repeat: int, out: Path, python: str = sys.executable) -> dict:

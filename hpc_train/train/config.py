@@ -1,118 +1,181 @@
-"""Job files: TOML, validated against a schema before any MPI work starts.
+"""Job files: TOML, validated into typed sections before any MPI work starts.
 
-Every key has a type and a default (None: required when its section is used).
-Unknown keys, wrong types and missing required keys raise JobFileError naming
-the file and the dotted key, with a suggestion for near-miss spellings. Every
-rank parses the same file, so every rank fails the same way.
+Each section of a job file is a frozen dataclass below; a field's type, default, choices and
+range are declared where the field is, and the choices come from the module that owns them
+(models from `nn`, optimizers and strategies from `optim`, modes from `ps`). Unknown keys,
+wrong types, values out of range and missing required keys raise JobFileError naming the
+file and the dotted key, with a suggestion for near-miss spellings. Every rank parses the
+same file, so every rank fails the same way. Sections read as attributes (`job.train.epochs`)
+and, like the dicts they replace, by key (`job["train"]["epochs"]`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import data, nn, ps
 from ..errors import JobFileError
+from ..optim import factory, sharded
+from ..optim.distributed import COMPRESSIONS
 
-REQUIRED = object()
+REQUIRED = object()  # a field default meaning "the job file must give it" (also used by study files)
 
-# section -> key -> (type or tuple of types, default)
-SCHEMA: dict[str, dict[str, tuple]] = {
-    "model": {
-        "name": (str, REQUIRED),  # "mlp" | "cnn"
-        "widths": (list, [3072, 1024, 512, 10]),
-        "activation": (str, "relu"),
-        "dropout": ((int, float), 0.0),
-        "channels": (list, [32, 64, 128]),
-        "hidden": (int, 256),
-        "batchnorm": (bool, False),
-        "sync_batchnorm": (bool, False),
-        "seed": (int, 0),
-    },
-    "data": {
-        "name": (str, "synthetic"),  # "synthetic" | "hdf5"
-        "path": (str, ""),  # hdf5: the training file
-        "val_path": (str, ""),  # hdf5: the validation file
-        "collective": (bool, True),  # hdf5: collective MPI-IO reads
-        "prefetch": (int, 2),  # hdf5: batches read ahead
-        "train_samples": (int, 8000),
-        "val_samples": (int, 2000),
-        "shape": (list, [32, 32, 3]),
-        "classes": (int, 10),
-        "noise": ((int, float), 1.0),
-        "seed": (int, 1),
-    },
-    "optimizer": {
-        "name": (str, "sgd"),  # "sgd" | "adam" | "adamw"
-        "lr": ((int, float), 0.05),
-        "momentum": ((int, float), 0.9),
-        "nesterov": (bool, False),
-        "weight_decay": ((int, float), 0.0),
-        "betas": (list, [0.9, 0.999]),
-        "eps": ((int, float), 1e-8),
-    },
-    "schedule": {
-        "name": (str, "constant"),  # "constant" | "cosine" | "step"
-        "warmup_steps": (int, 0),
-        "min_lr": ((int, float), 0.0),
-        "step_size": (int, 1000),
-        "gamma": ((int, float), 0.1),
-        "scale_with_batch": (bool, False),  # linear scaling rule
-        "reference_batch": (int, 256),
-    },
-    "train": {
-        "epochs": (int, 1),
-        "max_steps": (int, 0),  # steps of the whole run; 0: epochs * steps per epoch
-        "steps_per_epoch": (int, 0),  # steps of each epoch; 0: the whole training set
-        "global_batch": (int, 128),
-        "seed": (int, 0),
-        "drop_last": (bool, False),
-    },
-    "distributed": {
-        "bucket_mb": ((int, float), 25.0),
-        "compression": (str, "none"),  # "none" | "fp16" | "bf16"
-        "backward_passes_per_step": (int, 1),
-        "stall_warning_s": ((int, float), 60.0),
-        "stall_abort_s": ((int, float), 600.0),
-        "zero_stage": (int, 0),  # 0: data parallel; 1, 2, 3: ZeRO (state; + gradients; + parameters sharded)
-        # data parallel without compression: one copy of parameters and state per node (NodeSharedOptimizer)
-        "node_shared": (bool, True),
-    },
-    "ps": {  # parameter server over MPI windows instead of allreduce (optimizer: sgd)
-        "mode": (str, ""),  # "" (off) | "sync" | "async" | "ssp" | "easgd" | "staleness_lr"
-        "staleness": (int, 2),  # ssp: the bound s
-        "tau": (int, 4),  # easgd: steps between exchanges with the center
-        "alpha": ((int, float), 0.5),  # easgd: moving rate
-        "servers": (int, 0),  # ranks hosting parameters: 0 = every rank, K = ranks 0..K-1
-        "slow_rank": (int, -1),  # straggler injection: this rank sleeps slow_by_s every step
-        "slow_by_s": ((int, float), 0.0),
-    },
-    "checkpoint": {
-        "every_steps": (int, 0),  # 0: no checkpoints
-        "keep_last": (int, 3),
-        "directory": (str, "results/checkpoints"),
-        "resume": (str, ""),  # "" | "auto" (newest complete checkpoint, if any) | a checkpoint path
-    },
-    "log": {
-        "metrics": (str, "results/metrics.jsonl"),
-        "every_steps": (int, 10),
-        "progress": (bool, True),
-        "timeline": (str, ""),
-    },
-}
-CHOICES = {
-    "model.name": ("mlp", "cnn"),
-    "model.activation": ("relu", "gelu"),
-    "data.name": ("synthetic", "hdf5"),
-    "optimizer.name": ("sgd", "adam", "adamw"),
-    "schedule.name": ("constant", "cosine", "step"),
-    "distributed.compression": ("none", "fp16", "bf16"),
-    "distributed.zero_stage": (0, 1, 2, 3),
-    "ps.mode": ("", "sync", "async", "ssp", "easgd", "staleness_lr"),
-}
-NON_NEGATIVE = ("train.max_steps", "train.steps_per_epoch")
-POSITIVE = ("data.train_samples", "data.val_samples", "data.classes", "train.epochs", "train.global_batch",
-            "log.every_steps", "distributed.backward_passes_per_step")
+
+def key(default=REQUIRED, *, choices: tuple = (), minimum: float | None = None, above: float | None = None,
+        maximum: float | None = None, doc: str = ""):
+    """A job-file key: its default (lists are copied), allowed values, inclusive `minimum`/`maximum`,
+    exclusive lower bound `above`, and what it means."""
+    meta = {"choices": tuple(choices), "minimum": minimum, "above": above, "maximum": maximum, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class Section(Mapping):
+    """A job-file section: frozen fields, readable by key as well."""
+
+    def __getitem__(self, name: str):
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __iter__(self):
+        return iter(self.__dataclass_fields__)
+
+    def __len__(self) -> int:
+        return len(self.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class ModelSection(Section):
+    name: str = key(choices=tuple(nn.MODELS), doc="which model of nn.MODELS")
+    widths: list = key([3072, 1024, 512, 10], doc="mlp: layer widths, input first, classes last")
+    activation: str = key("relu", choices=tuple(nn.ACTIVATIONS))
+    dropout: float = key(0.0, minimum=0.0, maximum=0.99)
+    channels: list = key([32, 64, 128], doc="cnn: channels of the conv stages")
+    hidden: int = key(256, minimum=1, doc="cnn: width of the hidden linear layer")
+    batchnorm: bool = key(False)
+    sync_batchnorm: bool = key(False)
+    seed: int = key(0)
+
+
+@dataclass(frozen=True)
+class DataSection(Section):
+    name: str = key("synthetic", choices=data.DATASETS)
+    path: str = key("", doc="hdf5: the training file")
+    val_path: str = key("", doc="hdf5: the validation file")
+    collective: bool = key(True, doc="hdf5: collective MPI-IO reads")
+    prefetch: int = key(2, minimum=1, doc="hdf5: batches read ahead (the queue between reader and trainer)")
+    train_samples: int = key(8000, minimum=1)
+    val_samples: int = key(2000, minimum=1)
+    shape: list = key([32, 32, 3])
+    classes: int = key(10, minimum=1)
+    noise: float = key(1.0, minimum=0.0)
+    seed: int = key(1)
+
+
+@dataclass(frozen=True)
+class OptimizerSection(Section):
+    name: str = key("sgd", choices=factory.OPTIMIZERS)
+    lr: float = key(0.05, minimum=0.0)
+    momentum: float = key(0.9, minimum=0.0, maximum=1.0)
+    nesterov: bool = key(False)
+    weight_decay: float = key(0.0, minimum=0.0)
+    betas: list = key([0.9, 0.999])
+    eps: float = key(1e-8, above=0.0)
+
+
+@dataclass(frozen=True)
+class ScheduleSection(Section):
+    name: str = key("constant", choices=factory.SCHEDULES)
+    warmup_steps: int = key(0, minimum=0)
+    min_lr: float = key(0.0, minimum=0.0)
+    step_size: int = key(1000, minimum=1)
+    gamma: float = key(0.1, above=0.0)
+    scale_with_batch: bool = key(False, doc="linear scaling rule")
+    reference_batch: int = key(256, minimum=1)
+
+
+@dataclass(frozen=True)
+class TrainSection(Section):
+    epochs: int = key(1, minimum=1)
+    max_steps: int = key(0, minimum=0, doc="steps of the whole run; 0: epochs * steps per epoch")
+    steps_per_epoch: int = key(0, minimum=0, doc="steps of each epoch; 0: the whole training set")
+    global_batch: int = key(128, minimum=1)
+    seed: int = key(0)
+    drop_last: bool = key(False)
+
+
+@dataclass(frozen=True)
+class DistributedSection(Section):
+    bucket_mb: float = key(25.0, above=0.0)
+    compression: str = key("none", choices=("none", *COMPRESSIONS))
+    backward_passes_per_step: int = key(1, minimum=1)
+    stall_warning_s: float = key(60.0, above=0.0)
+    stall_abort_s: float = key(600.0, above=0.0)
+    zero_stage: int = key(0, choices=(0, *sharded.STAGES), doc="0: data parallel; 1-3: ZeRO")
+    node_shared: bool = key(True, doc="plain data parallel keeps one copy of parameters and state per node")
+
+
+@dataclass(frozen=True)
+class PsSection(Section):
+    """Parameter server over MPI windows instead of allreduce (optimizer: sgd)."""
+
+    mode: str = key("", choices=("", *ps.MODES), doc="'' turns it off")
+    staleness: int = key(2, minimum=0, doc="ssp: the bound s")
+    tau: int = key(4, minimum=1, doc="easgd: steps between exchanges with the center")
+    alpha: float = key(0.5, above=0.0, maximum=1.0, doc="easgd: moving rate")
+    servers: int = key(0, minimum=0, doc="ranks hosting parameters: 0 = every rank, K = ranks 0..K-1")
+    slow_rank: int = key(-1, doc="straggler injection: this rank sleeps slow_by_s every step")
+    slow_by_s: float = key(0.0, minimum=0.0)
+
+
+@dataclass(frozen=True)
+class CheckpointSection(Section):
+    every_steps: int = key(0, minimum=0, doc="0: no checkpoints")
+    keep_last: int = key(3, minimum=0)
+    directory: str = key("results/checkpoints")
+    resume: str = key("", doc="'' | 'auto' (newest complete checkpoint, if any) | a checkpoint path")
+
+
+@dataclass(frozen=True)
+class LogSection(Section):
+    metrics: str = key("results/metrics.jsonl")
+    every_steps: int = key(10, minimum=1)
+    progress: bool = key(True)
+    timeline: str = key("")
+
+
+@dataclass(frozen=True)
+class Job(Section):
+    model: ModelSection
+    data: DataSection
+    optimizer: OptimizerSection
+    schedule: ScheduleSection
+    train: TrainSection
+    distributed: DistributedSection
+    ps: PsSection
+    checkpoint: CheckpointSection
+    log: LogSection
+
+    def to_dict(self) -> dict:
+        """Plain dicts and lists, for JSON (checkpoints record the job they ran)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, section: str, **values) -> Job:
+        """A copy with some keys of one section changed (not validated again: callers pass valid values)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(self[section], **values)})
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Job)[f.name] for f in dataclasses.fields(Job)}
+_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,)}
 
 
 def suggest(word: str, options) -> str:
@@ -128,32 +191,14 @@ def type_name(kind) -> str:
 
 def parse_override(text: str) -> tuple[str, object]:
     """'train.epochs=3' -> ('train.epochs', 3); values are TOML, bare words are strings."""
-    key, sep, raw = text.partition("=")
-    if not sep or "." not in key:
+    name, sep, raw = text.partition("=")
+    if not sep or "." not in name:
         raise JobFileError(f"--set {text!r}: expected section.key=value")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return key.strip(), value
-
-
-def _check_ps(job: dict, source: str) -> None:
-    ps = job["ps"]
-    if ps["staleness"] < 0:
-        raise JobFileError(f"{source}: 'ps.staleness' must be >= 0, got {ps['staleness']}")
-    if ps["tau"] < 1 or not 0 < ps["alpha"] <= 1 or ps["servers"] < 0:
-        raise JobFileError(f"{source}: [ps] needs tau >= 1, 0 < alpha <= 1 and servers >= 0, got tau = "
-                           f"{ps['tau']}, alpha = {ps['alpha']}, servers = {ps['servers']}")
-    if not ps["mode"]:
-        return
-    if job["optimizer"]["name"] != "sgd":
-        raise JobFileError(f"{source}: 'ps.mode' = {ps['mode']!r} updates with SGD on the servers: "
-                           f"'optimizer.name' must be 'sgd', got {job['optimizer']['name']!r}")
-    for key, off in (("distributed.zero_stage", 0), ("checkpoint.every_steps", 0), ("checkpoint.resume", "")):
-        section, name = key.split(".")
-        if job[section][name] != off:
-            raise JobFileError(f"{source}: '{key}' cannot be used with 'ps.mode' = {ps['mode']!r}")
+    return name.strip(), value
 
 
 def read_toml(path: Path, what: str = "job file") -> dict:
@@ -166,57 +211,84 @@ def read_toml(path: Path, what: str = "job file") -> dict:
         raise JobFileError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> dict:
+def load(path: str | Path, overrides: list[str] = ()) -> Job:
     """The validated job: every section and key filled in, overrides applied."""
     path = Path(path)
     raw = read_toml(path)
     for text in overrides:
-        key, value = parse_override(text)
-        section, _, name = key.partition(".")
+        dotted, value = parse_override(text)
+        section, _, name = dotted.partition(".")
         raw.setdefault(section, {})[name] = value
     return validate(raw, str(path))
 
 
-def validate(raw: dict, source: str) -> dict:
-    job: dict[str, dict] = {}
-    for section, values in raw.items():
-        if section not in SCHEMA:
-            raise JobFileError(f"{source}: unknown section [{section}]{suggest(section, SCHEMA)}")
+def _checked(source: str, dotted: str, value, kind, meta: dict):
+    """The value of one key, or JobFileError saying what is wrong with it."""
+    kinds = _KINDS[kind]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise JobFileError(f"{source}: '{dotted}' must be {type_name(kinds)}, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise JobFileError(f"{source}: '{dotted}' = {value!r}: expected one of {meta['choices']}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise JobFileError(f"{source}: '{dotted}' must be a finite number, got {value!r}")
+    if meta["above"] is not None and not value > meta["above"]:
+        raise JobFileError(f"{source}: '{dotted}' must be positive, got {value}" if meta["above"] == 0 else
+                           f"{source}: '{dotted}' must be > {meta['above']}, got {value}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        what = "positive" if meta["minimum"] == 1 and kind is int else f">= {meta['minimum']}"
+        raise JobFileError(f"{source}: '{dotted}' must be {what}, got {value}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise JobFileError(f"{source}: '{dotted}' must be <= {meta['maximum']}, got {value}")
+    return value
+
+
+def _section(source: str, name: str, cls: type, given: dict):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for unknown in given.keys() - fields.keys():
+        raise JobFileError(f"{source}: unknown key '{name}.{unknown}'{suggest(unknown, fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key_name, f in fields.items():
+        dotted = f"{name}.{key_name}"
+        if key_name in given:
+            values[key_name] = _checked(source, dotted, given[key_name], hints[key_name], f.metadata)
+        elif f.default is REQUIRED:
+            raise JobFileError(f"{source}: missing required key '{dotted}'")
+    return cls(**values)
+
+
+def validate(raw: dict, source: str) -> Job:
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise JobFileError(f"{source}: unknown section [{name}]{suggest(name, SECTIONS)}")
         if not isinstance(values, dict):
-            raise JobFileError(f"{source}: [{section}] must be a table")
+            raise JobFileError(f"{source}: [{name}] must be a table")
     if "model" not in raw:
         raise JobFileError(f"{source}: missing [model] section (model.name is required)")
-    for section, keys in SCHEMA.items():
-        given = raw.get(section, {})
-        for key in given:
-            if key not in keys:
-                raise JobFileError(f"{source}: unknown key '{section}.{key}'{suggest(key, keys)}")
-        job[section] = {}
-        for key, (kind, default) in keys.items():
-            dotted = f"{section}.{key}"
-            if key not in given:
-                if default is REQUIRED:
-                    raise JobFileError(f"{source}: missing required key '{dotted}'")
-                job[section][key] = default
-                continue
-            value = given[key]
-            kinds = kind if isinstance(kind, tuple) else (kind,)
-            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-                raise JobFileError(f"{source}: '{dotted}' must be {type_name(kind)}, got {value!r}")
-            if dotted in CHOICES and value not in CHOICES[dotted]:
-                raise JobFileError(f"{source}: '{dotted}' = {value!r}: expected one of {CHOICES[dotted]}")
-            if dotted in POSITIVE and value <= 0:
-                raise JobFileError(f"{source}: '{dotted}' must be positive, got {value}")
-            if dotted in NON_NEGATIVE and value < 0:
-                raise JobFileError(f"{source}: '{dotted}' must be >= 0 (0: no limit), got {value}")
-            job[section][key] = value
-    if job["data"]["name"] == "hdf5":
-        for key in ("path", "val_path"):
-            if not job["data"][key]:
-                raise JobFileError(f"{source}: 'data.{key}' is required when data.name = 'hdf5'")
-    _check_ps(job, source)
-    dist = job["distributed"]
-    if dist["zero_stage"] >= 2 and dist["compression"] != "none":
-        raise JobFileError(f"{source}: 'distributed.compression' = {dist['compression']!r} needs zero_stage 0 or 1 "
-                           f"(stage {dist['zero_stage']} reduce-scatters float32 gradients)")
+    job = Job(**{name: _section(source, name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()})
+    _check_combinations(job, source)
     return job
+
+
+def _check_combinations(job: Job, source: str) -> None:
+    """Keys that are valid alone but not together."""
+    if job.data.name == "hdf5":
+        for name in ("path", "val_path"):
+            if not job.data[name]:
+                raise JobFileError(f"{source}: 'data.{name}' is required when data.name = 'hdf5'")
+    dist = job.distributed
+    if dist.stall_abort_s <= dist.stall_warning_s:
+        raise JobFileError(f"{source}: 'distributed.stall_abort_s' = {dist.stall_abort_s} must exceed "
+                           f"'distributed.stall_warning_s' = {dist.stall_warning_s} (warn first, then abort)")
+    if dist.zero_stage >= 2 and dist.compression != "none":
+        raise JobFileError(f"{source}: 'distributed.compression' = {dist.compression!r} needs zero_stage 0 or 1 "
+                           f"(stage {dist.zero_stage} reduce-scatters float32 gradients)")
+    if not job.ps.mode:
+        return
+    if job.optimizer.name != "sgd":
+        raise JobFileError(f"{source}: 'ps.mode' = {job.ps.mode!r} updates with SGD on the servers: "
+                           f"'optimizer.name' must be 'sgd', got {job.optimizer.name!r}")
+    for dotted, off in (("distributed.zero_stage", 0), ("checkpoint.every_steps", 0), ("checkpoint.resume", "")):
+        section, name = dotted.split(".")
+        if job[section][name] != off:
+            raise JobFileError(f"{source}: '{dotted}' cannot be used with 'ps.mode' = {job.ps.mode!r}")

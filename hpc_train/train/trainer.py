@@ -39,56 +39,56 @@ class Trainer:
         self.comm = rt.world
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         limit_threads(rt.topology.host_ranks)
-        train = job["train"]
-        if train["global_batch"] % self.size:
-            raise JobFileError(f"train.global_batch = {train['global_batch']} is not divisible by the "
+        train = job.train
+        if train.global_batch % self.size:
+            raise JobFileError(f"train.global_batch = {train.global_batch} is not divisible by the "
                                f"{self.size} ranks of this job")
-        self.batch = train["global_batch"] // self.size
+        self.batch = train.global_batch // self.size
         self.loader, self.val_loader, shape, classes = build_loaders(job, self.batch, self.rank, self.size)
-        self.model = build_model(job["model"], shape, classes)
+        self.model = build_model(job.model, shape, classes)
         self.steps_per_epoch = len(self.loader)
-        if train["steps_per_epoch"]:
-            self.steps_per_epoch = min(self.steps_per_epoch, train["steps_per_epoch"])
-        self.total_steps = self.steps_per_epoch * train["epochs"]
-        if train["max_steps"]:
-            self.total_steps = min(self.total_steps, train["max_steps"])
+        if train.steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, train.steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * train.epochs
+        if train.max_steps:
+            self.total_steps = min(self.total_steps, train.max_steps)
         self.timeline = Timeline(bool(timeline_path), self.comm)
         self.timeline_path = timeline_path
         self.strategy = optim.build_strategy(job, self.model.module, self.total_steps, self.timeline)
-        dist = job["distributed"]
-        self.watchdog = StallWatchdog(dist["stall_warning_s"], dist["stall_abort_s"])
-        self.metrics = MetricsLog(job["log"]["metrics"], self.rank)
+        dist = job.distributed
+        self.watchdog = StallWatchdog(dist.stall_warning_s, dist.stall_abort_s)
+        self.metrics = MetricsLog(job.log.metrics, self.rank)
         self.start_epoch = self.start_batch = self.start_step = 0
         self._resume()
 
     # -- checkpoints -------------------------------------------------------------------------------
 
     def _checkpoint(self, epoch: int, next_batch: int, step: int) -> None:
-        spec = self.job["checkpoint"]
+        spec = self.job.checkpoint
         started = time.perf_counter()
         arrays = self.strategy.checkpoint_arrays()
         layout = self.strategy.checkpoint_layout()
-        path = checkpoint.save(checkpoint.checkpoint_path(spec["directory"], step), arrays, {
+        path = checkpoint.save(checkpoint.checkpoint_path(spec.directory, step), arrays, {
             "step": step, "epoch": epoch, "next_batch": next_batch, "world_size": self.size,
-            "optimizer_steps": self.strategy.steps, "job": self.job, "rng": self.model.rng_states(),
+            "optimizer_steps": self.strategy.steps, "job": self.job.to_dict(), "rng": self.model.rng_states(),
             **({"layout": layout} if layout else {})}, self.comm)
         seconds = time.perf_counter() - started
         nbytes = checkpoint.logical_bytes(arrays)
-        checkpoint.prune(spec["directory"], spec["keep_last"], self.comm)
+        checkpoint.prune(spec.directory, spec.keep_last, self.comm)
         self.metrics.emit({"type": "checkpoint", "step": step, "path": str(path), "bytes": nbytes,
                            "seconds": seconds, "write_gbps": nbytes / seconds / 1e9})
 
     def _resume(self) -> None:
-        spec = self.job["checkpoint"]
-        if not spec["resume"]:
+        spec = self.job.checkpoint
+        if not spec.resume:
             return
-        if spec["resume"] == "auto":
-            found = checkpoint.complete_checkpoints(spec["directory"])
+        if spec.resume == "auto":
+            found = checkpoint.complete_checkpoints(spec.directory)
             if not found:
                 return  # nothing yet: a fresh start
             path = found[-1]
         else:
-            path = Path(spec["resume"])
+            path = Path(spec.resume)
         current = self.strategy.checkpoint_arrays()
         started = time.perf_counter()
         arrays, attrs = checkpoint.load_like(path, self.comm, current, self.strategy.checkpoint_layout())
@@ -141,9 +141,9 @@ class Trainer:
         return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
 
     def fit(self) -> dict:
-        log_every = self.job["log"]["every_steps"]
+        log_every = self.job.log.every_steps
         progress = None
-        if self.rank == 0 and self.job["log"]["progress"]:
+        if self.rank == 0 and self.job.log.progress:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, unit="step", file=sys.stderr, mininterval=1.0,
@@ -151,10 +151,10 @@ class Trainer:
         self.watchdog.start()
         totals = dict.fromkeys((*PHASES, "exposed"), 0.0)
         step, started, metrics = self.start_step, time.perf_counter(), {}
-        every = self.job["checkpoint"]["every_steps"]
+        every = self.job.checkpoint.every_steps
         if progress is not None:
             progress.update(step)
-        for epoch in range(self.start_epoch, self.job["train"]["epochs"]):
+        for epoch in range(self.start_epoch, self.job.train.epochs):
             steps = self._steps_in(epoch)
             if steps == 0:
                 break
@@ -197,7 +197,7 @@ class Trainer:
         step_time = max(sum(totals[k] for k in PHASES), 1e-9)
         ran = max(step - self.start_step, 1)  # steps this run executed (a resumed run starts later)
         summary = {"type": "summary", **metrics, "steps": step,
-                   "epochs": self.job["train"]["epochs"], "ranks": self.size,
+                   "epochs": self.job.train.epochs, "ranks": self.size,
                    "parameters": self.model.num_parameters(),
                    "samples_per_s": ran * self.batch * self.size / step_time,
                    "step_ms": 1e3 * step_time / ran,
@@ -214,7 +214,7 @@ class Trainer:
         return summary
 
     def _log_step(self, epoch, step, losses, times, progress) -> None:
-        window = losses[-self.job["log"]["every_steps"]:]
+        window = losses[-self.job.log.every_steps:]
         if self.strategy.lockstep:
             loss = float(allreduce(np.array([np.mean(window)]), op="mean", name="loss")[0])
         else:  # workers run at their own pace: no collective here, this rank's own loss
@@ -226,6 +226,7 @@ class Trainer:
                            "samples_per_s": rate, "step_ms": 1e3 * done / steps_done,
                            "exposed_comm_ms": 1e3 * times["exposed"] / steps_done,
                            "data_ms": 1e3 * times["data"] / steps_done,
+                           "optimizer_ms": 1e3 * times["step"] / steps_done,
                            **self.strategy.step_metrics(len(window))})
         if progress is not None:
             progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:.0f}", refresh=False)
