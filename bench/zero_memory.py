@@ -6,12 +6,13 @@ Builds the reference `cnn` with Adam (float32), wraps it as stage 0
 (DistributedOptimizer) and stages 1-3 (ShardedOptimizer), trains two steps on
 random data and counts the bytes each rank holds: persistent arrays plus the
 high-water mark of transient ones (gradient buckets in flight, gathered layers).
-Beside that tally, the process's own figure: the growth of its peak resident set
-(VmHWM, reset through /proc/self/clear_refs) from before the model is built to after
-the two steps. It sees what the tally may miss (a full-size temporary, the optimizer
-state allocated before it is sharded) and also what the tally leaves out on purpose
-(activations, im2col buffers, allocator slack); pages of node-shared windows count
-in the resident set of every rank that touched them.
+Beside that tally, the process's own figure: the peak of NumPy's allocations as
+tracemalloc sees them, from before the model is built to after the two steps. It
+sees what the tally may miss (a full-size temporary, optimizer state created whole
+before being sharded) and what the tally leaves out on purpose (activations, im2col
+buffers); it does not see MPI shared-memory windows (the fusion buffer of stages 0
+and 1, which the tally counts). A resident-set figure was tried first: in one process
+running the stages in turn, freed memory that the allocator keeps made it meaningless.
 Theory (ZeRO paper, 4-byte parameters and gradients, 8-byte Adam state, P
 parameters, p ranks): stage 0 16P, stage 1 8P + 8P/p, stage 2 4P + 12P/p,
 stage 3 16P/p; transient buffers come on top and do not shrink with p.
@@ -20,7 +21,9 @@ stage 3 16P/p; transient buffers come on top and do not shrink with p.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +39,9 @@ def theory_bytes(stage: int, n: int, p: int) -> float:
     return params + grads + state
 
 
-def resident_kb(field: str) -> int:
-    """VmRSS or VmHWM of this process, in kB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-
-
 def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict, int]:
-    reset_peak()
-    before = resident_kb("VmRSS")
+    gc.collect()
+    tracemalloc.start()
     model = nn.cnn()
     adam = optim.Adam(model, lr=1e-3)
     if stage == 0:
@@ -64,7 +55,9 @@ def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict, int]:
         loss.forward(model(rng.standard_normal((8, 32, 32, 3)).astype(np.float32)), rng.integers(0, 10, 8))
         model.backward(loss.backward())
         wrapper.step()
-    return model.num_parameters(), wrapper.held_bytes(), (resident_kb("VmHWM") - before) * 1024
+    traced_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return model.num_parameters(), wrapper.held_bytes(), traced_peak
 
 
 def main() -> int:
@@ -76,23 +69,23 @@ def main() -> int:
     p, world = ht.size(), ht.runtime.world()
     rows = []
     for stage in (0, 1, 2, 3):
-        n, held, resident = measure(stage, args.bucket_mb, ht.rank())
+        n, held, traced = measure(stage, args.bucket_mb, ht.rank())
         worst = max(world.allgather(held), key=lambda h: h["total"])
-        resident = max(world.allgather(resident))
+        traced = max(world.allgather(traced))
         rows.append({"ranks": p, "stage": stage, "parameters": n, "bucket_mb": args.bucket_mb,
                      "measured_bytes_per_rank": worst["total"], "transient_bytes": worst["transient"],
                      "split": {k: worst[k] for k in ("params", "grads", "state")},
-                     "theory_bytes_per_rank": theory_bytes(stage, n, p), "peak_resident_growth_bytes": resident})
+                     "theory_bytes_per_rank": theory_bytes(stage, n, p), "traced_peak_bytes": traced})
     if ht.rank() == 0:
         print(f"# cnn ({rows[0]['parameters']} parameters), Adam, float32, {p} rank(s), buckets of "
               f"{args.bucket_mb} MB; max over ranks")
         print(f"{'stage':>5} {'tally MB':>9} {'persistent MB':>14} {'transient MB':>13} {'theory MB':>10} "
-              f"{'persistent/theory':>18} {'peak RSS growth MB':>19}")
+              f"{'persistent/theory':>18} {'traced peak MB':>15}")
         for r in rows:
             measured, theory = r["measured_bytes_per_rank"] / 1e6, r["theory_bytes_per_rank"] / 1e6
             transient = r["transient_bytes"] / 1e6
             print(f"{r['stage']:>5} {measured:9.3f} {measured - transient:14.3f} {transient:13.3f} {theory:10.3f} "
-                  f"{(measured - transient) / theory:18.3f} {r['peak_resident_growth_bytes'] / 1e6:19.3f}")
+                  f"{(measured - transient) / theory:18.3f} {r['traced_peak_bytes'] / 1e6:15.3f}")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
