@@ -89,9 +89,12 @@ class ProgressBoard:
 
         def read(q: int) -> None:
             value = np.zeros(2, np.int64)
-            self.win.Lock(q, self._mpi.LOCK_SHARED)
-            self.win.Get(value, q)
-            self.win.Unlock(q)
+            try:
+                self.win.Lock(q, self._mpi.LOCK_SHARED)
+                self.win.Get(value, q)
+                self.win.Unlock(q)
+            except self._mpi.Exception:  # a peer that has gone (the job ending, a lost node) did not answer
+                return
             counts[q] = int(value[slot])
 
         readers = [threading.Thread(target=read, args=(q,), daemon=True, name=f"board-read-{q}")

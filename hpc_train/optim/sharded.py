@@ -19,6 +19,11 @@ slice only.
   layer's gather is prefetched on the engine while this one computes) and released
   after it. A released parameter is a zero-stride placeholder of the right shape.
   `step()` updates the slice; nothing is gathered until the next forward.
+
+One class a stage, each adding to the one before what its stage shards: `ZeroStage1`
+(the data-parallel buckets, a sharded update), `ZeroStage2` (gradient buckets
+reduce-scattered and released), `ZeroStage3` (parameters gathered around each
+layer). `ShardedOptimizer(..., stage=s)` picks one.
 """
 
 from __future__ import annotations
@@ -32,8 +37,6 @@ from ..comm import allgather, allgather_async, partition, reduce_scatter_async
 from ..nn.module import Parameter
 from .distributed import DistributedOptimizer
 
-STAGES = (1, 2, 3)
-
 
 def _overlap(lo: int, hi: int, start: int, stop: int) -> tuple[int, int]:
     """[lo, hi) intersected with [start, stop), as an empty range at the clamp point if disjoint."""
@@ -46,27 +49,17 @@ def released(p) -> np.ndarray:
     return np.broadcast_to(np.zeros((), p.data.dtype), p.data.shape)
 
 
-class ShardedOptimizer(DistributedOptimizer):
-    """ZeRO wrapper: same constructor arguments as DistributedOptimizer plus `stage`.
+class _Zero(DistributedOptimizer):
+    """What every stage shares: rank r's slice of the flat vector, the optimizer retargeted at it
+    (so the whole optimizer state is never created), checkpoints as slices. Stages 1 and 2 keep
+    every parameter whole (`params_flat`) and allgather the updated slices after the step."""
 
-    Stages 2 and 3 need a Sequential model (its layer hooks open gradient buffers
-    and gather parameters) and do not support gradient compression.
-    """
+    stage = 0
 
-    def __init__(self, optimizer, model, stage: int = 1, buckets_in_flight: int = 2, **kwargs):
-        if stage not in STAGES:
-            raise ValueError(f"ZeRO stage {stage} is not implemented; available: {STAGES}")
-        if stage >= 2 and kwargs.get("compression"):
-            raise ValueError(f"ZeRO stage {stage} reduce-scatters float32 gradients: compression "
-                             f"{kwargs['compression']!r} is only available with stage 0 or 1")
-        if stage >= 2 and not hasattr(model, "register_layer_hook"):
-            raise TypeError(f"ZeRO stage {stage} needs a Sequential model, got {type(model).__name__}")
-        self.stage = stage
-        self.buckets_in_flight = max(1, buckets_in_flight)
-        self._buffers: dict[int, np.ndarray] = {}  # open gradient buffers by bucket index (stages 2-3)
+    def __init__(self, optimizer, model, **kwargs):
         self._live = {"grads": 0, "params": 0}
         self.peak = {"grads": 0, "params": 0}  # high-water marks of transient buffers, bytes
-        super().__init__(optimizer, model, **kwargs)  # broadcasts parameters and the full state first
+        super().__init__(optimizer, model, **kwargs)  # broadcasts parameters (the state only if created)
         named = self._params
         dtype = next(iter(named.values())).data.dtype
         total = sum(p.size for p in named.values())
@@ -74,51 +67,127 @@ class ShardedOptimizer(DistributedOptimizer):
         rank = self._engine.comm.Get_rank()
         self.shard = slice(offsets[rank], offsets[rank] + counts[rank])
         self._shards = list(zip(offsets, counts, strict=True))  # (start, count) of every rank's slice
+        self.owned = self._own_parameters(named, total, dtype)
+        self.owned.grad = self._owned_gradient()
+        optimizer.retarget({"shard": self.owned},
+                           {"shard": {kind: self.owned.data * 0 for kind in optimizer.state_kinds}})
+
+    def _own_parameters(self, named: dict, total: int, dtype) -> Parameter:
+        """Every parameter becomes a view of one flat vector; this rank owns its slice of it."""
+        self.params_flat = np.empty(total, dtype)
+        for name, p in named.items():
+            view = self.params_flat[self._offsets[name] : self._offsets[name] + p.size].reshape(p.data.shape)
+            view[...] = p.data
+            p.data = view
+        return Parameter(self.params_flat[self.shard])
+
+    def _owned_gradient(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _track(self, kind: str, nbytes: int) -> None:
+        self._live[kind] += nbytes
+        self.peak[kind] = max(self.peak[kind], self._live[kind])
+
+    def step(self) -> None:
+        self.synchronize()
+        self.optimizer.step()  # this rank's slice only
+        mine = self.params_flat[self.shard].copy()  # MPI forbids a send buffer inside the receive buffer
+        allgather(mine, out=self.params_flat, name="zero-parameters")
+
+    # -- what this rank holds --------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds."""
+        return sum(a.nbytes for a in self.optimizer.state_arrays().values())
+
+    def _parameter_bytes(self) -> int:
+        return self.params_flat.nbytes
+
+    def _gradient_bytes(self) -> int:
+        return self.owned.grad.nbytes + self.peak["grads"]
+
+    def held_bytes(self) -> dict:
+        params, grads, state = self._parameter_bytes(), self._gradient_bytes(), self.state_bytes()
+        return {"params": params, "grads": grads, "state": state, "total": params + grads + state,
+                "transient": self.peak["grads"] + self.peak["params"]}
+
+    def shard_arrays(self) -> dict:
+        """This rank's slices of the flat parameter and optimizer-state vectors (for checkpoints)."""
+        arrays = {"params": self.owned.data}
+        arrays.update({f"state/{kind}": a for kind, a in self.optimizer.state["shard"].items()})
+        return arrays
+
+    def shards_loaded(self) -> None:
+        """After shard_arrays() were overwritten (a resume): every rank gets the full parameters."""
+        self.params_flat[...] = allgather(self.owned.data.copy(), name="zero-parameters")
+
+    def full_parameters(self) -> dict:
+        """Every parameter, whole, by name (collective): for evaluation elsewhere or export."""
+        flat = allgather(self.owned.data.copy(), name="zero-full-parameters")
+        return {name: flat[offset : offset + self._params[name].size].reshape(self._params[name].data.shape)
+                for name, offset in self._offsets.items()}
+
+    def layout(self) -> list:
+        """[name, shape] in flat order: what a sharded checkpoint must match."""
+        return [[name, list(self._params[name].data.shape)] for name in sorted(self._offsets, key=self._offsets.get)]
+
+    # -- the Strategy's checkpoints: this rank's slices of the flat vectors --------------------------
+
+    def checkpoint_arrays(self) -> dict:
+        total = sum(p.size for p in self._params.values())
+        return {f"zero/{name}": Slab(a, self.shard.start, total) for name, a in self.shard_arrays().items()}
+
+    checkpoint_layout = layout
+
+    def load_checkpoint(self, arrays: dict, steps: int) -> None:
+        for name, slab in self.checkpoint_arrays().items():
+            slab.data[...] = arrays[name]
+        self.shards_loaded()
+        self.optimizer.steps = steps
+
+
+class ZeroStage1(_Zero):
+    """Optimizer state sharded: gradients averaged whole, as in data parallel; the update is this
+    rank's slice of the fusion buffer."""
+
+    stage = 1
+
+    def _owned_gradient(self) -> np.ndarray:
+        return self.flat[self.shard]
+
+    def _gradient_bytes(self) -> int:
+        return self.flat.nbytes
+
+
+class ZeroStage2(_Zero):
+    """Gradients sharded too: bucket buffers opened as backward reaches them, reduce-scattered into
+    this rank's slice and released. Needs a Sequential model (its layer hooks); no compression."""
+
+    stage = 2
+    split_parameters = False  # a bucket holds whole parameters: its buffer backs their gradients' views
+    reduction = "reduce-scatter"
+
+    def __init__(self, optimizer, model, buckets_in_flight: int = 2, **kwargs):
+        if kwargs.get("compression"):
+            raise ValueError(f"ZeRO stage {self.stage} reduce-scatters float32 gradients: compression "
+                             f"{kwargs['compression']!r} is only available with stage 0 or 1")
+        if not hasattr(model, "register_layer_hook"):
+            raise TypeError(f"ZeRO stage {self.stage} needs a Sequential model, got {type(model).__name__}")
+        self.buckets_in_flight = max(1, buckets_in_flight)
+        self._buffers: dict[int, np.ndarray] = {}  # open gradient buffers by bucket index
+        super().__init__(optimizer, model, **kwargs)
         self._bucket_of = {name: b for b in self.buckets for name in b.names}
-        self._layers = self._layer_spans(model) if stage >= 2 else {}
-        self._prefetched: dict[int, tuple] = {}  # layer index -> (handle, buffer) of a gather under way
-        order = sorted(self._layers)
-        self._following = {"forward": dict(zip(order, order[1:], strict=False)),
-                           "backward": dict(zip(order[1:], order, strict=False))}
-        self._gather_wait_s = 0.0
-        if stage <= 2:
-            self.params_flat = np.empty(total, dtype)
-            for name, p in named.items():
-                view = self.params_flat[self._offsets[name] : self._offsets[name] + p.size].reshape(p.data.shape)
-                view[...] = p.data
-                p.data = view
-            owned = Parameter(self.params_flat[self.shard])
-        else:
-            self.params_flat = None
-            owned = Parameter(np.zeros(counts[rank], dtype))
-            for name, p in named.items():
-                a, b = _overlap(self._offsets[name], self._offsets[name] + p.size, self.shard.start, self.shard.stop)
-                owned.data[a - self.shard.start : b - self.shard.start] = \
-                    p.data.reshape(-1)[a - self._offsets[name] : b - self._offsets[name]]
-                p.data = released(p)
-        owned.grad = self.flat[self.shard] if stage == 1 else np.zeros(counts[rank], dtype)
-        self.owned = owned
-        optimizer.retarget({"shard": owned}, {"shard": {kind: owned.data * 0 for kind in optimizer.state_kinds}})
-        if stage >= 2:
-            model.register_layer_hook(self._layer_event)
-
-    # -- layout ----------------------------------------------------------------------------------
-
-    @property
-    def split_parameters(self) -> bool:
-        return self.stage == 1  # a stage-2 bucket holds whole parameters: its buffer backs their views
+        self._layers = self._layer_spans(model)
+        model.register_layer_hook(self._layer_event)
 
     def _allocate_gradients(self, total: int, dtype, comm) -> None:
-        if self.stage == 1:
-            super()._allocate_gradients(total, dtype, comm)
-        else:
-            self.flat = self._wire = None
+        self.flat = self._wire = None  # no full gradient buffer
 
     def _bind_gradient(self, name: str, p, offset: int) -> None:
-        if self.stage == 1:
-            super()._bind_gradient(name, p, offset)
-        else:
-            p.grad = None  # bound to a bucket buffer while its layer runs backward
+        p.grad = None  # bound to a bucket buffer while its layer runs backward
+
+    def _owned_gradient(self) -> np.ndarray:
+        return np.zeros_like(self.owned.data)
 
     def _layer_spans(self, model) -> dict[int, tuple[int, int, list[str]]]:
         """index -> (lo, hi, names): the contiguous range of the flat vector a layer's parameters fill."""
@@ -130,11 +199,12 @@ class ShardedOptimizer(DistributedOptimizer):
                 spans[i] = (lo, lo + sum(self._params[n].size for n in names), names)
         return spans
 
-    # -- stage 2: gradient buckets ---------------------------------------------------------------
-
-    def _track(self, kind: str, nbytes: int) -> None:
-        self._live[kind] += nbytes
-        self.peak[kind] = max(self.peak[kind], self._live[kind])
+    def _layer_event(self, event: str, index: int, layer) -> None:
+        if event == "backward" and index in self._layers:
+            for name in self._layers[index][2]:
+                bucket = self._bucket_of[name]
+                if bucket.index not in self._buffers:
+                    self._open(bucket)
 
     def _open(self, bucket) -> np.ndarray:
         """A fresh buffer for a bucket's gradients; its parameters' grads become stale views of it."""
@@ -161,9 +231,6 @@ class ShardedOptimizer(DistributedOptimizer):
             self._track("grads", -buffer.nbytes)
 
     def _submit(self, bucket) -> None:
-        if self.stage == 1:
-            super()._submit(bucket)
-            return
         start = time.perf_counter()
         buffer = self._buffers.get(bucket.index)
         if buffer is None:  # no backward reached these parameters
@@ -178,30 +245,45 @@ class ShardedOptimizer(DistributedOptimizer):
         bucket.handle = reduce_scatter_async(buffer, "mean", out=out, counts=counts, name=f"bucket{bucket.index}")
         self._record(f"submit bucket{bucket.index}", "comm", start, time.perf_counter())
 
-    reduction = property(lambda self: "allreduce" if self.stage == 1 else "reduce-scatter")
-
     def _reduced(self, bucket) -> None:
-        if self.stage == 1:
-            super()._reduced(bucket)
-        else:
-            self._release(bucket)
+        self._release(bucket)
 
-    # -- stage 3: parameters gathered around each layer ------------------------------------------
+
+class ZeroStage3(ZeroStage2):
+    """Parameters sharded too: a layer's are allgathered before its forward and its backward (the
+    next layer's gather prefetched on the engine) and released after; the step updates the slice."""
+
+    stage = 3
+
+    def __init__(self, optimizer, model, **kwargs):
+        self._prefetched: dict[int, tuple] = {}  # layer index -> (handle, buffer) of a gather under way
+        self._gather_wait_s = 0.0
+        super().__init__(optimizer, model, **kwargs)
+        order = sorted(self._layers)
+        self._following = {"forward": dict(zip(order, order[1:], strict=False)),
+                           "backward": dict(zip(order[1:], order, strict=False))}
+
+    def _own_parameters(self, named: dict, total: int, dtype) -> Parameter:
+        """This rank keeps its slice only; every parameter is released until its layer runs."""
+        self.params_flat = None
+        owned = Parameter(np.zeros(self.shard.stop - self.shard.start, dtype))
+        for name, p in named.items():
+            a, b = _overlap(self._offsets[name], self._offsets[name] + p.size, self.shard.start, self.shard.stop)
+            owned.data[a - self.shard.start : b - self.shard.start] = \
+                p.data.reshape(-1)[a - self._offsets[name] : b - self._offsets[name]]
+            p.data = released(p)
+        return owned
 
     def _layer_event(self, event: str, index: int, layer) -> None:
         if index not in self._layers:
             return
-        if event in ("forward", "backward") and self.stage == 3:
+        if event in ("forward", "backward"):
             self._gather(index)
             upcoming = self._following[event].get(index)
             if upcoming is not None and upcoming not in self._prefetched:
                 self._prefetched[upcoming] = self._start_gather(upcoming)
-        if event == "backward":
-            for name in self._layers[index][2]:
-                bucket = self._bucket_of[name]
-                if bucket.index not in self._buffers:
-                    self._open(bucket)
-        if event in ("forward_done", "backward_done") and self.stage == 3:
+        super()._layer_event(event, index, layer)
+        if event in ("forward_done", "backward_done"):
             lo, hi, names = self._layers[index]
             for name in names:
                 self._params[name].data = released(self._params[name])
@@ -229,8 +311,6 @@ class ShardedOptimizer(DistributedOptimizer):
             start = self._offsets[name] - lo
             p.data = out[start : start + p.size].reshape(p.data.shape)
 
-    # -- the step --------------------------------------------------------------------------------
-
     def zero_grad(self) -> None:
         super().zero_grad()
         self._gather_wait_s = 0.0
@@ -241,55 +321,22 @@ class ShardedOptimizer(DistributedOptimizer):
 
     def step(self) -> None:
         self.synchronize()
-        self.optimizer.step()  # this rank's slice only
-        if self.stage <= 2:
-            mine = self.params_flat[self.shard].copy()  # MPI forbids a send buffer inside the receive buffer
-            allgather(mine, out=self.params_flat, name="zero-parameters")
-
-    # -- what this rank holds --------------------------------------------------------------------
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds."""
-        return sum(a.nbytes for a in self.optimizer.state_arrays().values())
-
-    def held_bytes(self) -> dict:
-        params = self.params_flat.nbytes if self.stage <= 2 else self.owned.data.nbytes + self.peak["params"]
-        grads = self.flat.nbytes if self.stage == 1 else self.owned.grad.nbytes + self.peak["grads"]
-        state = self.state_bytes()
-        return {"params": params, "grads": grads, "state": state, "total": params + grads + state,
-                "transient": self.peak["grads"] + self.peak["params"]}
-
-    def shard_arrays(self) -> dict:
-        """This rank's slices of the flat parameter and optimizer-state vectors (for checkpoints)."""
-        arrays = {"params": self.owned.data}
-        arrays.update({f"state/{kind}": a for kind, a in self.optimizer.state["shard"].items()})
-        return arrays
+        self.optimizer.step()  # this rank's slice; nothing is gathered until the next forward
 
     def shards_loaded(self) -> None:
-        """After shard_arrays() were overwritten (a resume): give stage 1-2 ranks the full parameters."""
-        if self.stage <= 2:
-            self.params_flat[...] = allgather(self.owned.data.copy(), name="zero-parameters")
+        """Nothing to rebuild: parameters are gathered from the slices when their layer runs."""
 
-    def full_parameters(self) -> dict:
-        """Every parameter, whole, by name (collective): for evaluation elsewhere or export."""
-        flat = allgather(self.owned.data.copy(), name="zero-full-parameters")
-        return {name: flat[offset : offset + self._params[name].size].reshape(self._params[name].data.shape)
-                for name, offset in self._offsets.items()}
+    def _parameter_bytes(self) -> int:
+        return self.owned.data.nbytes + self.peak["params"]
 
-    def layout(self) -> list:
-        """[name, shape] in flat order: what a sharded checkpoint must match."""
-        return [[name, list(self._params[name].data.shape)] for name in sorted(self._offsets, key=self._offsets.get)]
 
-    # -- the Strategy's checkpoints: this rank's slices of the flat vectors --------------------------
+ZERO_STAGES = {1: ZeroStage1, 2: ZeroStage2, 3: ZeroStage3}
+STAGES = tuple(ZERO_STAGES)
 
-    def checkpoint_arrays(self) -> dict:
-        total = sum(p.size for p in self._params.values())
-        return {f"zero/{name}": Slab(a, self.shard.start, total) for name, a in self.shard_arrays().items()}
 
-    checkpoint_layout = layout
-
-    def load_checkpoint(self, arrays: dict, steps: int) -> None:
-        for name, slab in self.checkpoint_arrays().items():
-            slab.data[...] = arrays[name]
-        self.shards_loaded()
-        self.optimizer.steps = steps
+def ShardedOptimizer(optimizer, model, stage: int = 1, **kwargs):  # noqa: N802 (reads as the class it returns)
+    """ZeRO stage `stage` around `optimizer` and `model`: the ZERO_STAGES class, same arguments as
+    DistributedOptimizer (stages 2 and 3 also take `buckets_in_flight`)."""
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"ZeRO stage {stage} is not implemented; available: {STAGES}")
+    return ZERO_STAGES[stage](optimizer, model, **kwargs)
