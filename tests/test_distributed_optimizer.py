@@ -296,3 +296,29 @@ def test_zero_never_holds_the_whole_optimizer_state(comm, stage):
     n = nn.mlp((256, 256, 256, 5)).num_parameters()
     state = peak(adam) - peak(lambda model: optim.SGD(model, lr=0.1))
     assert 0 < state < 8 * n * (1 / p + 0.25), (state, 8 * n)
+
+
+def test_a_gradient_layout_is_passed_in_and_checked(comm):
+    from hpc_train.optim.layout import lay_out
+
+    batches = global_batches(3, comm.Get_size())
+    model = nn.mlp(WIDTHS, seed=7)
+    named = model.named_parameters()
+    layout = lay_out(named, cap=100, split_parameters=True)  # buckets cut inside the 24x40 weight
+    assert not layout.spans_one_bucket() and layout.total == model.num_parameters()
+    dist = optim.DistributedOptimizer(sgd(model), model, layout=layout)
+    assert dist.buckets is layout.buckets and len(layout.buckets) > 1
+    loss = nn.SoftmaxCrossEntropy()
+    r = comm.Get_rank()
+    for x, y in batches:
+        dist.zero_grad()
+        loss.forward(model(x[r * PER_RANK : (r + 1) * PER_RANK]), y[r * PER_RANK : (r + 1) * PER_RANK])
+        model.backward(loss.backward())
+        dist.step()
+    assert_close(model, train_single(batches, sgd, 3), rtol=2e-5)
+    with pytest.raises(ValueError, match="opens one buffer a bucket"):
+        other = nn.mlp(WIDTHS, seed=7)
+        optim.ShardedOptimizer(sgd(other), other, stage=2, layout=lay_out(other.named_parameters(), 100, True))
+    with pytest.raises(ValueError, match="does not match the model"):
+        other = nn.mlp((24, 5))
+        optim.DistributedOptimizer(sgd(other), other, layout=layout)

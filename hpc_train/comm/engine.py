@@ -10,6 +10,7 @@ the GIL inside MPI calls and NumPy inside large kernels: the overlap is real.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import queue
 import threading
@@ -89,11 +90,16 @@ class ProgressBoard:
 
         def read(q: int) -> None:
             value = np.zeros(2, np.int64)
+            locked = False
             try:
                 self.win.Lock(q, self._mpi.LOCK_SHARED)
+                locked = True
                 self.win.Get(value, q)
                 self.win.Unlock(q)
             except self._mpi.Exception:  # a peer that has gone (the job ending, a lost node) did not answer
+                if locked:  # never leave q's window locked: q's own publish would wait for it forever
+                    with contextlib.suppress(self._mpi.Exception):
+                        self.win.Unlock(q)
                 return
             counts[q] = int(value[slot])
 

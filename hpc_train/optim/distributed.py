@@ -15,7 +15,6 @@ was not submitted during backward is submitted by `step()`.
 
 from __future__ import annotations
 
-import bisect
 import time
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from .. import kernels
 from ..comm import allreduce_async, broadcast, engine, shared_empty
 from ..comm.ops import bfloat16_dtype
+from .layout import Bucket, GradientLayout, lay_out
 from .strategy import ReplicatedState
 
 COMPRESSIONS = ("fp16", "bf16")
@@ -62,16 +62,6 @@ def _compressed_dtype(compression):
     raise ValueError(f"compression {compression!r}: expected None or one of {COMPRESSIONS}")
 
 
-class _Bucket:
-    """Elements [start, stop) of the fusion buffer; complete when every element was announced."""
-
-    def __init__(self, index: int, start: int, stop: int, names: list[str]):
-        self.index, self.start, self.stop, self.names = index, start, stop, names
-        self.ready = 0  # elements announced in the current backward pass
-        self.passes = 0
-        self.handle = None
-
-
 class DistributedOptimizer(ReplicatedState):
     """Wrap an optimizer so that `step()` applies gradients averaged over all ranks.
 
@@ -81,14 +71,16 @@ class DistributedOptimizer(ReplicatedState):
     (pre-divided by the rank count so that their sum stays in range). A wait longer
     than `stall_warning_s` logs the ranks that have not joined; after `stall_abort_s`
     the job aborts. `timeline` (train.timeline.Timeline) records pack, allreduce and
-    unpack per bucket; `exposed_s` is the last step's wait for communication.
+    unpack per bucket; `exposed_s` is the last step's wait for communication. `layout`
+    (`layout.GradientLayout`) places gradients and cuts buckets; by default `lay_out` with
+    buckets of `bucket_mb`.
 
     It is the data-parallel training strategy (`strategy.Strategy`).
     """
 
     def __init__(self, optimizer, model, bucket_mb: float = 25.0, compression: str | None = None,
                  backward_passes_per_step: int = 1, stall_warning_s: float = 60.0,
-                 stall_abort_s: float = 600.0, timeline=None):
+                 stall_abort_s: float = 600.0, timeline=None, layout: GradientLayout | None = None):
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self.optimizer, self.model = optimizer, model
@@ -107,10 +99,15 @@ class DistributedOptimizer(ReplicatedState):
         self.timeline = timeline
         self.exposed_s = 0.0
         total = sum(p.size for p in named.values())
+        self.layout = layout or lay_out(named, max(1, int(bucket_mb * (1 << 20)) // dtype.itemsize),
+                                        self.split_parameters)
+        if set(self.layout.offsets) != set(named) or self.layout.total != total:
+            raise ValueError(f"gradient layout of {len(self.layout.offsets)} parameters ({self.layout.total} elements) "
+                             f"does not match the model's {len(named)} ({total} elements)")
+        self._offsets, self.buckets = self.layout.offsets, self.layout.buckets
         self._allocate_gradients(total, dtype, comm)
-        self._offsets: dict[str, int] = {}
-        self.buckets = self._lay_out(named, max(1, int(bucket_mb * (1 << 20)) // dtype.itemsize))
-        self._starts = [b.start for b in self.buckets]
+        for name, p in named.items():
+            self._bind_gradient(name, p, self._offsets[name])
         self._next = 0
         broadcast_parameters(named)
         broadcast_optimizer_state(optimizer)
@@ -130,36 +127,12 @@ class DistributedOptimizer(ReplicatedState):
         view[...] = p.grad
         p.grad = view
 
-    def _lay_out(self, named: dict, cap: int) -> list[_Bucket]:
-        """Give every parameter its offset in reverse order; cut buckets of ~cap elements.
-
-        Buckets end at parameter boundaries, except that with `split_parameters` a
-        parameter larger than a bucket is cut into bucket-sized pieces.
-        """
-        offset, cuts, start = 0, [], 0
-        for name, p in reversed(list(named.items())):
-            self._bind_gradient(name, p, offset)
-            self._offsets[name] = offset
-            offset += p.size
-            while offset - start >= cap:
-                split = self.split_parameters and p.size > cap and offset - start > cap
-                start = start + cap if split else offset
-                cuts.append(start)
-        if not cuts or cuts[-1] != offset:
-            cuts.append(offset)
-        buckets, lo = [], 0
-        for hi in cuts:
-            names = [n for n, off in self._offsets.items() if off < hi and off + named[n].size > lo]
-            buckets.append(_Bucket(len(buckets), lo, hi, names))
-            lo = hi
-        return buckets
-
     def _grad_ready(self, name: str, parameter, start: int, stop: int) -> None:
         offset = self._offsets.get(name)
         if offset is None:
             return
         lo, hi = offset + start, offset + stop
-        index = bisect.bisect_right(self._starts, lo) - 1
+        index = self.layout.first_bucket(lo)
         while index < len(self.buckets) and self.buckets[index].start < hi:
             bucket = self.buckets[index]
             bucket.ready += min(hi, bucket.stop) - max(lo, bucket.start)
@@ -176,7 +149,7 @@ class DistributedOptimizer(ReplicatedState):
             self._submit(self.buckets[self._next])
             self._next += 1
 
-    def _submit(self, bucket: _Bucket) -> None:
+    def _submit(self, bucket: Bucket) -> None:
         start = time.perf_counter()
         for name in bucket.names:  # parameters no backward reached hold stale values
             self._params[name].materialize()
@@ -186,7 +159,7 @@ class DistributedOptimizer(ReplicatedState):
         bucket.handle = self._reduce(bucket, grads, f"bucket{bucket.index}")
         self._record(f"pack bucket{bucket.index}", "comm", start, time.perf_counter())
 
-    def _reduce(self, bucket: _Bucket, grads, name: str):
+    def _reduce(self, bucket: Bucket, grads, name: str):
         """Start averaging a bucket's gradients on the engine; the handle."""
         if self.compressed is None:
             return allreduce_async(grads, op="mean", out=grads, name=name)
@@ -212,7 +185,7 @@ class DistributedOptimizer(ReplicatedState):
 
     reduction = "allreduce"
 
-    def _reduced(self, bucket: _Bucket) -> None:
+    def _reduced(self, bucket: Bucket) -> None:
         """After a bucket's collective: unpack a compressed bucket into the fusion buffer."""
         if self.compressed is not None:
             start = time.perf_counter()

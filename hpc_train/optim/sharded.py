@@ -174,6 +174,9 @@ class ZeroStage2(_Zero):
         if not hasattr(model, "register_layer_hook"):
             raise TypeError(f"ZeRO stage {self.stage} needs a Sequential model, got {type(model).__name__}")
         self.buckets_in_flight = max(1, buckets_in_flight)
+        if kwargs.get("layout") is not None and not kwargs["layout"].spans_one_bucket():
+            raise ValueError(f"ZeRO stage {self.stage} opens one buffer a bucket: every parameter must lie in "
+                             f"one bucket (a layout with split_parameters=False)")
         self._buffers: dict[int, np.ndarray] = {}  # open gradient buffers by bucket index
         super().__init__(optimizer, model, **kwargs)
         self._bucket_of = {name: b for b in self.buckets for name in b.names}
