@@ -50,7 +50,7 @@ def _source(package: str, source: str):
 
 def compiler(variable: str, names: tuple[str, ...]) -> str:
     """$variable, or the first of `names` on PATH; NativeUnavailable naming them otherwise."""
-    found = os.environ.get(variable) or next((shutil.which(n) for n in names if shutil.which(n)), None)
+    found = os.environ.get(variable) or next(filter(None, map(shutil.which, names)), None)
     if found is None:
         raise NativeUnavailable(f"no compiler ({', '.join(names)} or ${variable}) on PATH")
     return found

@@ -48,10 +48,6 @@ def _zero_or_one(text: str) -> bool:
     return text == "1"
 
 
-def _size(text: str) -> int:
-    return parse_size(text)
-
-
 @dataclass(frozen=True)
 class Variable:
     name: str
@@ -66,10 +62,10 @@ VARIABLES = {
     "tuning": Variable("HPC_TRAIN_TUNING", str, None),
     "no_native": Variable("HPC_TRAIN_NO_NATIVE", lambda text: text == "1", False),
     "cache": Variable("HPC_TRAIN_CACHE", str, None),
-    "ring_segment": Variable("HPC_TRAIN_RING_SEGMENT", _size, 1 << 20),
-    "shm_chunk": Variable("HPC_TRAIN_SHM_CHUNK", _size, 512 << 10),
-    "shm_small": Variable("HPC_TRAIN_SHM_SMALL", _size, 256 << 10),
-    "shm_flag_chunk": Variable("HPC_TRAIN_SHM_FLAG_CHUNK", _size, 256 << 10),
+    "ring_segment": Variable("HPC_TRAIN_RING_SEGMENT", parse_size, 1 << 20),
+    "shm_chunk": Variable("HPC_TRAIN_SHM_CHUNK", parse_size, 512 << 10),
+    "shm_small": Variable("HPC_TRAIN_SHM_SMALL", parse_size, 256 << 10),
+    "shm_flag_chunk": Variable("HPC_TRAIN_SHM_FLAG_CHUNK", parse_size, 256 << 10),
     "log_level": Variable("HPC_TRAIN_LOG_LEVEL", str, "WARNING"),
 }
 
