@@ -133,17 +133,22 @@ def record_pushes(log: list):
 
 
 def assert_ssp_bound_in_push_order(comm, log, bound):
+    """Every worker's pushes gathered, then checked by `check_ssp_bound`."""
+    pushes = [(seq, worker, clock) for worker, entries in enumerate(comm.allgather(log)) for seq, clock in entries]
+    return check_ssp_bound(pushes, comm.Get_size(), bound)
+
+
+def check_ssp_bound(pushes, workers, bound):
     """A worker may start step c only once every other worker has finished step c - bound - 1,
     push included: so in the store's order, each push at clock c follows every other worker's
-    push at clock c - bound - 1. Checked from the pushes alone, not from the wait loop's records."""
-    p = comm.Get_size()
-    pushes = sorted((seq, worker, clock) for worker, entries in enumerate(comm.allgather(log))
-                    for seq, clock in entries)
+    push at clock c - bound - 1. Checked from the pushes alone (sequence, worker, clock), not from
+    the wait loop's records. Returns how far ahead of the slowest a worker ran."""
+    pushes = sorted(pushes)
     assert [seq for seq, _, _ in pushes] == list(range(len(pushes)))  # every push counted once
-    pushed = [-1] * p  # the last clock each worker has pushed, in store order
+    pushed = [-1] * workers  # the last clock each worker has pushed, in store order
     ahead = 0
     for seq, worker, clock in pushes:
-        slowest = min(pushed[v] for v in range(p) if v != worker)
+        slowest = min(pushed[v] for v in range(workers) if v != worker)
         assert slowest >= clock - bound - 1, (f"push #{seq}: worker {worker} at clock {clock} while another "
                                               f"had pushed only up to clock {slowest} (bound {bound})")
         ahead = max(ahead, clock - 1 - slowest)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from .conftest import ROOT, clean_environment, python_cmd, run_mpi
+from .test_ps import check_ssp_bound
 
 
 def train(ranks, *sets, metrics, job="jobs/demo.toml", timeout=300):
@@ -23,14 +25,20 @@ def train(ranks, *sets, metrics, job="jobs/demo.toml", timeout=300):
 @pytest.mark.parametrize("mode", ["async", "ssp"])
 def test_the_demo_cnn_learns_through_the_parameter_server(tmp_path, mode):
     metrics = tmp_path / "m.jsonl"
-    proc = train(2, f"ps.mode={mode}", "ps.staleness=2", "optimizer.lr=0.01", metrics=metrics)
+    timeline = tmp_path / "trace.json"
+    proc = train(2, f"ps.mode={mode}", "ps.staleness=2", "optimizer.lr=0.01", f"log.timeline={timeline}",
+                 metrics=metrics)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     summary = records[-1]
     assert summary["ps_mode"] == mode and summary["val_accuracy"] >= 0.85, summary
     steps = [r for r in records if r["type"] == "step"]
     assert all({"mean", "max", "histogram"} <= set(r["staleness"]) for r in steps)
-    if mode == "ssp":
+    pushes = [(int(m[1]), event["pid"], int(m[2])) for event in json.loads(timeline.read_text())["traceEvents"]
+              if (m := re.match(r"push #(\d+) at clock (\d+)", event["name"]))]
+    assert len(pushes) == 2 * summary["steps"]  # every push of both workers, each once
+    if mode == "ssp":  # the witness: the store's own push order, read from both ranks' timelines
+        assert check_ssp_bound(pushes, 2, 2) <= 2
         assert summary["staleness"]["max"] <= 2
 
 

@@ -144,12 +144,16 @@ class ParameterServerOptimizer:
             if self.mode == "staleness_lr":
                 lr = lr / max(1, stale)
             self.store.push(-lr * update)
-            self.store.count_update()
+            sequence = self.store.count_update()
             if self.mode in ("async", "staleness_lr"):
                 self.staleness.append(stale)
         self.store.tick()
+        # The store's sequence number orders every worker's pushes: a timeline reader can check the
+        # SSP bound from these spans alone, independently of the wait loop.
+        pushed = f"push #{sequence} at clock {self.steps}" if self.mode != "easgd" else "local step"
         self.steps += 1
-        self._record(f"push (staleness {self.staleness[-1] if self.staleness else 0})", started, time.perf_counter())
+        self._record(f"{pushed} (staleness {self.staleness[-1] if self.staleness else 0})", started,
+                     time.perf_counter())
         self.exposed_s += time.perf_counter() - started
 
     def _exchange_with_center(self) -> None:
