@@ -7,10 +7,10 @@ every gradient of a bucket, the bucket is averaged in place on the background
 engine: no packing copy, and no copy into the shared window either. `step()`
 waits for the outstanding buckets and updates the parameters.
 
-Buckets are always submitted in index order (a bucket that completes early waits
-for its predecessors), so every rank runs the same collectives in the same order
-even if ranks finish layers in a different order or skip a parameter; whatever
-was not submitted during backward is submitted by `step()`.
+Buckets are always submitted in index order (`layout.BucketQueue`), so every rank
+runs the same collectives in the same order even if ranks finish layers in a
+different order or skip a parameter; whatever was not submitted during backward is
+submitted by `step()`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from .. import kernels
 from ..comm import allreduce_async, broadcast, engine, shared_empty
 from ..comm.ops import bfloat16_dtype
-from .layout import Bucket, GradientLayout, lay_out
+from .layout import Bucket, BucketQueue, GradientLayout, lay_out
 from .strategy import ReplicatedState
 
 COMPRESSIONS = ("fp16", "bf16")
@@ -49,7 +49,22 @@ def broadcast_optimizer_state(optimizer, root: int = 0) -> None:
     optimizer.steps = int(steps[0])
 
 
-def _compressed_dtype(compression):
+def start_mean(grads, wire, size: int, name: str):
+    """Start averaging `grads` over the ranks in place on the engine; the handle. With a `wire` buffer
+    (fp16/bf16) the gradients travel in it, pre-divided by the rank count so that their sum stays in
+    range: `finish_mean` unpacks it once the handle is done."""
+    if wire is None:
+        return allreduce_async(grads, op="mean", out=grads, name=name)
+    kernels.pack(grads, wire, 1.0 / size)
+    return allreduce_async(wire, op="sum", out=wire, name=name)
+
+
+def finish_mean(wire, grads) -> None:
+    """The averaged gradients out of a compressed bucket's wire buffer."""
+    kernels.unpack(wire, grads)
+
+
+def compressed_dtype(compression):
     if compression is None:
         return None
     if compression == "fp16":
@@ -85,7 +100,7 @@ class DistributedOptimizer(ReplicatedState):
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self.optimizer, self.model = optimizer, model
         self.passes_per_step = backward_passes_per_step
-        self.compressed = _compressed_dtype(compression)
+        self.compressed = compressed_dtype(compression)
         named = model.named_parameters()
         self._params = named
         dtypes = {str(p.data.dtype) for p in named.values()}
@@ -108,7 +123,7 @@ class DistributedOptimizer(ReplicatedState):
         self._allocate_gradients(total, dtype, comm)
         for name, p in named.items():
             self._bind_gradient(name, p, self._offsets[name])
-        self._next = 0
+        self.queue = BucketQueue(self.layout, self.passes_per_step)
         broadcast_parameters(named)
         broadcast_optimizer_state(optimizer)
         model.register_grad_hook(self._grad_ready)
@@ -129,25 +144,9 @@ class DistributedOptimizer(ReplicatedState):
 
     def _grad_ready(self, name: str, parameter, start: int, stop: int) -> None:
         offset = self._offsets.get(name)
-        if offset is None:
-            return
-        lo, hi = offset + start, offset + stop
-        index = self.layout.first_bucket(lo)
-        while index < len(self.buckets) and self.buckets[index].start < hi:
-            bucket = self.buckets[index]
-            bucket.ready += min(hi, bucket.stop) - max(lo, bucket.start)
-            if bucket.ready == bucket.stop - bucket.start:
-                bucket.ready = 0
-                bucket.passes += 1
-                if bucket.passes == self.passes_per_step:
-                    self._submit_ready()
-            index += 1
-
-    def _submit_ready(self) -> None:
-        """Submit completed buckets in index order, starting from the next unsubmitted one."""
-        while self._next < len(self.buckets) and self.buckets[self._next].passes >= self.passes_per_step:
-            self._submit(self.buckets[self._next])
-            self._next += 1
+        if offset is not None:
+            for bucket in self.queue.announce(offset + start, offset + stop):
+                self._submit(bucket)
 
     def _submit(self, bucket: Bucket) -> None:
         start = time.perf_counter()
@@ -161,25 +160,20 @@ class DistributedOptimizer(ReplicatedState):
 
     def _reduce(self, bucket: Bucket, grads, name: str):
         """Start averaging a bucket's gradients on the engine; the handle."""
-        if self.compressed is None:
-            return allreduce_async(grads, op="mean", out=grads, name=name)
-        wire = self._wire[bucket.start : bucket.stop]
-        kernels.pack(grads, wire, 1.0 / self.size)
-        return allreduce_async(wire, op="sum", out=wire, name=name)
+        wire = None if self.compressed is None else self._wire[bucket.start : bucket.stop]
+        return start_mean(grads, wire, self.size, name)
 
     def synchronize(self) -> None:
         """Submit what backward did not, wait for every bucket, and unpack compressed ones."""
-        for bucket in self.buckets[self._next :]:
+        for bucket in self.queue.remaining():
             self._submit(bucket)
-        self._next = len(self.buckets)
         waiting = time.perf_counter()
         for bucket in self.buckets:
             handle = bucket.handle
             self._engine.wait_watched(handle, self.stall_warning_s, self.stall_abort_s)
             self._record(f"{self.reduction} {handle.name}", "comm", handle.started, handle.finished, tid="engine")
             self._reduced(bucket)
-            bucket.handle, bucket.passes, bucket.ready = None, 0, 0
-        self._next = 0
+        self.queue.reset()
         self.exposed_s = time.perf_counter() - waiting
         self._record("wait for gradients", "comm", waiting, waiting + self.exposed_s)
 
@@ -189,7 +183,7 @@ class DistributedOptimizer(ReplicatedState):
         """After a bucket's collective: unpack a compressed bucket into the fusion buffer."""
         if self.compressed is not None:
             start = time.perf_counter()
-            kernels.unpack(self._wire[bucket.start : bucket.stop], self.flat[bucket.start : bucket.stop])
+            finish_mean(self._wire[bucket.start : bucket.stop], self.flat[bucket.start : bucket.stop])
             self._record(f"unpack {bucket.handle.name}", "comm", start, time.perf_counter())
 
     def _record(self, name, cat, start, end, tid="main") -> None:
