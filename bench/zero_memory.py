@@ -6,13 +6,19 @@ Builds the reference `cnn` with Adam (float32), wraps it as stage 0
 (DistributedOptimizer) and stages 1-3 (ShardedOptimizer), trains two steps on
 random data and counts the bytes each rank holds: persistent arrays plus the
 high-water mark of transient ones (gradient buckets in flight, gathered layers).
-Beside that tally, the process's own figure: the peak of NumPy's allocations as
-tracemalloc sees them, from before the model is built to after the two steps. It
-sees what the tally may miss (a full-size temporary, optimizer state created whole
-before being sharded) and what the tally leaves out on purpose (activations, im2col
-buffers); it does not see MPI shared-memory windows (the fusion buffer of stages 0
-and 1, which the tally counts). A resident-set figure was tried first: in one process
-running the stages in turn, freed memory that the allocator keeps made it meaningless.
+Beside that tally, two figures the process gives itself. The peak of NumPy's
+allocations as tracemalloc sees them, from before the model is built to after the
+two steps: it sees what the tally may miss (a full-size temporary, optimizer state
+created whole before being sharded) and what the tally leaves out on purpose
+(activations, im2col buffers), but not MPI shared-memory windows (the fusion buffer
+of stages 0 and 1, which the tally counts). And the growth of the peak resident set
+(VmHWM, reset through /proc/self/clear_refs before the model is built, minus VmRSS
+then), which sees everything the process touches, shared windows included. The
+allocator keeps freed memory, so the resident figure means something only for the
+first stage a process runs: measure it one stage a launch,
+
+    for s in 0 1 2 3; do mpirun -n 2 python bench/zero_memory.py --stage $s; done
+
 Theory (ZeRO paper, 4-byte parameters and gradients, 8-byte Adam state, P
 parameters, p ranks): stage 0 16P, stage 1 8P + 8P/p, stage 2 4P + 12P/p,
 stage 3 16P/p; transient buffers come on top and do not shrink with p.
@@ -39,8 +45,23 @@ def theory_bytes(stage: int, n: int, p: int) -> float:
     return params + grads + state
 
 
-def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict, int]:
+def status_kb(field: str) -> int:
+    """A figure of /proc/self/status, kB (VmRSS: resident now, VmHWM: its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_resident() -> None:
+    """Start VmHWM again from the current resident set (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict, int, int]:
     gc.collect()
+    reset_peak_resident()
+    resident_kb = status_kb("VmRSS")
     tracemalloc.start()
     model = nn.cnn()
     adam = optim.Adam(model, lr=1e-3)
@@ -57,35 +78,40 @@ def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict, int]:
         wrapper.step()
     traced_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return model.num_parameters(), wrapper.held_bytes(), traced_peak
+    resident_growth = 1024 * (status_kb("VmHWM") - resident_kb)
+    return model.num_parameters(), wrapper.held_bytes(), traced_peak, resident_growth
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bucket-mb", type=float, default=0.25, help="gradient bucket size (default 0.25)")
+    parser.add_argument("--stage", type=int, action="append", choices=(0, 1, 2, 3),
+                        help="measure this stage (repeatable; default all, in turn: see above for the resident figure)")
     parser.add_argument("--json", default="results/zero_memory.json")
     args = parser.parse_args()
     ht.init()
     p, world = ht.size(), ht.runtime.world()
     rows = []
-    for stage in (0, 1, 2, 3):
-        n, held, traced = measure(stage, args.bucket_mb, ht.rank())
+    for stage in args.stage or (0, 1, 2, 3):
+        n, held, traced, resident = measure(stage, args.bucket_mb, ht.rank())
         worst = max(world.allgather(held), key=lambda h: h["total"])
-        traced = max(world.allgather(traced))
+        traced, resident = max(world.allgather(traced)), max(world.allgather(resident))
         rows.append({"ranks": p, "stage": stage, "parameters": n, "bucket_mb": args.bucket_mb,
                      "measured_bytes_per_rank": worst["total"], "transient_bytes": worst["transient"],
                      "split": {k: worst[k] for k in ("params", "grads", "state")},
-                     "theory_bytes_per_rank": theory_bytes(stage, n, p), "traced_peak_bytes": traced})
+                     "theory_bytes_per_rank": theory_bytes(stage, n, p), "traced_peak_bytes": traced,
+                     "resident_peak_growth_bytes": resident})
     if ht.rank() == 0:
         print(f"# cnn ({rows[0]['parameters']} parameters), Adam, float32, {p} rank(s), buckets of "
               f"{args.bucket_mb} MB; max over ranks")
         print(f"{'stage':>5} {'tally MB':>9} {'persistent MB':>14} {'transient MB':>13} {'theory MB':>10} "
-              f"{'persistent/theory':>18} {'traced peak MB':>15}")
+              f"{'persistent/theory':>18} {'traced peak MB':>15} {'RSS peak growth MB':>19}")
         for r in rows:
             measured, theory = r["measured_bytes_per_rank"] / 1e6, r["theory_bytes_per_rank"] / 1e6
             transient = r["transient_bytes"] / 1e6
             print(f"{r['stage']:>5} {measured:9.3f} {measured - transient:14.3f} {transient:13.3f} {theory:10.3f} "
-                  f"{(measured - transient) / theory:18.3f} {r['traced_peak_bytes'] / 1e6:15.3f}")
+                  f"{(measured - transient) / theory:18.3f} {r['traced_peak_bytes'] / 1e6:15.3f} "
+                  f"{r['resident_peak_growth_bytes'] / 1e6:19.3f}")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
