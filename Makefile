@@ -13,6 +13,7 @@ PIP         := $(PY) -m pip --disable-pip-version-check --no-input -q
 # fresh clones on the same machine (CI) install it in seconds.
 WHEEL_CACHE ?= $(HOME)/.cache/hpc_train/wheels
 H5PY_VERSION ?= 3.16.0
+TORCH_VERSION ?= 2.13.0
 APT_PACKAGES := openmpi-bin libopenmpi-dev libhdf5-openmpi-dev pkg-config fio \
                 slurmctld slurmd slurm-client munge
 # Every mpirun is time-boxed: a hang fails fast instead of eating CI.
@@ -60,6 +61,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile | apt
 	  echo "       Removing the cached wheel $$wheel; run make again to rebuild it." >&2
 	  rm -f "$$wheel"; exit 1
 	fi
+	# PyTorch for hpc_train.torch, pinned: unpinned, pip would fetch a multi-gigabyte CUDA build
+	# (a CPU-only machine elsewhere: --index-url https://download.pytorch.org/whl/cpu)
+	$(PIP) install 'torch==$(TORCH_VERSION)'
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -84,9 +88,8 @@ demo: setup
 	timeout -k 10 $(MPI_TIMEOUT) mpirun -n 2 $(VENV)/bin/hpc-train train jobs/demo.toml \
 	    --metrics results/demo_metrics.jsonl
 
-# PyTorch only for the comparison (torch 2.13.0 CPU build: a file already on the dev machine).
+# Our NumPy models against PyTorch DDP (PyTorch comes with setup).
 bench-train: setup
-	$(PIP) install 'torch==2.13.0'
 	timeout -k 10 1800 $(PY) bench/train.py --repeats 5 --steps 30
 
 clean:

@@ -62,3 +62,20 @@ def mismatch_message(collective: str, descriptions: list[str]) -> str:
         label = "rank" if len(ranks) == 1 else "ranks"
         parts.append(f"{label} {','.join(map(str, ranks))}: {text}")
     return f"{collective}: ranks disagree on the call: " + "; ".join(parts)
+
+
+def verify_same_items(comm, what: str, items: list[str]) -> None:
+    """Raise CollectiveMismatchError on every rank unless all ranks pass the same list, naming the
+    first position where a rank differs from rank 0 (a model's parameters, say)."""
+    try:
+        verify_same(comm, what, "\n".join(items))
+    except CollectiveMismatchError:
+        every = comm.allgather(items)
+        for position in range(max(map(len, every))):
+            seen = [rank_items[position] if position < len(rank_items) else "nothing" for rank_items in every]
+            differing = [r for r, item in enumerate(seen) if item != seen[0]]
+            if differing:
+                raise CollectiveMismatchError(
+                    f"{what}: ranks disagree at #{position}: rank 0 has {seen[0]}, "
+                    + "; ".join(f"rank {r} has {seen[r]}" for r in differing)) from None
+        raise

@@ -1,0 +1,275 @@
+"""`DistributedOptimizer` for torch: gradients averaged over the ranks while backward still runs.
+
+The scheme of hpc_train's own data-parallel strategy (`optim/distributed.py`), fed by
+torch's autograd. Every trainable parameter's `.grad` becomes a view of a flat fusion
+buffer in node-shared memory (one a dtype), laid out in reverse registration order
+and cut into buckets (`optim.layout`), so the shared-memory reduction needs no copy
+in. A post-accumulate-grad hook announces each gradient as final; complete buckets
+are averaged in place on the background engine in index order (`BucketQueue`), the
+same order on every rank. `step()` waits, then steps the wrapped optimizer.
+
+Semantics are DDP's, so that a DDP script's results carry over: gradients are summed
+over backward passes (`backward_passes_per_step`, `no_sync()`) and averaged over
+ranks; a parameter no rank used keeps `grad=None` (the optimizer leaves it alone),
+one unused on some ranks only counts as zeros there; frozen parameters are left out;
+a tied parameter is reduced once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from ..comm import allreduce_async, engine, shared_empty
+from ..comm.check import verify_same_items
+from ..optim.distributed import compressed_dtype, finish_mean, start_mean
+from ..optim.layout import BucketQueue, concatenate, lay_out
+from ..runtime import world
+from .collectives import Average, reduce_op
+from .state import signature
+from .tensors import as_tensor, numpy_dtype
+
+
+def _named(model, named_parameters) -> dict[int, str]:
+    """id(parameter) -> its first name (a tied parameter has several)."""
+    if named_parameters is None and model is not None:
+        named_parameters = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+    names: dict[int, str] = {}
+    for name, p in named_parameters or ():
+        names.setdefault(id(p), name)
+    return names
+
+
+def _wrapped(attribute: str) -> property:
+    """The wrapped optimizer's attribute, read and written through (what torch's schedulers and
+    GradScaler touch on the optimizer they are given)."""
+    return property(lambda self: getattr(self.optimizer, attribute),
+                    lambda self, value: setattr(self.optimizer, attribute, value))
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """Wrap a `torch.optim.Optimizer` so that `step()` applies gradients averaged over all ranks.
+
+    `model` is the module (or its `named_parameters()`, Horovod's second argument) whose parameters
+    the optimizer trains; buckets hold about `bucket_mb` MiB. `compression` (`Compression.fp16` or
+    `bf16`) sends float32 buckets in 16 bits. A wait longer than `stall_warning_s` names the ranks
+    that have not joined; after `stall_abort_s` the job aborts. It is itself a torch optimizer, so
+    learning-rate schedulers take it; `param_groups` and `state` are the wrapped optimizer's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model=None, *, named_parameters=None,
+                 bucket_mb: float = 25.0, compression=None, backward_passes_per_step: int = 1, op: str = Average,
+                 stall_warning_s: float = 60.0, stall_abort_s: float = 600.0):
+        if backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
+        if reduce_op(op) != "mean":
+            raise ValueError(f"DistributedOptimizer averages gradients over ranks: op {op!r} is not supported")
+        self.optimizer, self.model = optimizer, model if isinstance(model, torch.nn.Module) else None
+        self.passes_per_step = backward_passes_per_step
+        self.stall_warning_s, self.stall_abort_s = stall_warning_s, stall_abort_s
+        # torch.optim.Optimizer's own machinery (step hooks, profiling), without its __init__, which
+        # would rebuild the param groups the wrapped optimizer owns
+        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                      "load_state_dict_post"):
+            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
+        self._patch_step_function()
+        self._params = self._trainable(_named(model, named_parameters))
+        comm = engine().comm
+        self.size = comm.Get_size()
+        verify_same_items(world(), "DistributedOptimizer parameters", signature(self._params))
+        self._build_buffers(bucket_mb, compressed_dtype(compression), comm)
+        self._used = np.zeros(len(self._params), np.uint8)  # which parameters backward reached since the last step
+        self._used_anywhere = np.zeros_like(self._used)
+        self._sync = True  # False inside no_sync()
+        self._reducing = False  # a backward outside no_sync() ran since the last synchronize()
+        self._synchronized = False
+        self.exposed_s = 0.0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, (_, p) in enumerate(self._params)]
+
+    # -- torch.optim.Optimizer's face: the wrapped optimizer's groups, state and defaults --------------------
+
+    param_groups = _wrapped("param_groups")
+    state = _wrapped("state")
+    defaults = _wrapped("defaults")
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        raise ValueError("DistributedOptimizer: add every param group to the optimizer before wrapping it "
+                         "(its gradients' buffers and buckets are laid out once)")
+
+    # -- set-up --------------------------------------------------------------------------------------------
+
+    def _trainable(self, names: dict[int, str]) -> list[tuple[str, torch.nn.Parameter]]:
+        """(name, parameter) of every parameter the optimizer trains, once each, in the model's order."""
+        unique = {}
+        for g, group in enumerate(self.optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.requires_grad:
+                    unique.setdefault(id(p), (names.get(id(p), f"param_groups.{g}.{i}"), p))
+        if names:
+            unnamed = [f"{tuple(p.shape)} {p.dtype}" for key, (_, p) in unique.items() if key not in names]
+            if unnamed:
+                raise ValueError(f"DistributedOptimizer: the optimizer trains {len(unnamed)} parameter(s) the model "
+                                 f"does not have: {', '.join(unnamed[:5])}")
+            order = list(names)
+            if self.model is not None:
+                untrained = [name for name, p in self.model.named_parameters() if p.requires_grad
+                             and id(p) not in unique]
+                if untrained:
+                    raise ValueError(f"DistributedOptimizer: the model's parameter(s) {', '.join(untrained[:5])} need "
+                                     f"gradients but the optimizer does not train them: add them to its param groups "
+                                     f"or freeze them (requires_grad_(False)) before wrapping")
+            return [unique[key] for key in order if key in unique]
+        return list(unique.values())
+
+    def _build_buffers(self, bucket_mb: float, wire_dtype, comm) -> None:
+        """One fusion buffer a dtype (dtypes in name order), every gradient a view of it."""
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for index, (_, p) in enumerate(self._params):
+            by_dtype.setdefault(p.dtype, []).append(index)
+        layouts, self._flats, self._wires = [], [], []
+        for dtype in sorted(by_dtype, key=str):
+            indices = by_dtype[dtype]
+            sizes = {self._params[i][0]: SimpleNamespace(size=self._params[i][1].numel()) for i in indices}
+            layouts.append(lay_out(sizes, max(1, int(bucket_mb * (1 << 20)) // dtype.itemsize), False))
+            flat = shared_empty(layouts[-1].total, numpy_dtype(dtype), comm=comm)
+            flat[...] = 0
+            self._flats.append(flat)
+            compress = wire_dtype is not None and dtype == torch.float32
+            self._wires.append(shared_empty(flat.size, wire_dtype, comm=comm) if compress else None)
+        self.layout = concatenate(layouts)
+        self.queue = BucketQueue(self.layout, self.passes_per_step)
+        self._index = {name: i for i, (name, _) in enumerate(self._params)}
+        # where each bucket lies: (buffer number, start, stop) within that dtype's buffer
+        bases = np.cumsum([0] + [layout.total for layout in layouts])
+        self._regions = []
+        for bucket in self.layout.buckets:
+            k = int(np.searchsorted(bases, bucket.start, side="right")) - 1
+            self._regions.append((k, bucket.start - int(bases[k]), bucket.stop - int(bases[k])))
+        self._views = []
+        for name, p in self._params:
+            start = self.layout.offsets[name]
+            k = int(np.searchsorted(bases, start, side="right")) - 1
+            view = as_tensor(self._flats[k])[start - int(bases[k]) : start - int(bases[k]) + p.numel()].view_as(p)
+            if p.grad is not None:
+                view.copy_(p.grad)
+            p.grad = view
+            self._views.append(view)
+
+    # -- backward ------------------------------------------------------------------------------------------
+
+    def _hook(self, index: int):
+        def ready(p: torch.nn.Parameter) -> None:
+            view = self._views[index]
+            if p.grad.data_ptr() != view.data_ptr():  # grads were set to None (or replaced) since the last step
+                view.copy_(p.grad)
+                p.grad = view
+            self._used[index] = 1
+            self._synchronized = False
+            if self._sync:
+                self._reducing = True  # on every rank alike, whether or not a bucket is complete yet here
+                start = self.layout.offsets[self._params[index][0]]
+                for bucket in self.queue.announce(start, start + p.numel()):
+                    self._submit(bucket)
+
+        return ready
+
+    @contextmanager
+    def no_sync(self):
+        """Backward passes inside accumulate gradients locally; the first one outside reduces them all."""
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = True
+
+    def _submit(self, bucket) -> None:
+        for name in bucket.names:  # a parameter this rank's backward did not reach counts as zeros
+            index = self._index[name]
+            if not self._used[index]:
+                self._views[index].zero_()
+                self._params[index][1].grad = self._views[index]
+        k, start, stop = self._regions[bucket.index]
+        wire = self._wires[k]
+        bucket.handle = start_mean(self._flats[k][start:stop], None if wire is None else wire[start:stop],
+                                   self.size, f"bucket{bucket.index}")
+
+    # -- the step --------------------------------------------------------------------------------------------
+
+    def synchronize(self) -> None:
+        """Reduce what backward did not, wait for every bucket; after it, `.grad` holds the average (for
+        clipping or GradScaler's unscale_ before `step()`)."""
+        self._check_model_unchanged()
+        for bucket in self.queue.remaining():
+            self._submit(bucket)
+        used = allreduce_async(self._used, op="max", out=self._used_anywhere, name="used parameters")
+        waiting = time.perf_counter()
+        watch = engine().wait_watched
+        for bucket in self.layout.buckets:
+            watch(bucket.handle, self.stall_warning_s, self.stall_abort_s)
+            k, start, stop = self._regions[bucket.index]
+            if self._wires[k] is not None:
+                finish_mean(self._wires[k][start:stop], self._flats[k][start:stop])
+        watch(used, self.stall_warning_s, self.stall_abort_s)
+        self.exposed_s = time.perf_counter() - waiting
+        for index in np.flatnonzero(self._used_anywhere == 0):  # no rank used it: as DDP, no gradient
+            self._params[index][1].grad = None
+        self.queue.reset()
+        self._used[:] = 0
+        self._synchronized, self._reducing = True, False
+
+    def _check_model_unchanged(self) -> None:
+        if self.model is None:
+            return
+        known = {id(p) for _, p in self._params}
+        added = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in known]
+        if added:
+            raise ValueError(f"DistributedOptimizer: parameter(s) {', '.join(added[:5])} were added to the model "
+                             f"after wrapping its optimizer; wrap it once the model is complete")
+
+    def step(self, closure=None):
+        """Wait for the averaged gradients (unless `synchronize()` already did), then step."""
+        if closure is not None:  # an optimizer that re-evaluates (LBFGS): every evaluation is averaged
+            def averaged():
+                with torch.enable_grad():
+                    loss = closure()
+                self.synchronize()
+                return loss
+
+            return self.optimizer.step(averaged)
+        if not self._synchronized:
+            self.synchronize()
+        self._synchronized = False
+        return self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the fusion buffers; gradients stay views of them (`set_to_none` is ignored, as in DDP
+        with gradient_as_bucket_view: a None gradient would cost a copy at the next backward)."""
+        if self._reducing:
+            raise RuntimeError("DistributedOptimizer.zero_grad() was called after backward() but before step() "
+                               "or synchronize(): gradients are still being reduced")
+        for flat in self._flats:
+            flat[...] = 0
+        for (_, p), view in zip(self._params, self._views, strict=True):
+            p.grad = view
+        self.queue.reset()
+        self._used[:] = 0
+
+    def close(self) -> None:
+        """Remove the hooks; gradients become ordinary tensors again (copies of the buffers)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for _, p in self._params:
+            if p.grad is not None:
+                p.grad = p.grad.clone()

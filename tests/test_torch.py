@@ -1,0 +1,242 @@
+"""hpc_train.torch under mpirun: tensor collectives and DistributedOptimizer against independent references.
+
+Every expected value is computed on each rank from every rank's inputs (which are a function of the
+rank), or by one process training on the global batch with plain torch: never from our own results.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import hpc_train.torch as htt  # noqa: E402
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7}  # relative, by dtype (bfloat16: its own epsilon)
+
+
+def rank_input(r: int, dtype, shape=(3, 5)) -> torch.Tensor:
+    return (torch.arange(torch.Size(shape).numel(), dtype=torch.float64).reshape(shape) % 7 + r + 1).to(dtype)
+
+
+# -- collectives -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64])
+@pytest.mark.parametrize("op", [htt.Sum, htt.Average, htt.Min, htt.Max, htt.Product])
+def test_allreduce_keeps_dtype_shape_and_device(comm, dtype, op):
+    p, r = comm.Get_size(), comm.Get_rank()
+    if op == htt.Average and not dtype.is_floating_point:
+        pytest.skip("the average of integers is not an integer")
+    every = torch.stack([rank_input(q, torch.float64) for q in range(p)])
+    expected = {htt.Sum: every.sum(0), htt.Average: every.mean(0), htt.Min: every.min(0).values,
+                htt.Max: every.max(0).values, htt.Product: every.prod(0)}[op]
+    x = rank_input(r, dtype)
+    before = x.clone()
+    result = htt.allreduce(x, op=op)
+    assert result.dtype == dtype and result.shape == x.shape and result.device == x.device
+    assert torch.equal(x, before)  # out of place leaves the input alone
+    exact = dtype in (torch.int64, torch.float64, torch.float32) or op in (htt.Min, htt.Max)
+    assert torch.allclose(result.double(), expected, rtol=0 if exact else 2e-2), (result, expected)
+    inplace = rank_input(r, dtype)
+    pointer = inplace.data_ptr()
+    assert htt.allreduce(inplace, op=op, out=inplace) is inplace and inplace.data_ptr() == pointer
+    assert torch.equal(inplace, result)
+    handle = htt.allreduce_async(rank_input(r, dtype), op=op, name=f"async {dtype} {op}")
+    assert torch.equal(htt.synchronize(handle), result)
+
+
+def test_allreduce_of_a_strided_tensor_and_horovod_spellings(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    base = rank_input(r, torch.float32, (4, 6))
+    strided = base[:, ::2]  # not contiguous: reduced through a copy, written back
+    expected = sum(rank_input(q, torch.float32, (4, 6))[:, ::2] for q in range(p))
+    htt.allreduce_(strided, op=htt.Sum)
+    assert torch.equal(base[:, ::2], expected)
+    assert torch.equal(base[:, 1::2], rank_input(r, torch.float32, (4, 6))[:, 1::2])  # the other columns untouched
+    assert torch.equal(htt.allreduce(rank_input(r, torch.float32), average=False), sum(
+        rank_input(q, torch.float32) for q in range(p)))
+    scaled = htt.allreduce(rank_input(r, torch.float32), op=htt.Sum, prescale_factor=0.5, postscale_factor=4.0)
+    assert torch.allclose(scaled, 2.0 * sum(rank_input(q, torch.float32) for q in range(p)))
+    compressed = htt.allreduce(rank_input(r, torch.float32), compression=htt.Compression.fp16)
+    assert compressed.dtype == torch.float32
+    assert torch.allclose(compressed, sum(rank_input(q, torch.float32) for q in range(p)) / p, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32])
+def test_allgather_reduce_scatter_and_broadcast(comm, dtype):
+    p, r = comm.Get_size(), comm.Get_rank()
+    gathered = htt.allgather(rank_input(r, dtype, (r + 1, 2)))  # first dimensions differ
+    assert gathered.dtype == dtype and torch.equal(gathered, torch.cat([rank_input(q, dtype, (q + 1, 2))
+                                                                          for q in range(p)]))
+    rows = 2 * p + 1  # uneven: the first rank takes the extra row
+    mine = htt.reduce_scatter(rank_input(r, dtype, (rows, 3)), op=htt.Sum)
+    total = sum(rank_input(q, torch.float64, (rows, 3)) for q in range(p))
+    start = sum(rows // p + (q < rows % p) for q in range(r))
+    assert mine.dtype == dtype and torch.equal(mine.double(), total[start : start + rows // p + (r < rows % p)])
+    x = rank_input(r, dtype)
+    copy = htt.broadcast(x, root_rank=p - 1)
+    assert torch.equal(copy, rank_input(p - 1, dtype)) and torch.equal(x, rank_input(r, dtype))
+    assert htt.broadcast_(x, root=p - 1) is x and torch.equal(x, rank_input(p - 1, dtype))
+
+
+# -- DistributedOptimizer ----------------------------------------------------------------------------------
+
+class Net(torch.nn.Module):
+    """Linear layers with a tied weight, a frozen one, a head only rank 0 uses, one no rank uses, and
+    optionally a bfloat16 layer (mixed dtypes: separate buffers)."""
+
+    def __init__(self, bf16: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.inp = torch.nn.Linear(6, 8)
+        self.mid = torch.nn.Linear(8, 8, dtype=torch.bfloat16 if bf16 else torch.float32)
+        self.frozen = torch.nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.out = torch.nn.Linear(8, 6, bias=False)
+        self.out.weight = self.inp.weight  # tied: (8, 6) is inp's (out, in) -> out maps 8 -> 6 transposed
+        self.rank0_head = torch.nn.Linear(8, 1)
+        self.unused_head = torch.nn.Linear(8, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x, rank: int):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.mid(h.to(self.mid.weight.dtype)).float())
+        h = torch.tanh(self.frozen(h))
+        y = h @ self.inp.weight  # the tied weight used a second time
+        loss = (y - x).pow(2).mean()
+        if rank == 0:
+            loss = loss + self.rank0_head(h).pow(2).mean()
+        return loss
+
+
+def batch(step: int, rank: int, micro: int = 0, n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 6, generator=torch.Generator().manual_seed(1000 * step + 10 * rank + micro))
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+}
+
+
+def train_reference(p: int, make_opt, steps: int, micro: int, bf16: bool) -> Net:
+    """One process, plain torch: each pass's loss the mean over ranks of every rank's loss."""
+    model = Net(bf16)
+    opt = make_opt([q for q in model.parameters() if q.requires_grad])
+    for step in range(steps):
+        opt.zero_grad()
+        for m in range(micro):
+            (sum(model(batch(step, q, m), q) for q in range(p)) / p).backward()
+        opt.step()
+    return model
+
+
+def train_ours(r: int, make_opt, steps: int, micro: int, bf16: bool, accumulate: str, **kwargs):
+    model = Net(bf16)
+    opt = htt.DistributedOptimizer(make_opt([q for q in model.parameters() if q.requires_grad]), model,
+                                   backward_passes_per_step=micro if accumulate == "passes" else 1, **kwargs)
+    htt.broadcast_parameters(model.state_dict(), root_rank=0)
+    htt.broadcast_optimizer_state(opt, root_rank=0)
+    for step in range(steps):
+        opt.zero_grad()
+        for m in range(micro):
+            if accumulate == "no_sync" and m < micro - 1:
+                with opt.no_sync():
+                    model(batch(step, r, m), r).backward()
+            else:
+                model(batch(step, r, m), r).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("bucket_mb, micro, accumulate, bf16", [
+    (25.0, 1, "passes", False),  # one bucket
+    (0.0002, 1, "passes", False),  # a bucket or two a layer
+    (0.0002, 3, "passes", False),  # backward_passes_per_step
+    (25.0, 2, "no_sync", False),
+    (0.0002, 1, "passes", True),  # float32 and bfloat16 parameters
+])
+def test_training_matches_one_process_on_the_global_batch(comm, name, bucket_mb, micro, accumulate, bf16):
+    p, r = comm.Get_size(), comm.Get_rank()
+    steps = 4
+    model, opt = train_ours(r, OPTIMIZERS[name], steps, micro, bf16, accumulate, bucket_mb=bucket_mb)
+    reference = train_reference(p, OPTIMIZERS[name], steps, micro, bf16)
+    assert len(opt.layout.buckets) == 1 if bucket_mb == 25.0 and not bf16 else len(opt.layout.buckets) > 1
+    mine = dict(model.named_parameters())
+    for pname, expected in reference.named_parameters():
+        got = mine[pname].detach()
+        everywhere = comm.allgather(got.float().numpy().tobytes())
+        assert all(b == everywhere[0] for b in everywhere), f"{pname} differs between ranks"
+        # a model that computes partly in bfloat16 carries bfloat16 rounding into its float32 layers too
+        tol = TOLERANCE[torch.bfloat16 if bf16 else expected.dtype]
+        assert torch.allclose(got.float(), expected.detach().float(), rtol=tol, atol=tol), (
+            f"{pname}: max difference {(got.float() - expected.float()).abs().max():.3g}")
+    assert model.unused_head.weight.grad is None  # no rank used it: no gradient, as DDP
+    assert torch.equal(model.unused_head.weight, Net(bf16).unused_head.weight)  # and the optimizer left it alone
+    assert model.frozen.weight.grad is None and torch.equal(model.frozen.weight, Net(bf16).frozen.weight)
+    assert model.rank0_head.weight.grad is not None  # used on rank 0 only: zeros elsewhere, averaged
+    opt.close()
+
+
+def test_gradients_are_views_of_the_fusion_buffer_and_survive_set_to_none(comm):
+    r = comm.Get_rank()
+    model = Net()
+    opt = htt.DistributedOptimizer(torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.1),
+                                   model)
+    views = {name: q.grad.data_ptr() for name, q in model.named_parameters() if q.requires_grad}
+    model.zero_grad(set_to_none=True)  # torch's default: our hook copies the new gradient back in
+    model(batch(0, r), r).backward()
+    opt.synchronize()
+    used = {name: q.grad for name, q in model.named_parameters() if q.grad is not None}
+    assert all(used[name].data_ptr() == views[name] for name in used)
+    p = comm.Get_size()
+    plain = [Net() for _ in range(p)]  # every rank's gradient, computed here with plain torch
+    for q, net in enumerate(plain):
+        net(batch(0, q), q).backward()
+    for name, grad in used.items():
+        grads = [dict(net.named_parameters())[name].grad for net in plain]
+        expected = sum(torch.zeros_like(grad) if g is None else g for g in grads) / p  # unused there: zeros
+        assert torch.allclose(grad, expected, rtol=1e-5, atol=1e-7), name
+    assert set(used) == {name for name, q in plain[0].named_parameters() if q.grad is not None}  # rank 0 uses most
+    opt.step()
+    with pytest.raises(RuntimeError, match="before step"):
+        model(batch(1, r), r).backward()
+        opt.zero_grad()
+    opt.step()
+    opt.close()
+
+
+# -- bad input: the same clear error on every rank, within seconds ---------------------------------------------
+
+def test_parameters_that_differ_between_ranks_are_named_on_every_rank(comm):
+    r = comm.Get_rank()
+    start = time.monotonic()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 3 if r == 0 else 2))
+    with pytest.raises(htt.CollectiveMismatchError, match=r"#2: rank 0 has 1.weight \(3, 4\) float32.*has 1.weight "
+                                                          r"\(2, 4\) float32"):  # in the model's order
+        htt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(htt.CollectiveMismatchError, match=r"#2: rank 0 has 1.bias \(3,\)"):  # in name order
+        htt.broadcast_parameters(model.state_dict(), root_rank=0)
+    assert time.monotonic() - start < 10
+
+
+def test_optimizer_and_model_that_disagree_are_named(comm):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"1.weight, 1.bias need gradients but the optimizer does not train them"):
+        htt.DistributedOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.1), model)
+    stranger = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match=r"trains 2 parameter\(s\) the model does not have: \(3, 3\)"):
+        htt.DistributedOptimizer(torch.optim.SGD([*model.parameters(), *stranger.parameters()], lr=0.1), model)
+    opt = htt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    model.add_module("late", torch.nn.Linear(2, 2))
+    model[1](model[0](torch.ones(1, 4))).sum().backward()
+    with pytest.raises(ValueError, match="late.weight, late.bias were added to the model after wrapping"):
+        opt.step()
+    opt.close()
