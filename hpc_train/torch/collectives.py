@@ -68,10 +68,10 @@ class Handle:
         return self._finish()
 
 
-def _plan(tensor, op, out, compression, prescale_factor, postscale_factor, name):
-    """(array to reduce, op, out array, finish): reduce in place on `out` when nothing is converted,
-    else on a contiguous copy converted to the wire dtype, then copied into the result."""
-    spec = reduce_op(op)
+def _plan(tensor, spec, out, compression, prescale_factor, postscale_factor, name):
+    """(array to reduce, our op, out array, finish) for op `spec` (our name): reduce in place on `out`
+    when nothing is converted, else on a contiguous copy converted to the wire dtype, then copied
+    into the result."""
     if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype or out.device != tensor.device):
         raise ValueError(f"allreduce {name}: out is {tuple(out.shape)} {out.dtype} on {out.device}, the input "
                          f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}")
