@@ -137,34 +137,29 @@ class DistributedOptimizer(torch.optim.Optimizer):
         by_dtype: dict[torch.dtype, list[int]] = {}
         for index, (_, p) in enumerate(self._params):
             by_dtype.setdefault(p.dtype, []).append(index)
-        layouts, self._flats, self._wires = [], [], []
-        for dtype in sorted(by_dtype, key=str):
-            indices = by_dtype[dtype]
-            sizes = {self._params[i][0]: SimpleNamespace(size=self._params[i][1].numel()) for i in indices}
-            layouts.append(lay_out(sizes, max(1, int(bucket_mb * (1 << 20)) // dtype.itemsize), False))
-            flat = shared_empty(layouts[-1].total, numpy_dtype(dtype), comm=comm)
+        layouts, self._flats, self._wires, self._regions, views = [], [], [], [], {}
+        for k, dtype in enumerate(sorted(by_dtype, key=str)):
+            named = {self._params[i][0]: self._params[i][1] for i in by_dtype[dtype]}
+            sizes = {name: SimpleNamespace(size=p.numel()) for name, p in named.items()}
+            layout = lay_out(sizes, max(1, int(bucket_mb * (1 << 20)) // dtype.itemsize), False)
+            flat = shared_empty(layout.total, numpy_dtype(dtype), comm=comm)
             flat[...] = 0
-            self._flats.append(flat)
             compress = wire_dtype is not None and dtype == torch.float32
+            self._flats.append(flat)
             self._wires.append(shared_empty(flat.size, wire_dtype, comm=comm) if compress else None)
-        self.layout = concatenate(layouts)
+            self._regions += [(k, b.start, b.stop) for b in layout.buckets]  # a bucket within its dtype's buffer
+            whole = as_tensor(flat)
+            views.update({name: whole[layout.offsets[name] : layout.offsets[name] + p.numel()].view_as(p)
+                          for name, p in named.items()})
+            layouts.append(layout)
+        self.layout = concatenate(layouts)  # every dtype's buckets in one order, the same on every rank
         self.queue = BucketQueue(self.layout, self.passes_per_step)
         self._index = {name: i for i, (name, _) in enumerate(self._params)}
-        # where each bucket lies: (buffer number, start, stop) within that dtype's buffer
-        bases = np.cumsum([0] + [layout.total for layout in layouts])
-        self._regions = []
-        for bucket in self.layout.buckets:
-            k = int(np.searchsorted(bases, bucket.start, side="right")) - 1
-            self._regions.append((k, bucket.start - int(bases[k]), bucket.stop - int(bases[k])))
-        self._views = []
-        for name, p in self._params:
-            start = self.layout.offsets[name]
-            k = int(np.searchsorted(bases, start, side="right")) - 1
-            view = as_tensor(self._flats[k])[start - int(bases[k]) : start - int(bases[k]) + p.numel()].view_as(p)
+        self._views = [views[name] for name, _ in self._params]
+        for (_, p), view in zip(self._params, self._views, strict=True):
             if p.grad is not None:
                 view.copy_(p.grad)
             p.grad = view
-            self._views.append(view)
 
     # -- backward ------------------------------------------------------------------------------------------
 
