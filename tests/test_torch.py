@@ -6,6 +6,7 @@ rank), or by one process training on the global batch with plain torch: never fr
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -125,7 +126,7 @@ OPTIMIZERS = {
 }
 
 
-def train_reference(p: int, make_opt, steps: int, micro: int, bf16: bool) -> Net:
+def train_reference(p: int, make_opt, steps: int, micro: int, bf16: bool, clip: float | None = None):
     """One process, plain torch: each pass's loss the mean over ranks of every rank's loss."""
     model = Net(bf16)
     opt = make_opt([q for q in model.parameters() if q.requires_grad])
@@ -133,11 +134,14 @@ def train_reference(p: int, make_opt, steps: int, micro: int, bf16: bool) -> Net
         opt.zero_grad()
         for m in range(micro):
             (sum(model(batch(step, q, m), q) for q in range(p)) / p).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-    return model
+    return model, opt
 
 
-def train_ours(r: int, make_opt, steps: int, micro: int, bf16: bool, accumulate: str, **kwargs):
+def train_ours(r: int, make_opt, steps: int, micro: int, bf16: bool, accumulate: str, clip: str | None = None,
+               **kwargs):
     model = Net(bf16)
     opt = htt.DistributedOptimizer(make_opt([q for q in model.parameters() if q.requires_grad]), model,
                                    backward_passes_per_step=micro if accumulate == "passes" else 1, **kwargs)
@@ -151,24 +155,21 @@ def train_ours(r: int, make_opt, steps: int, micro: int, bf16: bool, accumulate:
                     model(batch(step, r, m), r).backward()
             else:
                 model(batch(step, r, m), r).backward()
+        if clip == "torch":  # Horovod's recipe: whole averaged gradients, then torch's own clipping
+            opt.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        elif clip == "ours":
+            opt.clip_grad_norm_(CLIP)
         opt.step()
     return model, opt
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-@pytest.mark.parametrize("bucket_mb, micro, accumulate, bf16", [
-    (25.0, 1, "passes", False),  # one bucket
-    (0.0002, 1, "passes", False),  # a bucket or two a layer
-    (0.0002, 3, "passes", False),  # backward_passes_per_step
-    (25.0, 2, "no_sync", False),
-    (0.0002, 1, "passes", True),  # float32 and bfloat16 parameters
-])
-def test_training_matches_one_process_on_the_global_batch(comm, name, bucket_mb, micro, accumulate, bf16):
-    p, r = comm.Get_size(), comm.Get_rank()
-    steps = 4
-    model, opt = train_ours(r, OPTIMIZERS[name], steps, micro, bf16, accumulate, bucket_mb=bucket_mb)
-    reference = train_reference(p, OPTIMIZERS[name], steps, micro, bf16)
-    assert len(opt.layout.buckets) == 1 if bucket_mb == 25.0 and not bf16 else len(opt.layout.buckets) > 1
+CLIP = 0.05  # below the gradients' norm at every step of these runs: clipping always acts
+MODES = {"replicas": False, "node-shared": True}
+
+
+def assert_matches_reference(comm, model, reference, bf16: bool) -> None:
+    """Bitwise equal on every rank, and the one-process run's parameters within the dtype's tolerance."""
     mine = dict(model.named_parameters())
     for pname, expected in reference.named_parameters():
         got = mine[pname].detach()
@@ -178,6 +179,27 @@ def test_training_matches_one_process_on_the_global_batch(comm, name, bucket_mb,
         tol = TOLERANCE[torch.bfloat16 if bf16 else expected.dtype]
         assert torch.allclose(got.float(), expected.detach().float(), rtol=tol, atol=tol), (
             f"{pname}: max difference {(got.float() - expected.float()).abs().max():.3g}")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("bucket_mb, micro, accumulate, bf16", [
+    (25.0, 1, "passes", False),  # one bucket
+    (0.0002, 1, "passes", False),  # a bucket or two a layer
+    (0.0002, 3, "passes", False),  # backward_passes_per_step
+    (25.0, 2, "no_sync", False),
+    (0.0002, 1, "passes", True),  # float32 and bfloat16 parameters
+])
+def test_training_matches_one_process_on_the_global_batch(comm, mode, name, bucket_mb, micro, accumulate, bf16):
+    p, r = comm.Get_size(), comm.Get_rank()
+    steps = 4
+    model, opt = train_ours(r, OPTIMIZERS[name], steps, micro, bf16, accumulate, bucket_mb=bucket_mb,
+                            node_shared=MODES[mode])
+    reference, reference_opt = train_reference(p, OPTIMIZERS[name], steps, micro, bf16)
+    assert opt.node_shared == MODES[mode]
+    assert len(opt.layout.buckets) == 1 if bucket_mb == 25.0 and not bf16 else len(opt.layout.buckets) > 1
+    assert_matches_reference(comm, model, reference, bf16)
+    assert_same_state(opt.state_dict(), reference_opt.state_dict(), bf16)  # every rank holds all of it
     assert model.unused_head.weight.grad is None  # no rank used it: no gradient, as DDP
     assert torch.equal(model.unused_head.weight, Net(bf16).unused_head.weight)  # and the optimizer left it alone
     assert model.frozen.weight.grad is None and torch.equal(model.frozen.weight, Net(bf16).frozen.weight)
@@ -185,11 +207,103 @@ def test_training_matches_one_process_on_the_global_batch(comm, name, bucket_mb,
     opt.close()
 
 
-def test_gradients_are_views_of_the_fusion_buffer_and_survive_set_to_none(comm):
+def assert_same_state(got: dict, expected: dict, bf16: bool) -> None:
+    """Two optimizers' state_dicts: the same entries for the same parameters, values within tolerance."""
+    assert got["param_groups"] == expected["param_groups"]
+    assert sorted(got["state"]) == sorted(expected["state"])
+    for index, entries in expected["state"].items():
+        assert sorted(got["state"][index]) == sorted(entries), index
+        for key, value in entries.items():
+            tol = TOLERANCE[torch.bfloat16 if bf16 else torch.float32]
+            mine = got["state"][index][key]
+            assert mine.shape == value.shape and mine.dtype == value.dtype, (index, key)
+            assert torch.allclose(mine.float(), value.float(), rtol=tol, atol=tol), (index, key)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("clip", ["ours", "torch"])
+def test_clipping_by_global_norm_matches_torch_on_the_global_batch(comm, mode, clip):
+    steps, p, r = 3, comm.Get_size(), comm.Get_rank()
+    model, opt = train_ours(r, OPTIMIZERS["sgd-momentum"], steps, 1, False, "passes", clip=clip,
+                            bucket_mb=0.0002, node_shared=MODES[mode])
+    reference, _ = train_reference(p, OPTIMIZERS["sgd-momentum"], steps, 1, False, clip=CLIP)
+    assert_matches_reference(comm, model, reference, False)
+    opt.close()
+
+
+def test_node_shared_parameters_and_state_are_one_copy_per_node(comm):
+    """A write by one rank of the node is what every rank of the node reads; resuming from a state_dict
+    continues exactly as the uninterrupted run."""
+    from hpc_train.runtime import topology
+
+    node = topology().node
+    model = Net()
+    opt = htt.DistributedOptimizer(OPTIMIZERS["adam"]([q for q in model.parameters() if q.requires_grad]), model)
+    assert opt.node_shared  # the default for an element-wise optimizer without compression
+    if node.Get_rank() == 0:
+        with torch.no_grad():
+            model.mid.weight[0, 0] = 42.0
+    node.Barrier()
+    assert float(model.mid.weight.detach()[0, 0]) == 42.0
+    node.Barrier()
+    with torch.no_grad():
+        model.mid.weight[0, 0] = Net().mid.weight[0, 0]
+    r = comm.Get_rank()
+    for step in range(2):
+        opt.zero_grad()
+        model(batch(step, r), r).backward()
+        opt.step()
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())
+    for step in range(2, 4):  # the uninterrupted run
+        opt.zero_grad()
+        model(batch(step, r), r).backward()
+        opt.step()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    opt.close()
+    resumed = Net()
+    resumed.load_state_dict(saved)
+    opt = htt.DistributedOptimizer(OPTIMIZERS["adam"]([q for q in resumed.parameters() if q.requires_grad]), resumed)
+    opt.load_state_dict(saved_opt)
+    for step in range(2, 4):
+        opt.zero_grad()
+        resumed(batch(step, r), r).backward()
+        opt.step()
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    opt.close()
+
+
+def test_node_shared_refuses_what_it_cannot_do_and_the_default_steps_aside(comm):
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"LBFGS is not one of them: pass node_shared=False"):
+        htt.DistributedOptimizer(torch.optim.LBFGS(model.parameters()), model, node_shared=True)
+    with pytest.raises(ValueError, match=r"compression 'fp16' needs node_shared=False"):
+        htt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, compression=htt.Compression.fp16,
+                                 node_shared=True)
+    opt = htt.DistributedOptimizer(torch.optim.LBFGS(model.parameters(), max_iter=3), model)
+    assert not opt.node_shared
+    r = comm.Get_rank()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(r))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    everywhere = comm.allgather(model.weight.detach().numpy().tobytes())
+    assert all(b == everywhere[0] for b in everywhere)
+    opt.close()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gradients_are_views_of_the_fusion_buffer_and_survive_set_to_none(comm, mode):
     r = comm.Get_rank()
     model = Net()
     opt = htt.DistributedOptimizer(torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.1),
-                                   model)
+                                   model, node_shared=MODES[mode])
     views = {name: q.grad.data_ptr() for name, q in model.named_parameters() if q.requires_grad}
     model.zero_grad(set_to_none=True)  # torch's default: our hook copies the new gradient back in
     model(batch(0, r), r).backward()

@@ -8,6 +8,7 @@ from .algorithms import ALGORITHMS, ALLREDUCE, Algorithm
 from .check import CollectiveMismatchError
 from .collectives import (
     allgather,
+    allgather_node,
     allreduce,
     broadcast,
     node_barrier,
@@ -65,7 +66,7 @@ def shared_empty(shape, dtype="float32", comm=None) -> SharedArray:
 
 __all__ = [
     "ALGORITHMS", "ALLREDUCE", "Algorithm", "CollectiveMismatchError", "Handle", "SharedArray", "allgather",
-    "allgather_async", "allreduce", "allreduce_async", "broadcast", "node_barrier", "node_piece", "node_shared_array",
-    "partition", "reduce_scatter", "reduce_scatter_async", "reduce_scatter_node", "reduce_scatter_node_async",
-    "shared_empty",
+    "allgather_async", "allgather_node", "allreduce", "allreduce_async", "broadcast", "node_barrier", "node_piece",
+    "node_shared_array", "partition", "reduce_scatter", "reduce_scatter_async", "reduce_scatter_node",
+    "reduce_scatter_node_async", "shared_empty",
 ]

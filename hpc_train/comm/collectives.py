@@ -17,7 +17,7 @@ from .algorithms import ALLGATHER, ALLREDUCE, BLOCK_ALGORITHMS, REDUCE_SCATTER
 from .check import describe, verify_same
 from .group import Group, group_for
 from .ops import ReduceOp, mpi_wire_dtype, reduce_op, scale_mean, validate
-from .shm import FLAG_OPCODES, SharedArray, node_array, reduce_scatter_shared
+from .shm import FLAG_OPCODES, SharedArray, gather_pieces_shared, node_array, reduce_scatter_shared
 
 # Shared-memory inputs skip the copy-in above this size; below it the C flag paths, which
 # copy in anyway, are faster than the zero-copy path's MPI barriers (measured: 1-2 MiB).
@@ -287,6 +287,18 @@ def reduce_scatter_node(x, op: str = "sum", *, comm=None, check: bool | None = N
     if spec.scale_by_size:
         scale_mean(piece, group.size)
     return piece
+
+
+def allgather_node(arrays, *, comm=None) -> None:
+    """After `reduce_scatter_node` of each x in `arrays` (and its wait): every rank of the node
+    copies the other ranks' pieces, so that each holds the whole result (collective over the node).
+
+    Across nodes nothing moves: reduce_scatter_node already made each piece the reduction over
+    every node. Only shared memory is read: no message, one barrier before and one after.
+    """
+    node = group_for(comm).topology.node
+    if node.Get_size() > 1:
+        gather_pieces_shared([backend.as_array(x) for x in arrays], node)
 
 
 def node_shared_array(count: int, dtype="float32", *, comm=None):

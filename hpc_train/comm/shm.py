@@ -262,6 +262,26 @@ def reduce_scatter_shared(alloc: SharedSegments, offset: int, array, op: ReduceO
     return pieces[r]
 
 
+def gather_pieces_shared(arrays, node_comm) -> None:
+    """Copy every other node rank's piece (`partition(x.size, p)`) of each x into this rank's x.
+
+    The counterpart of `reduce_scatter_shared`: each x lies in this rank's shared segment and
+    peer q's piece of its own x holds q's result. Barriers on `node_comm` before (every piece
+    final) and after (nobody writes its x while a peer still reads it).
+    """
+    node_comm.Barrier()
+    for x in arrays:
+        alloc, p = x._shared, x._shared.comm.Get_size()
+        r, offset = alloc.comm.Get_rank(), x.ctypes.data - alloc.address
+        counts, offsets = partition(x.size, p)
+        flat = x.reshape(-1)
+        for q in range(p):
+            if q != r:
+                peer = alloc.segments[q][offset : offset + x.nbytes].view(x.dtype)
+                flat[offsets[q] : offsets[q] + counts[q]] = peer[offsets[q] : offsets[q] + counts[q]]
+    node_comm.Barrier()
+
+
 class NodeArray(np.ndarray):
     """An array of which each node holds one copy in shared memory (see `node_array`)."""
 

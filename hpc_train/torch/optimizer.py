@@ -12,11 +12,16 @@ Semantics are DDP's, so that a DDP script's results carry over: gradients are su
 over backward passes (`backward_passes_per_step`, `no_sync()`) and averaged over
 ranks; a parameter no rank used keeps `grad=None` (the optimizer leaves it alone),
 one unused on some ranks only counts as zeros there; frozen parameters are left out;
-a tied parameter is reduced once.
+a tied parameter is reduced once. Like DDP, the wrapper starts every rank from rank 0's
+parameters and buffers.
+
+Where parameters and optimizer state live is its placement (`placement.py`): replicas on
+every rank, or one copy per node (`node_shared.py`, the default where it applies).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -25,13 +30,15 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..comm import allreduce_async, engine, shared_empty
+from ..comm import allreduce, allreduce_async, engine, shared_empty
 from ..comm.check import verify_same_items
-from ..optim.distributed import compressed_dtype, finish_mean, start_mean
+from ..optim.distributed import compressed_dtype
 from ..optim.layout import BucketQueue, concatenate, lay_out
-from ..runtime import world
+from ..runtime import topology, world
 from .collectives import Average, reduce_op
-from .state import signature
+from .node_shared import NodeShared, refusal
+from .placement import Replicas
+from .state import broadcast_parameters, signature
 from .tensors import as_tensor, numpy_dtype
 
 
@@ -57,18 +64,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     `model` is the module (or its `named_parameters()`, Horovod's second argument) whose parameters
     the optimizer trains; buckets hold about `bucket_mb` MiB. `compression` (`Compression.fp16` or
-    `bf16`) sends float32 buckets in 16 bits. A wait longer than `stall_warning_s` names the ranks
-    that have not joined; after `stall_abort_s` the job aborts. It is itself a torch optimizer, so
-    learning-rate schedulers take it; `param_groups` and `state` are the wrapped optimizer's.
+    `bf16`) sends float32 buckets in 16 bits. `node_shared` keeps one copy of parameters and state
+    per node (None: wherever it applies, i.e. an element-wise optimizer and no compression). A wait
+    longer than `stall_warning_s` names the ranks that have not joined; after `stall_abort_s` the job
+    aborts. It is itself a torch optimizer, so learning-rate schedulers take it; `param_groups` and
+    `state` are the wrapped optimizer's (in node-shared mode, its state is views of the node's copy).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model=None, *, named_parameters=None,
                  bucket_mb: float = 25.0, compression=None, backward_passes_per_step: int = 1, op: str = Average,
-                 stall_warning_s: float = 60.0, stall_abort_s: float = 600.0):
+                 node_shared: bool | None = None, stall_warning_s: float = 60.0, stall_abort_s: float = 600.0):
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         if reduce_op(op) != "mean":
             raise ValueError(f"DistributedOptimizer averages gradients over ranks: op {op!r} is not supported")
+        why_not = refusal(optimizer, compression)
+        if node_shared and why_not:
+            raise ValueError(f"DistributedOptimizer: {why_not}")
         self.optimizer, self.model = optimizer, model if isinstance(model, torch.nn.Module) else None
         self.passes_per_step = backward_passes_per_step
         self.stall_warning_s, self.stall_abort_s = stall_warning_s, stall_abort_s
@@ -82,7 +94,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         comm = engine().comm
         self.size = comm.Get_size()
         verify_same_items(world(), "DistributedOptimizer parameters", signature(self._params))
-        self._build_buffers(bucket_mb, compressed_dtype(compression), comm)
+        broadcast_parameters(self.model if self.model is not None else self._params)  # as DDP: rank 0's values
+        shared = why_not is None if node_shared is None else node_shared
+        self._build_buffers(bucket_mb, None if shared else compressed_dtype(compression), comm)
+        self._placement = (NodeShared(optimizer, self._params, self._slots, self._regions, self._flats, comm)
+                           if shared else Replicas(optimizer))
+        self.node_shared = shared
         self._used = np.zeros(len(self._params), np.uint8)  # which parameters backward reached since the last step
         self._used_anywhere = np.zeros_like(self._used)
         self._sync = True  # False inside no_sync()
@@ -94,14 +111,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # -- torch.optim.Optimizer's face: the wrapped optimizer's groups, state and defaults --------------------
 
     param_groups = _wrapped("param_groups")
-    state = _wrapped("state")
     defaults = _wrapped("defaults")
 
+    @property
+    def state(self) -> dict:
+        return self._placement.state
+
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        return self._placement.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
+        self._placement.load_state_dict(state_dict)
 
     def add_param_group(self, param_group: dict) -> None:
         raise ValueError("DistributedOptimizer: add every param group to the optimizer before wrapping it "
@@ -137,7 +157,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         by_dtype: dict[torch.dtype, list[int]] = {}
         for index, (_, p) in enumerate(self._params):
             by_dtype.setdefault(p.dtype, []).append(index)
-        layouts, self._flats, self._wires, self._regions, views = [], [], [], [], {}
+        layouts, self._flats, self._wires, self._regions, slots = [], [], [], [], {}
         for k, dtype in enumerate(sorted(by_dtype, key=str)):
             named = {self._params[i][0]: self._params[i][1] for i in by_dtype[dtype]}
             sizes = {name: SimpleNamespace(size=p.numel()) for name, p in named.items()}
@@ -148,14 +168,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._flats.append(flat)
             self._wires.append(shared_empty(flat.size, wire_dtype, comm=comm) if compress else None)
             self._regions += [(k, b.start, b.stop) for b in layout.buckets]  # a bucket within its dtype's buffer
-            whole = as_tensor(flat)
-            views.update({name: whole[layout.offsets[name] : layout.offsets[name] + p.numel()].view_as(p)
-                          for name, p in named.items()})
+            slots.update({name: (k, offset) for name, offset in layout.offsets.items()})
             layouts.append(layout)
         self.layout = concatenate(layouts)  # every dtype's buckets in one order, the same on every rank
         self.queue = BucketQueue(self.layout, self.passes_per_step)
         self._index = {name: i for i, (name, _) in enumerate(self._params)}
-        self._views = [views[name] for name, _ in self._params]
+        self._slots = [slots[name] for name, _ in self._params]  # (buffer, offset) of each gradient
+        wholes = [as_tensor(flat) for flat in self._flats]
+        self._views = [wholes[k][offset : offset + p.numel()].view_as(p)
+                       for (k, offset), (_, p) in zip(self._slots, self._params, strict=True)]
         for (_, p), view in zip(self._params, self._views, strict=True):
             if p.grad is not None:
                 view.copy_(p.grad)
@@ -196,14 +217,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self._params[index][1].grad = self._views[index]
         k, start, stop = self._regions[bucket.index]
         wire = self._wires[k]
-        bucket.handle = start_mean(self._flats[k][start:stop], None if wire is None else wire[start:stop],
-                                   self.size, f"bucket{bucket.index}")
+        bucket.handle = self._placement.start(self._flats[k][start:stop], None if wire is None else wire[start:stop],
+                                              self.size, f"bucket{bucket.index}")
 
     # -- the step --------------------------------------------------------------------------------------------
 
     def synchronize(self) -> None:
-        """Reduce what backward did not, wait for every bucket; after it, `.grad` holds the average (for
-        clipping or GradScaler's unscale_ before `step()`)."""
+        """Reduce what backward did not, wait for every bucket; after it, `.grad` holds the average on
+        every rank (for clipping or GradScaler's unscale_ before `step()`)."""
+        self._reduce()
+        self._placement.complete()
+
+    def _reduce(self) -> None:
+        """Every bucket reduced as the placement wants it (node-shared: this rank's pieces)."""
         self._check_model_unchanged()
         for bucket in self.queue.remaining():
             self._submit(bucket)
@@ -213,8 +239,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for bucket in self.layout.buckets:
             watch(bucket.handle, self.stall_warning_s, self.stall_abort_s)
             k, start, stop = self._regions[bucket.index]
-            if self._wires[k] is not None:
-                finish_mean(self._wires[k][start:stop], self._flats[k][start:stop])
+            wire = self._wires[k]
+            self._placement.finish(self._flats[k][start:stop], None if wire is None else wire[start:stop])
         watch(used, self.stall_warning_s, self.stall_abort_s)
         self.exposed_s = time.perf_counter() - waiting
         for index in np.flatnonzero(self._used_anywhere == 0):  # no rank used it: as DDP, no gradient
@@ -234,7 +260,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """Wait for the averaged gradients (unless `synchronize()` already did), then step."""
-        if closure is not None:  # an optimizer that re-evaluates (LBFGS): every evaluation is averaged
+        if closure is not None and not self.node_shared:  # LBFGS re-evaluates: every evaluation is averaged
             def averaged():
                 with torch.enable_grad():
                     loss = closure()
@@ -242,10 +268,44 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 return loss
 
             return self.optimizer.step(averaged)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         if not self._synchronized:
-            self.synchronize()
+            self._reduce()
         self._synchronized = False
-        return self.optimizer.step()
+        self._placement.step(self._used_anywhere)
+        waiting = time.perf_counter()
+        self._placement.publish()
+        self.exposed_s += time.perf_counter() - waiting
+        return loss
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over the averaged gradients of every parameter, from the
+        pieces each rank holds (node-shared mode: no rank needs the whole gradient; the ranks of a node
+        sum their shares). Call it between backward and `step()`; returns the total norm."""
+        if not self._synchronized:
+            self._reduce()
+        tensors, node_sum = self._placement.norm_terms()
+        norm_type = float(norm_type)
+        if norm_type == math.inf:
+            local = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
+        else:
+            local = sum(float(torch.linalg.vector_norm(t, norm_type, dtype=torch.float64)) ** norm_type
+                        for t in tensors)
+        if node_sum:
+            local = float(allreduce(np.array([local]), op="max" if norm_type == math.inf else "sum",
+                                    comm=topology().node)[0])
+        total = local if norm_type == math.inf else local ** (1.0 / norm_type)
+        if error_if_nonfinite and not math.isfinite(total):
+            raise RuntimeError(f"clip_grad_norm_: the total norm of order {norm_type} of the gradients is {total}")
+        coefficient = max_norm / (total + 1e-6)
+        if coefficient < 1.0:
+            for t in tensors:
+                t.mul_(coefficient)
+        return torch.tensor(total, dtype=torch.float32)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the fusion buffers; gradients stay views of them (`set_to_none` is ignored, as in DDP
