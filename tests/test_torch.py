@@ -231,6 +231,125 @@ def test_clipping_by_global_norm_matches_torch_on_the_global_batch(comm, mode, c
     opt.close()
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_grad_scaler_skips_a_step_on_every_rank_when_one_rank_overflows(comm, mode):
+    """Horovod's AMP recipe: synchronize, unscale_, step under skip_synchronize. An infinite loss on the
+    last rank alone at step 1 makes every rank skip that step and halve its scale; the run then equals
+    plain torch on the global batch without that step (power-of-two scales are exact)."""
+    steps, bad, p, r = 4, 1, comm.Get_size(), comm.Get_rank()
+    model = Net()
+    opt = htt.DistributedOptimizer(OPTIMIZERS["adam"]([q for q in model.parameters() if q.requires_grad]), model,
+                                   node_shared=MODES[mode])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+    for step in range(steps):
+        opt.zero_grad()
+        loss = model(batch(step, r), r)
+        if step == bad and r == p - 1:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        opt.synchronize()
+        scaler.unscale_(opt)
+        with opt.skip_synchronize():
+            scaler.step(opt)
+        scaler.update()
+        if step == bad:
+            assert scaler.get_scale() == 2.0**7
+    reference = Net()
+    plain = OPTIMIZERS["adam"]([q for q in reference.parameters() if q.requires_grad])
+    for step in range(steps):
+        if step != bad:
+            plain.zero_grad()
+            (sum(reference(batch(step, q), q) for q in range(p)) / p).backward()
+            plain.step()
+    assert_matches_reference(comm, model, reference, False)
+    opt.close()
+
+
+class ConvNet(torch.nn.Module):
+    """Convolution, BatchNorm2d, BatchNorm1d: what convert_sync_batchnorm and the buffer rule act on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(2, 4, 3)
+        self.bn2 = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(16, 5)
+        self.bn1 = torch.nn.BatchNorm1d(5, momentum=None)  # cumulative average: num_batches_tracked matters
+        self.out = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.bn2(self.conv(x)))
+        return self.out(torch.tanh(self.bn1(self.fc(h.flatten(1)))))
+
+
+def images(step: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(500 * step + rank)
+    return torch.randn(6, 2, 4, 4, generator=g) * (1 + rank) + rank  # ranks' batches differ in statistics
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(comm, mode):
+    steps, p, r = 3, comm.Get_size(), comm.Get_rank()
+    model = htt.convert_sync_batchnorm(ConvNet())
+    assert isinstance(model.bn2, htt.SyncBatchNorm) and isinstance(model.bn1, htt.SyncBatchNorm)
+    opt = htt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+                                   node_shared=MODES[mode])
+    reference = ConvNet()
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        opt.zero_grad()
+        model(images(step, r)).pow(2).mean().backward()
+        opt.step()
+        plain.zero_grad()
+        reference(torch.cat([images(step, q) for q in range(p)])).pow(2).mean().backward()
+        plain.step()
+    assert_matches_reference(comm, model, reference, False)
+    for name, expected in reference.named_buffers():
+        got = dict(model.named_buffers())[name]
+        assert torch.allclose(got.float(), expected.float(), rtol=1e-5, atol=1e-6), name
+    model.eval()
+    x = images(99, 0)
+    assert torch.allclose(model(x), reference.eval()(x), rtol=1e-5, atol=1e-6)  # running statistics, no comm
+    opt.close()
+
+
+def test_module_buffers_follow_ddps_rule(comm):
+    """Before every forward whose gradients are reduced, each rank takes rank 0's buffers. The witness
+    replays that rule with plain torch in one process: one BatchNorm whose buffers, before each forward
+    of rank q, are rank 0's after the previous step."""
+    steps, p, r = 3, comm.Get_size(), comm.Get_rank()
+    model = ConvNet()
+    opt = htt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    for step in range(steps):
+        opt.zero_grad()
+        model(images(step, r)).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():  # no gradient, no broadcast: the buffers stay each rank's own
+        model(images(steps, r))
+    replay = ConvNet()
+    plain = torch.optim.SGD(replay.parameters(), lr=0.1)
+    rank0 = copy.deepcopy(dict(replay.named_buffers()))
+    for step in range(steps):
+        plain.zero_grad()
+        for q in range(p):
+            replay.load_state_dict({**replay.state_dict(), **rank0})
+            (replay(images(step, q)).pow(2).mean() / p).backward()
+            if q == 0:
+                after0 = copy.deepcopy(dict(replay.named_buffers()))
+            if q == r:
+                mine = copy.deepcopy(dict(replay.named_buffers()))
+        rank0 = after0
+        plain.step()
+    replay.load_state_dict({**replay.state_dict(), **mine})
+    with torch.no_grad():
+        replay(images(steps, r))
+    mine = dict(replay.named_buffers())
+    assert_matches_reference(comm, model, replay, False)
+    for name, buffer in model.named_buffers():
+        assert torch.allclose(buffer.float(), mine[name].float(), rtol=1e-5, atol=1e-6), name
+    opt.close()
+
+
 def test_node_shared_parameters_and_state_are_one_copy_per_node(comm):
     """A write by one rank of the node is what every rank of the node reads; resuming from a state_dict
     continues exactly as the uninterrupted run."""

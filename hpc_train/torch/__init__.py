@@ -21,6 +21,7 @@ from ..comm import CollectiveMismatchError
 from ..runtime import init, local_rank, local_size, rank, size
 from ..runtime import node_index as cross_rank
 from ..runtime import num_nodes as cross_size
+from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from .collectives import (
     Average,
     Compression,
@@ -46,7 +47,8 @@ from .state import broadcast_optimizer_state, broadcast_parameters
 
 __all__ = [
     "Average", "CollectiveMismatchError", "Compression", "DistributedOptimizer", "Handle", "Max", "Min", "Product",
-    "Sum", "allgather", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "broadcast", "broadcast_",
-    "broadcast_optimizer_state", "broadcast_parameters", "cross_rank", "cross_size", "init", "local_rank",
-    "local_size", "poll", "rank", "reduce_scatter", "reducescatter", "size", "synchronize",
+    "Sum", "SyncBatchNorm", "allgather", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
+    "broadcast", "broadcast_", "broadcast_optimizer_state", "broadcast_parameters", "convert_sync_batchnorm",
+    "cross_rank", "cross_size", "init", "local_rank", "local_size", "poll", "rank", "reduce_scatter",
+    "reducescatter", "size", "synchronize",
 ]

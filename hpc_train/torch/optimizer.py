@@ -35,7 +35,7 @@ from ..comm.check import verify_same_items
 from ..optim.distributed import compressed_dtype
 from ..optim.layout import BucketQueue, concatenate, lay_out
 from ..runtime import topology, world
-from .collectives import Average, reduce_op
+from .collectives import Average, broadcast_, reduce_op
 from .node_shared import NodeShared, refusal
 from .placement import Replicas
 from .state import broadcast_parameters, signature
@@ -107,6 +107,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self.exposed_s = 0.0
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, (_, p) in enumerate(self._params)]
+        buffers = sorted(self.model.named_buffers()) if self.model is not None else []
+        if buffers:
+            self._hooks.append(self.model.register_forward_pre_hook(self._buffers_from_rank0(buffers)))
 
     # -- torch.optim.Optimizer's face: the wrapped optimizer's groups, state and defaults --------------------
 
@@ -200,6 +203,26 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
         return ready
 
+    def _buffers_from_rank0(self, buffers: list[tuple[str, torch.Tensor]]):
+        """DDP's rule for module buffers (BatchNorm's running statistics): before every forward whose
+        gradients will be reduced, each rank takes rank 0's, so that all ranks evaluate and checkpoint the
+        same ones (averaging them instead would give statistics no rank computed). One broadcast a dtype."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for _, b in buffers:
+            by_dtype.setdefault(b.dtype, []).append(b)
+
+        def before_forward(module, inputs) -> None:
+            if not (torch.is_grad_enabled() and self._sync):
+                return
+            with torch.no_grad():
+                for dtype, tensors in by_dtype.items():
+                    flat = broadcast_(torch.cat([t.reshape(-1) for t in tensors]), 0,
+                                      name=f"module buffers ({str(dtype).removeprefix('torch.')})")
+                    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+                        t.copy_(part.view_as(t))
+
+        return before_forward
+
     @contextmanager
     def no_sync(self):
         """Backward passes inside accumulate gradients locally; the first one outside reduces them all."""
@@ -227,6 +250,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
         every rank (for clipping or GradScaler's unscale_ before `step()`)."""
         self._reduce()
         self._placement.complete()
+
+    @contextmanager
+    def skip_synchronize(self):
+        """Horovod's spelling for "step() after synchronize()" (e.g. `scaler.step(opt)` after
+        `opt.synchronize(); scaler.unscale_(opt)`): step() never reduces twice anyway."""
+        if not self._synchronized:
+            raise RuntimeError("DistributedOptimizer.skip_synchronize(): call synchronize() first, or the step "
+                               "would apply this rank's own gradients")
+        yield
 
     def _reduce(self) -> None:
         """Every bucket reduced as the placement wants it (node-shared: this rank's pieces)."""

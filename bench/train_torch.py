@@ -1,0 +1,201 @@
+"""Training-step benchmark of torch models: plain PyTorch, DDP over gloo, hpc_train.torch (replicas and
+node-shared) and, where it is installed, Horovod.
+
+    python bench/train_torch.py [--ranks 1,2] [--steps 45] [--repeats 3] [--json results/bench_train_torch.json]
+
+The same torch model on every side (the MLP 3072-1024-512-10 of bench/train.py), batch fixed per rank
+(weak scaling), one thread per rank, SGD with momentum. Each configuration is its own `mpirun` job,
+time-boxed; sides are interleaved within a repeat and the median over repeats of each run's median step
+(its slowest rank's) is kept. `plain` is one process training alone; at 2 ranks it is two such processes
+running at once without communicating: the contention baseline of a node whose ranks share memory
+bandwidth. Ranks beyond the machine's cores are oversubscribed (marked in the table).
+
+Reports step time, samples/s, weak-scaling efficiency t(plain, 1) / t(side, n), exposed communication
+(ours: waiting for buckets after backward plus the node barrier), and the per-step losses of rank 0 for
+DDP and ours side by side (the same averaged gradient: equal within float32 tolerance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from train import MPI_ENV, WIDTHS, timed_steps
+
+SIDES = ("plain", "ddp-gloo", "ours-replicas", "ours-node-shared", "horovod")
+
+
+def build_model():
+    import torch
+
+    torch.manual_seed(0)  # the same initial parameters on every side and rank
+    layers = []
+    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True)):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(WIDTHS) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", 0)))
+    size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", 1)))
+    model = build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    exposed = None
+    if args.worker == "ddp-gloo" and size > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=size)
+        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    elif args.worker.startswith("ours"):
+        import hpc_train.torch as htt
+
+        htt.init()
+        opt = htt.DistributedOptimizer(opt, model, bucket_mb=args.bucket_mb,
+                                       node_shared=args.worker == "ours-node-shared")
+        exposed = []
+    elif args.worker == "horovod":
+        import horovod.torch as hvd
+
+        hvd.init()
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    generator = torch.Generator().manual_seed(1000 + rank)  # every rank its own shard, the same on every side
+    data = [(torch.randn(args.batch, WIDTHS[0], generator=generator),
+             torch.randint(0, WIDTHS[-1], (args.batch,), generator=generator)) for _ in range(4)]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    losses = []
+
+    def step():
+        x, y = data[len(losses) % len(data)]
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if exposed is not None:
+            exposed.append(opt.exposed_s)
+
+    times = timed_steps(step, args.steps)
+    return {"step_s": statistics.median(times), "rank": rank, "losses": losses,
+            "exposed_s": statistics.median(exposed[-args.steps:]) if exposed else None}
+
+
+def run(side: str, ranks: int, args, port: int) -> dict | None:
+    """One mpirun job: the slowest rank's median step, rank 0's losses."""
+    out = tempfile.mkdtemp(prefix="hpc_train_bench_torch_")
+    cmd = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
+           "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb), "--port", str(port), "--out", out]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                              env={**os.environ, **MPI_ENV})
+    except subprocess.TimeoutExpired:
+        print(f"# {side} at {ranks} ranks: timed out after {args.timeout} s", file=sys.stderr)
+        return None
+    if proc.returncode != 0:
+        print(f"# {side} at {ranks} ranks failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    results = [json.loads(path.read_text()) for path in Path(out).glob("rank*.json")]
+    slowest = max(results, key=lambda r: r["step_s"])
+    first = min(results, key=lambda r: r["rank"])
+    return {"step_s": slowest["step_s"], "exposed_s": slowest["exposed_s"], "losses": first["losses"]}
+
+
+def available(side: str) -> bool:
+    module = {"horovod": "horovod.torch"}.get(side, "torch")
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=45, help="timed steps a run (after 5 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=128, help="samples per rank")
+    parser.add_argument("--bucket-mb", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ranks", default="1,2")
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--timeout", type=int, default=300)
+    parser.add_argument("--json", default="results/bench_train_torch.json")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=29617, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args)
+        Path(args.out, f"rank{result['rank']}.json").write_text(json.dumps(result))
+        return 0
+
+    sides = [s for s in args.sides.split(",") if available(s)]
+    for missing in sorted(set(args.sides.split(",")) - set(sides)):
+        print(f"# {missing}: not installed here, its rows are skipped")
+    ranks = [int(r) for r in args.ranks.split(",")]
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for repeat in range(args.repeats):
+        for n in ranks:
+            for side in sides:  # interleaved: machine noise hits every side alike
+                if result := run(side, n, args, args.port + 10 * repeat + n):
+                    runs.setdefault((side, n), []).append(result)
+    cores = os.cpu_count() or 1
+    rows = []
+    for (side, n), results in sorted(runs.items(), key=lambda item: (item[0][1], SIDES.index(item[0][0]))):
+        step = statistics.median(r["step_s"] for r in results)
+        exposed = [r["exposed_s"] for r in results if r["exposed_s"] is not None]
+        rows.append({"side": side, "ranks": n, "oversubscribed": n > cores, "step_ms": 1e3 * step,
+                     "samples_per_s": n * args.batch / step,
+                     "exposed_fraction": statistics.median(exposed) / step if exposed else None,
+                     "losses_rank0": results[0]["losses"], "runs": len(results)})
+    by = {(r["side"], r["ranks"]): r for r in rows}
+    single = by.get(("plain", 1))
+    for r in rows:
+        r["weak_scaling_efficiency"] = single["step_ms"] / r["step_ms"] if single else None
+    print(f"# MLP {'-'.join(map(str, WIDTHS))}, batch {args.batch} per rank, SGD momentum, 1 thread per rank, "
+          f"median of {args.repeats} runs x {args.steps} steps; {cores} cores")
+    print(f"{'side':>17} {'ranks':>6} {'step ms':>9} {'samples/s':>10} {'exposed':>8} {'weak eff':>9}")
+    for r in rows:
+        exposed = f"{100 * r['exposed_fraction']:7.1f}%" if r["exposed_fraction"] is not None else f"{'-':>8}"
+        eff = f"{100 * r['weak_scaling_efficiency']:8.1f}%" if r["weak_scaling_efficiency"] else f"{'-':>9}"
+        ranks_col = f"{r['ranks']}{'*' if r['oversubscribed'] else ''}"
+        print(f"{r['side']:>17} {ranks_col:>6} {r['step_ms']:9.2f} {r['samples_per_s']:10.0f} {exposed} {eff}")
+    if any(r["oversubscribed"] for r in rows):
+        print("# * oversubscribed: more ranks than cores")
+    for n in ranks:
+        for ours in ("ours-node-shared", "ours-replicas"):
+            for other in ("ddp-gloo", "plain"):
+                if (ours, n) in by and (other, 1 if other == "plain" else n) in by:
+                    reference = by[(other, 1 if other == "plain" else n)]
+                    print(f"# {n} rank(s): {ours} / {other}{' (1 rank)' if other == 'plain' else ''} step time = "
+                          f"{by[(ours, n)]['step_ms'] / reference['step_ms']:.2f}")
+    for n in ranks:
+        if ("ddp-gloo", n) in by and n > 1:
+            ddp = by[("ddp-gloo", n)]["losses_rank0"]
+            for ours in ("ours-replicas", "ours-node-shared"):
+                if (ours, n) in by:
+                    mine = by[(ours, n)]["losses_rank0"]
+                    worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine[:50], ddp[:50], strict=True))
+                    print(f"# {n} ranks: {ours} vs ddp-gloo losses of rank 0, first {min(50, len(ddp))} steps: "
+                          f"largest relative difference {worst:.2e}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "train_torch", "model": f"MLP {'-'.join(map(str, WIDTHS))}", "batch": args.batch,
+           "steps": args.steps, "repeats": args.repeats, "cores": cores, "rows": rows}
+    Path(args.json).write_text(json.dumps(doc, indent=1))
+    print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
