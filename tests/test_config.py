@@ -26,7 +26,7 @@ def test_defaults_and_overrides(tmp_path):
     ('[model]\nname = "mlp"\n[trian]\n', r"unknown section \[trian\] \(did you mean 'train'\?\)"),
     ('[train]\nepochs = 3\n', r"job.toml: missing \[model\] section"),
     ('[model]\nwidths = [1, 2]\n', r"missing required key 'model.name'"),
-    ('[model]\nname = "resnet"\n', r"'model.name' = 'resnet': expected one of \('mlp', 'cnn'\)"),
+    ('[model]\nname = "resnet"\n', r"'model.name' = 'resnet': expected one of \('mlp', 'cnn', 'torch'\)"),
     ('[model]\nname = "mlp"\n[train]\nepochs = "3"\n', r"'train.epochs' must be integer, got '3'"),
     ('[model]\nname = "mlp"\n[train]\nepochs = true\n', r"'train.epochs' must be integer, got True"),
     ('[model]\nname = "mlp"\n[train]\nglobal_batch = 0\n', r"'train.global_batch' must be positive"),

@@ -473,3 +473,55 @@ def test_optimizer_and_model_that_disagree_are_named(comm):
     with pytest.raises(ValueError, match="late.weight, late.bias were added to the model after wrapping"):
         opt.step()
     opt.close()
+
+
+# -- data: our loader and sampler under torch ----------------------------------------------------------------
+
+def test_hdf5_loader_yields_tensors_sharing_its_arrays(comm, tmp_path_factory):
+    import numpy as np
+    from hpc_train.io.hdf5 import write_arrays
+
+    from hpc_train.data import HDF5Loader
+
+    directory = comm.bcast(str(tmp_path_factory.mktemp("h5")) if comm.Get_rank() == 0 else None, root=0)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (37, 4, 4, 3), dtype=np.uint8), rng.integers(0, 5, 37)
+    path = f"{directory}/d.h5"
+    write_arrays(path, images, labels, comm, classes=5)
+    arrays = []
+
+    def keep(images, labels):  # the arrays the loader hands over, then torch's view of them
+        arrays.append(images)
+        return htt.tensor_batches()(images, labels)
+
+    with HDF5Loader(path, 8, seed=3, output=keep) as loader:
+        order = loader.sampler.indices()
+        batches = list(loader)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert x.dtype == torch.float32 and x.shape == (len(order), 4, 4, 3) and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(images[order].astype(np.float32) * np.float32(2 / 255) - 1))  # to_float
+    assert torch.equal(y, torch.from_numpy(labels[order]))
+    assert all(b[0].data_ptr() == a.ctypes.data for b, a in zip(batches, arrays, strict=True))  # no copy
+
+
+def test_distributed_sampler_drives_a_torch_dataloader_with_worker_processes(comm):
+    """Our sampler as a DataLoader's sampler (set_epoch per epoch), with two forked workers started after
+    MPI was initialized: every rank gets its disjoint share, and training communication still works."""
+    from hpc_train.data import DistributedSampler
+
+    p, r = comm.Get_size(), comm.Get_rank()
+    n = 50
+    dataset = torch.utils.data.TensorDataset(torch.arange(n))
+    sampler = DistributedSampler(n, r, p, seed=1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2)
+    shares = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        mine = torch.cat([batch for (batch,) in loader]).tolist()
+        assert mine == sampler.indices().tolist()
+        shares.append(comm.allgather(mine))
+        everyone = sum(shares[-1], [])
+        assert set(everyone) == set(range(n)) and len(everyone) == sampler.per_rank * p  # padded by wrapping
+    assert shares[0] != shares[1]  # a new permutation each epoch
+    assert float(htt.allreduce(torch.ones(3), op=htt.Sum)[0]) == p  # MPI still fine after the forks

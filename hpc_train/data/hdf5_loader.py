@@ -38,12 +38,15 @@ class HDF5Loader:
 
     Opening is collective over `comm` (default: a duplicate of the world, so that the
     prefetch thread's MPI-IO never mixes with the caller's collectives). Bad files
-    raise DatasetError on every rank.
+    raise DatasetError on every rank. `output(images, labels)`, if given, turns each batch
+    into what the loop wants, on the prefetch thread (e.g. `hpc_train.torch.tensor_batches()`:
+    torch tensors, without a copy on the CPU); otherwise `device` says where arrays land.
     """
 
     def __init__(self, path, batch_size: int, sampler: DistributedSampler | None = None, *,
                  collective: bool = True, prefetch: int = 2, hints: dict | None = None, transform=to_float,
-                 comm=None, shuffle: bool = True, seed: int = 0, drop_last: bool = False, device: str = "cpu"):
+                 comm=None, shuffle: bool = True, seed: int = 0, drop_last: bool = False, device: str = "cpu",
+                 output=None):
         from h5py import h5fd, h5p
 
         from .. import runtime
@@ -52,6 +55,7 @@ class HDF5Loader:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"HDF5Loader device {device!r}: expected 'cpu' or 'cuda'")
         self.path, self.batch_size, self.transform, self.device = str(path), batch_size, transform, device
+        self.output = output
         self.prefetch = max(1, prefetch)
         self.file = open_parallel(path, "r", self.comm, hints)
         try:
@@ -151,7 +155,7 @@ class HDF5Loader:
             # Every planned batch is read even if the consumer stops early: the reads are
             # collective, and a rank that skipped one would leave the others waiting in it.
             try:
-                to_device = self._device_copier()
+                to_device = self.output or self._device_copier()
                 for ix in batches:
                     images, labels = self.read(ix)
                     offer(to_device(self.transform(images), labels))

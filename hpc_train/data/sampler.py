@@ -13,6 +13,8 @@ class DistributedSampler:
     All ranks get the same count (never a rank with one step fewer, which would
     hang a collective): `drop_last=True` drops the tail that does not divide
     evenly; otherwise the permutation is padded by wrapping around (PyTorch's rule).
+    It also serves as the `sampler` of a torch DataLoader (`set_epoch` each epoch, as with
+    torch's own DistributedSampler).
     """
 
     def __init__(self, n: int, rank: int, size: int, *, shuffle: bool = True, seed: int = 0,
@@ -43,7 +45,7 @@ class DistributedSampler:
         return order[self.rank : total : self.size]
 
     def __iter__(self):
-        return iter(self.indices())
+        return iter(self.indices().tolist())  # Python ints: what torch's DataLoader indexes datasets with
 
     def __len__(self) -> int:
         return self.per_rank

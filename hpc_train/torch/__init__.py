@@ -44,11 +44,12 @@ from .collectives import (
 )
 from .optimizer import DistributedOptimizer
 from .state import broadcast_optimizer_state, broadcast_parameters
+from .tensors import tensor_batches
 
 __all__ = [
     "Average", "CollectiveMismatchError", "Compression", "DistributedOptimizer", "Handle", "Max", "Min", "Product",
     "Sum", "SyncBatchNorm", "allgather", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "broadcast", "broadcast_", "broadcast_optimizer_state", "broadcast_parameters", "convert_sync_batchnorm",
     "cross_rank", "cross_size", "init", "local_rank", "local_size", "poll", "rank", "reduce_scatter",
-    "reducescatter", "size", "synchronize",
+    "reducescatter", "size", "synchronize", "tensor_batches",
 ]

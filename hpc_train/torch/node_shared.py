@@ -66,7 +66,7 @@ class StateKinds(NamedTuple):
     scalars: dict
 
 
-def _state_kinds(optimizer: torch.optim.Optimizer) -> list[StateKinds]:
+def state_kinds(optimizer: torch.optim.Optimizer) -> list[StateKinds]:
     """Each param group's state entries, from one step of a fresh optimizer of the same class and
     hyperparameters on a two-element stand-in per group (an entry shaped like it is per element)."""
     probes = [torch.zeros(2) for _ in optimizer.param_groups]
@@ -110,7 +110,7 @@ class NodeShared:
                  regions: list[tuple[int, int, int]], grads: list[np.ndarray], comm):
         self.optimizer, self.params, self.slots, self._grads = optimizer, params, slots, grads
         self._buckets = [grads[k][start:stop] for k, start, stop in regions]  # what is reduce-scattered
-        self.kinds = _state_kinds(optimizer)
+        self.kinds = state_kinds(optimizer)
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.group_of = [group_of[id(p)] for _, p in params]
         values = [node_shared_array(g.size, g.dtype, comm=comm) for g in grads]

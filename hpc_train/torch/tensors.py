@@ -47,3 +47,21 @@ def as_tensor(array, device: torch.device | None = None) -> torch.Tensor:
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The NumPy dtype a torch dtype's arrays have here."""
     return as_array(torch.empty(0, dtype=dtype)).dtype
+
+
+def tensor_batches(device: str | torch.device = "cpu"):
+    """A batch converter for `HDF5Loader(output=...)`: (images, labels) as torch tensors. On the CPU
+    they share the loader's arrays (no copy); for a CUDA device they are pinned, then copied on a side
+    stream that is finished before the batch is handed over (the loader's prefetch thread runs this)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return lambda images, labels: (torch.from_numpy(images), torch.from_numpy(labels))
+    stream = torch.cuda.Stream(device)
+
+    def to_device(images, labels):
+        with torch.cuda.stream(stream):
+            out = tuple(torch.from_numpy(a).pin_memory().to(device, non_blocking=True) for a in (images, labels))
+        stream.synchronize()
+        return out
+
+    return to_device

@@ -1,4 +1,7 @@
-"""What a job file's [model] and [data] sections build: the model and this rank's loaders."""
+"""What a job file's [model], [data] and strategy sections build: the model, its strategy, this rank's loaders.
+
+Model kinds sit behind one pair of builders each (`NumpyModels`, `TorchModels`, chosen by
+`models_of`): the trainer sees only `nn.TrainableModel` and `optim.Strategy`."""
 
 from __future__ import annotations
 
@@ -6,26 +9,75 @@ import os
 
 import numpy as np
 
-from .. import nn
+from .. import nn, optim, runtime
 from ..data import ArrayLoader, DistributedSampler, synthetic_classification
 from .config import JobFileError
 
 
-def build_model(spec: dict, input_shape: tuple, classes: int) -> nn.TrainableModel:
-    """The model of the job, checked against the data it will see."""
-    features = int(np.prod(input_shape))
-    if spec.name == "mlp":
-        widths = tuple(spec.widths)
-        if widths[0] != features or widths[-1] < classes:
-            raise JobFileError(f"model.widths = {list(widths)} does not fit the data: images of shape "
-                               f"{tuple(input_shape)} have {features} features and there are {classes} classes")
-        return nn.Classifier(nn.mlp(widths, activation=spec.activation, dropout=spec.dropout,
-                                    seed=spec.seed))
-    if len(input_shape) != 3:
-        raise JobFileError(f"model.name = 'cnn' needs (height, width, channels) images, data has {input_shape}")
-    sync = spec.sync_batchnorm
-    return nn.Classifier(nn.cnn(tuple(spec.channels), spec.hidden, classes, input_shape=tuple(input_shape),
-                                seed=spec.seed, batchnorm=spec.batchnorm or sync, sync_batchnorm=sync))
+class NumpyModels:
+    """Our own `nn` models ([model] name = "mlp" | "cnn") and optim's strategies."""
+
+    @staticmethod
+    def model(job, input_shape: tuple, classes: int, threads: int) -> nn.TrainableModel:
+        spec = job.model
+        features = int(np.prod(input_shape))
+        if spec.name == "mlp":
+            widths = tuple(spec.widths)
+            if widths[0] != features or widths[-1] < classes:
+                raise JobFileError(f"model.widths = {list(widths)} does not fit the data: images of shape "
+                                   f"{tuple(input_shape)} have {features} features and there are {classes} classes")
+            return nn.Classifier(nn.mlp(widths, activation=spec.activation, dropout=spec.dropout,
+                                        seed=spec.seed))
+        if len(input_shape) != 3:
+            raise JobFileError(f"model.name = 'cnn' needs (height, width, channels) images, data has {input_shape}")
+        sync = spec.sync_batchnorm
+        return nn.Classifier(nn.cnn(tuple(spec.channels), spec.hidden, classes, input_shape=tuple(input_shape),
+                                    seed=spec.seed, batchnorm=spec.batchnorm or sync, sync_batchnorm=sync))
+
+    @staticmethod
+    def strategy(job, model, total_steps: int, timeline):
+        return optim.build_strategy(job, model.module, total_steps, timeline)
+
+
+class TorchModels:
+    """Any torch.nn.Module from [model] factory ([model] name = "torch"), trained by hpc_train.torch."""
+
+    @staticmethod
+    def model(job, input_shape: tuple, classes: int, threads: int) -> nn.TrainableModel:
+        import torch
+
+        from ..torch import convert_sync_batchnorm
+        from ..torch.trainable import LOSSES, TorchModel, build_module
+
+        torch.set_num_threads(threads)
+        spec = job.model
+        module = build_module(spec)
+        if spec.sync_batchnorm:
+            module = convert_sync_batchnorm(module)
+        module.eval()
+        try:  # one sample through the model now: a misfit says so here, not deep inside the first step
+            with torch.no_grad():
+                width = module(torch.zeros((1, *input_shape))).shape[-1]
+        except Exception as error:  # noqa: BLE001 - whatever the user's model raises, named with the job's keys
+            raise JobFileError(f"model.factory {spec.factory} with model.kwargs {dict(spec.kwargs)} does not take "
+                               f"the data's images of shape {tuple(input_shape)}: {error}") from None
+        module.train()
+        if width < classes:
+            raise JobFileError(f"model.factory {spec.factory} outputs {width} values a sample; the data has "
+                               f"{classes} classes")
+        return TorchModel(module, LOSSES[spec.loss], spec.seed, runtime.rank(),
+                          job.distributed.backward_passes_per_step)
+
+    @staticmethod
+    def strategy(job, model, total_steps: int, timeline):
+        from ..torch.strategy import TorchStrategy
+
+        return TorchStrategy(model.module, job, total_steps, timeline)
+
+
+def models_of(job):
+    """What builds the job's model and strategy: our NumPy models, or torch modules."""
+    return TorchModels if job.model.name == "torch" else NumpyModels
 
 
 def build_loaders(job: dict, batch: int, rank: int, size: int):
@@ -51,11 +103,13 @@ def build_loaders(job: dict, batch: int, rank: int, size: int):
             shape, data.classes)
 
 
-def limit_threads(ranks_on_host: int) -> None:
+def limit_threads(ranks_on_host: int) -> int:
     """One BLAS/OpenMP pool of cores // ranks threads per rank, so ranks do not fight over cores,
     and never more threads than the cores this rank is bound to (mpirun binds a lone rank to one
-    core: two spinning BLAS threads on it made a step 15x slower)."""
+    core: two spinning BLAS threads on it made a step 15x slower). Returns the thread count."""
     from threadpoolctl import threadpool_limits
 
     bound = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threadpool_limits(max(1, min(bound, (os.cpu_count() or 1) // ranks_on_host)))
+    threads = max(1, min(bound, (os.cpu_count() or 1) // ranks_on_host))
+    threadpool_limits(threads)
+    return threads

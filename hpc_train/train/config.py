@@ -33,8 +33,8 @@ def key(default=REQUIRED, *, choices: tuple = (), minimum: float | None = None, 
     """A job-file key: its default (lists are copied), allowed values, inclusive `minimum`/`maximum`,
     exclusive lower bound `above`, and what it means."""
     meta = {"choices": tuple(choices), "minimum": minimum, "above": above, "maximum": maximum, "doc": doc}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -55,15 +55,18 @@ class Section(Mapping):
 
 @dataclass(frozen=True)
 class ModelSection(Section):
-    name: str = key(choices=tuple(nn.MODELS), doc="which model of nn.MODELS")
+    name: str = key(choices=(*nn.MODELS, "torch"), doc="which model of nn.MODELS, or 'torch': model.factory's")
     widths: list = key([3072, 1024, 512, 10], doc="mlp: layer widths, input first, classes last")
     activation: str = key("relu", choices=tuple(nn.ACTIVATIONS))
     dropout: float = key(0.0, minimum=0.0, maximum=0.99)
     channels: list = key([32, 64, 128], doc="cnn: channels of the conv stages")
     hidden: int = key(256, minimum=1, doc="cnn: width of the hidden linear layer")
     batchnorm: bool = key(False)
-    sync_batchnorm: bool = key(False)
+    sync_batchnorm: bool = key(False, doc="cnn, torch: statistics over every rank's batch")
     seed: int = key(0)
+    factory: str = key("", doc="torch: \"package.module:function\" returning a torch.nn.Module")
+    kwargs: dict = key({}, doc="torch: keyword arguments of model.factory")
+    loss: str = key("cross_entropy", doc="torch: one of hpc_train.torch.trainable.LOSSES")
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ class Job(Section):
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Job)[f.name] for f in dataclasses.fields(Job)}
-_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,)}
+_KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}
 
 
 def suggest(word: str, options) -> str:
@@ -186,7 +189,7 @@ def suggest(word: str, options) -> str:
 def type_name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join({"int": "integer", "float": "number", "str": "string", "bool": "boolean",
-                        "list": "array"}[k.__name__] for k in kinds)
+                        "list": "array", "dict": "table"}[k.__name__] for k in kinds)
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -276,6 +279,8 @@ def _check_combinations(job: Job, source: str) -> None:
         for name in ("path", "val_path"):
             if not job.data[name]:
                 raise JobFileError(f"{source}: 'data.{name}' is required when data.name = 'hdf5'")
+    if job.model.name == "torch":
+        _check_torch_model(job, source)
     dist = job.distributed
     if dist.stall_abort_s <= dist.stall_warning_s:
         raise JobFileError(f"{source}: 'distributed.stall_abort_s' = {dist.stall_abort_s} must exceed "
@@ -292,3 +297,23 @@ def _check_combinations(job: Job, source: str) -> None:
         section, name = dotted.split(".")
         if job[section][name] != off:
             raise JobFileError(f"{source}: '{dotted}' cannot be used with 'ps.mode' = {job.ps.mode!r}")
+
+
+def _check_torch_model(job: Job, source: str) -> None:
+    """A torch model's keys, and what hpc_train.torch does not do for torch models."""
+    if not job.model.factory:
+        raise JobFileError(f"{source}: 'model.factory' is required when model.name = 'torch' "
+                           f"(\"package.module:function\", e.g. \"hpc_train.torch.models:resnet20\")")
+    for dotted, off in (("distributed.zero_stage", 0), ("ps.mode", "")):
+        section, name = dotted.split(".")
+        if job[section][name] != off:
+            raise JobFileError(f"{source}: '{dotted}' = {job[section][name]!r} is not available for torch models "
+                               f"(model.name = 'torch'): data parallel only, replicas or node-shared")
+    try:
+        from ..torch.trainable import LOSSES
+    except ImportError as error:
+        raise JobFileError(f"{source}: model.name = 'torch' needs PyTorch ({error}): "
+                           f"pip install 'hpc_train[torch]'") from None
+    if job.model.loss not in LOSSES:
+        raise JobFileError(f"{source}: 'model.loss' = {job.model.loss!r}: expected one of {tuple(LOSSES)}"
+                           f"{suggest(job.model.loss, LOSSES)}")

@@ -2,12 +2,12 @@
 
 The trainer drives two declared interfaces and nothing else: the model
 (`nn.TrainableModel`: loss, backward, evaluation sums) and the strategy
-(`optim.Strategy`, built by `optim.build_strategy` from the job: data parallel,
-node-shared, ZeRO, parameter server). Each step is split into data wait, forward,
-backward and optimizer step; the part of the step the strategy spent waiting for
-communication is the exposed (non-overlapped) communication. Rank 0 shows
-progress, writes JSONL metrics and prints the summary; evaluation metrics are
-added up over ranks.
+(`optim.Strategy`, built from the job by `build.models_of(job)`: data parallel,
+node-shared, ZeRO, parameter server for our NumPy models; hpc_train.torch's for torch
+ones). Each step is split into data wait, forward, backward and optimizer step; the
+part of the step the strategy spent waiting for communication is the exposed
+(non-overlapped) communication. Rank 0 shows progress, writes JSONL metrics and
+prints the summary; evaluation metrics are added up over ranks.
 
 `train.max_steps` bounds the run's steps in total (0: epochs * steps per epoch);
 `train.steps_per_epoch` bounds the steps of each epoch (0: the whole data set).
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import checkpoint, optim, runtime
+from .. import checkpoint, runtime
 from ..comm import allreduce
 from ..comm.watchdog import StallWatchdog
-from .build import build_loaders, build_model, limit_threads
+from .build import build_loaders, limit_threads, models_of
 from .config import JobFileError
 from .metrics import MetricsLog
 from .timeline import Timeline
@@ -38,14 +38,15 @@ class Trainer:
         rt = runtime.init()
         self.comm = rt.world
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        limit_threads(rt.topology.host_ranks)
+        threads = limit_threads(rt.topology.host_ranks)
         train = job.train
         if train.global_batch % self.size:
             raise JobFileError(f"train.global_batch = {train.global_batch} is not divisible by the "
                                f"{self.size} ranks of this job")
         self.batch = train.global_batch // self.size
         self.loader, self.val_loader, shape, classes = build_loaders(job, self.batch, self.rank, self.size)
-        self.model = build_model(job.model, shape, classes)
+        models = models_of(job)
+        self.model = models.model(job, shape, classes, threads)
         self.steps_per_epoch = len(self.loader)
         if train.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, train.steps_per_epoch)
@@ -54,7 +55,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, train.max_steps)
         self.timeline = Timeline(bool(timeline_path), self.comm)
         self.timeline_path = timeline_path
-        self.strategy = optim.build_strategy(job, self.model.module, self.total_steps, self.timeline)
+        self.strategy = models.strategy(job, self.model, self.total_steps, self.timeline)
         dist = job.distributed
         self.watchdog = StallWatchdog(dist.stall_warning_s, dist.stall_abort_s)
         self.metrics = MetricsLog(job.log.metrics, self.rank)
