@@ -175,7 +175,7 @@ def main() -> int:
         print("# * oversubscribed: more ranks than cores")
     for n in ranks:
         for ours in ("ours-node-shared", "ours-replicas"):
-            for other in ("ddp-gloo", "plain"):
+            for other in ("ddp-gloo", "horovod", "plain"):
                 if (ours, n) in by and (other, 1 if other == "plain" else n) in by:
                     reference = by[(other, 1 if other == "plain" else n)]
                     print(f"# {n} rank(s): {ours} / {other}{' (1 rank)' if other == 'plain' else ''} step time = "
@@ -183,7 +183,7 @@ def main() -> int:
     for n in ranks:
         if ("ddp-gloo", n) in by and n > 1:
             ddp = by[("ddp-gloo", n)]["losses_rank0"]
-            for ours in ("ours-replicas", "ours-node-shared"):
+            for ours in ("ours-replicas", "ours-node-shared", "horovod"):
                 if (ours, n) in by:
                     mine = by[(ours, n)]["losses_rank0"]
                     worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine[:50], ddp[:50], strict=True))

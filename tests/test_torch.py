@@ -350,6 +350,67 @@ def test_module_buffers_follow_ddps_rule(comm):
     opt.close()
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("clip", [None, "ours", "torch"])
+def test_join_lets_ranks_run_out_of_data_at_different_steps(comm, mode, clip):
+    """Rank q has 2 + q batches, then calls join(); the others go on. The run equals plain torch on the global
+    batch of the ranks that still have data (divided by every rank, as DDP's Join), clipped if asked, and one
+    more step by every rank after join() (the next epoch) still matches."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    counts = [2 + q for q in range(p)]
+    model = Net()
+    opt = htt.DistributedOptimizer(OPTIMIZERS["adam"]([q for q in model.parameters() if q.requires_grad]), model,
+                                   node_shared=MODES[mode], bucket_mb=0.0002)
+
+    def our_step(step: int) -> None:
+        opt.zero_grad()
+        model(batch(step, r), r).backward()
+        if clip == "torch":
+            opt.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        elif clip == "ours":
+            opt.clip_grad_norm_(CLIP)
+        opt.step()
+
+    start = time.monotonic()
+    for step in range(counts[r]):
+        our_step(step)
+    assert opt.join() == p - 1  # the rank that trained longest
+    our_step(max(counts))
+    assert time.monotonic() - start < 60
+    reference = Net()
+    plain = OPTIMIZERS["adam"]([q for q in reference.parameters() if q.requires_grad])
+    for step in range(max(counts) + 1):
+        plain.zero_grad()
+        training = [q for q in range(p) if step < counts[q] or step == max(counts)]
+        (sum(reference(batch(step, q), q) for q in training) / p).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
+        plain.step()
+    assert_matches_reference(comm, model, reference, False)
+    assert_same_state(opt.state_dict(), plain.state_dict(), False)
+    opt.close()
+
+
+def test_join_with_batchnorm_buffers_does_not_hang_and_ends_alike(comm):
+    """Rank 0, the usual source of the buffers, runs out first; the buffers then come from a rank still
+    training, and every rank ends with the same parameters and buffers."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    model = ConvNet()
+    opt = htt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model)
+    start = time.monotonic()
+    for step in range(1 + r):
+        opt.zero_grad()
+        model(images(step, r)).pow(2).mean().backward()
+        opt.step()
+    assert htt.join() == p - 1  # Horovod's spelling: the one optimizer in use
+    assert time.monotonic() - start < 60
+    for name, tensor in model.state_dict().items():
+        everywhere = comm.allgather(tensor.float().numpy().tobytes())
+        assert all(b == everywhere[0] for b in everywhere), name
+    opt.close()
+
+
 def test_node_shared_parameters_and_state_are_one_copy_per_node(comm):
     """A write by one rank of the node is what every rank of the node reads; resuming from a state_dict
     continues exactly as the uninterrupted run."""

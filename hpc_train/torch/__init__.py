@@ -42,7 +42,7 @@ from .collectives import (
     reducescatter,
     synchronize,
 )
-from .optimizer import DistributedOptimizer
+from .optimizer import DistributedOptimizer, join
 from .state import broadcast_optimizer_state, broadcast_parameters
 from .tensors import tensor_batches
 
@@ -50,6 +50,6 @@ __all__ = [
     "Average", "CollectiveMismatchError", "Compression", "DistributedOptimizer", "Handle", "Max", "Min", "Product",
     "Sum", "SyncBatchNorm", "allgather", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "broadcast", "broadcast_", "broadcast_optimizer_state", "broadcast_parameters", "convert_sync_batchnorm",
-    "cross_rank", "cross_size", "init", "local_rank", "local_size", "poll", "rank", "reduce_scatter",
+    "cross_rank", "cross_size", "init", "join", "local_rank", "local_size", "poll", "rank", "reduce_scatter",
     "reducescatter", "size", "synchronize", "tensor_batches",
 ]

@@ -99,51 +99,108 @@ class Piece(NamedTuple):
     grad: torch.Tensor  # this rank's gradient buffer there
 
 
+class _Update:
+    """An optimizer of the wrapped one's class and hyperparameters over some pieces, its state kept in
+    the node's copy (views) and scalar table."""
+
+    def __init__(self, node: NodeShared, pieces: list[Piece]):
+        self.node, self.pieces = node, pieces
+        by_group = [[] for _ in node.optimizer.param_groups]
+        for piece in pieces:
+            by_group[node.group_of[piece.index]].append(piece.tensor)
+        self.optimizer = _same_kind(node.optimizer, by_group)
+        self.views = [{kind: node._state[kind][piece.k][piece.start : piece.stop]
+                       for kind in node.kinds[node.group_of[piece.index]].elementwise} for piece in pieces]
+
+    def step(self, used: np.ndarray) -> None:
+        for outer, inner in zip(self.node.optimizer.param_groups, self.optimizer.param_groups, strict=True):
+            inner.update({key: value for key, value in outer.items() if key != "params"})  # schedulers set lr there
+        for piece in self.pieces:
+            piece.tensor.grad = piece.grad if used[piece.index] else None
+        self.optimizer.step()
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Move state tensors torch created into the node's copy; publish per-parameter scalars."""
+        node = self.node
+        for piece, views in zip(self.pieces, self.views, strict=True):
+            state = self.optimizer.state.get(piece.tensor)
+            if not state:
+                continue
+            for kind, view in views.items():
+                if state[kind] is not view:
+                    if state[kind].dtype != view.dtype:
+                        raise TypeError(f"{type(self.optimizer).__name__} keeps its {kind!r} state in "
+                                        f"{state[kind].dtype} for {view.dtype} parameters: node-shared mode needs "
+                                        f"node_shared=False")
+                    view.copy_(state[kind])
+                    state[kind] = view
+            for kind in node.kinds[node.group_of[piece.index]].scalars:
+                node._scalars[node._row[kind], piece.index] = float(state[kind])
+            node._created[piece.index] = 1
+
+    def restore(self) -> None:
+        """Take the pieces' state from the node's copy (after a load, or where other ranks stepped them)."""
+        node = self.node
+        for piece, views in zip(self.pieces, self.views, strict=True):
+            if not node._created[piece.index]:
+                self.optimizer.state.pop(piece.tensor, None)
+                continue
+            state = dict(views)
+            state.update({kind: _scalar(node._scalars[node._row[kind], piece.index], dtype)
+                          for kind, dtype in node.kinds[node.group_of[piece.index]].scalars.items()})
+            self.optimizer.state[piece.tensor] = state
+
+
 class NodeShared:
     """One copy per node (see the module docstring). `params` are the optimizer's (name, parameter),
     `slots[i]` parameter i's (buffer, offset) in the fusion layout, `regions` the buckets as
-    (buffer, start, stop), `grads` the node-shared gradient buffers (one a dtype)."""
+    (buffer, start, stop), `grads` the node-shared gradient buffers (one a dtype).
+
+    While ranks of the node have joined (run out of data: `DistributedOptimizer.join`), every rank
+    holds whole gradients and the others step the joined ranks' pieces too, split between them."""
 
     compresses = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list, slots: list[tuple[int, int]],
                  regions: list[tuple[int, int, int]], grads: list[np.ndarray], comm):
         self.optimizer, self.params, self.slots, self._grads = optimizer, params, slots, grads
+        self._regions = regions
         self._buckets = [grads[k][start:stop] for k, start, stop in regions]  # what is reduce-scattered
         self.kinds = state_kinds(optimizer)
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.group_of = [group_of[id(p)] for _, p in params]
         values = [node_shared_array(g.size, g.dtype, comm=comm) for g in grads]
-        self.pieces = self._cut(regions, [as_tensor(v) for v in values])
+        self._values = [as_tensor(v) for v in values]
+        self._node = topology().node
+        pieces = self._cut(self._node.Get_rank())
         with torch.no_grad():
-            for piece in self.pieces:  # every rank its pieces of rank 0's values (broadcast before)
+            for piece in pieces:  # every rank its pieces of rank 0's values (broadcast before)
                 _, p = params[piece.index]
                 offset = slots[piece.index][1]
                 piece.tensor.copy_(p.detach().reshape(-1)[piece.start - offset : piece.stop - offset])
         elementwise = sorted({kind for kinds in self.kinds for kind in kinds.elementwise})
         self._state = {kind: [as_tensor(node_shared_array(g.size, g.dtype, comm=comm)) for g in grads]
                        for kind in elementwise}
-        self._piece_state = [{kind: self._state[kind][piece.k][piece.start : piece.stop]
-                              for kind in self.kinds[self.group_of[piece.index]].elementwise}
-                             for piece in self.pieces]  # this rank's pieces of the node's state
         scalars = sorted({kind for kinds in self.kinds for kind in kinds.scalars})
         self._row = {kind: row for row, kind in enumerate(scalars)}
         self._scalars = node_shared_array(max(1, len(scalars)) * len(params), np.float64,
                                           comm=comm).reshape(-1, len(params))
         self._created = node_shared_array(len(params), np.uint8, comm=comm)  # parameter i has optimizer state
         node_barrier(comm=comm)  # every piece copied in before anyone reads the node's copy
-        self._values = [as_tensor(v) for v in values]
         for i, (_, p) in enumerate(params):
             p.data = self._whole(self._values, i)
-        by_group = [[] for _ in optimizer.param_groups]
-        for piece in self.pieces:
-            by_group[self.group_of[piece.index]].append(piece.tensor)
-        self.inner = _same_kind(optimizer, by_group) if self.pieces else None
+        self.own = _Update(self, pieces) if pieces else None
+        self._takeovers: dict[tuple[int, ...], _Update | None] = {}
         if optimizer.state:  # created before wrapping (loaded, or made by the constructor, as Adagrad's)
             self.load_state_dict(optimizer.state_dict())
 
-    def _cut(self, regions, values: list[torch.Tensor]) -> list[Piece]:
-        """This rank's pieces of every bucket, cut where parameters meet.
+    @property
+    def pieces(self) -> list[Piece]:
+        return self.own.pieces if self.own else []
+
+    def _cut(self, node_rank: int) -> list[Piece]:
+        """Node rank `node_rank`'s pieces of every bucket, cut where parameters meet.
 
         Piece l of a bucket is what reduce_scatter_node reduced on node rank l. Where nodes differ in
         size, every rank holds the whole average instead, and buckets are cut into as many pieces as
@@ -151,20 +208,19 @@ class NodeShared:
         the same kernels on the same pieces, as it must, since torch's reduced-precision kernels round
         differently near a tensor's end than inside it (the nodes' copies would drift apart).
         """
-        where = topology()
-        ways, local, lr = max(where.node_sizes), where.node.Get_size(), where.node.Get_rank()
+        ways, local = max(topology().node_sizes), self._node.Get_size()
         mine: dict[int, list[tuple[int, int]]] = {}
-        for k, start, stop in regions:
+        for k, start, stop in self._regions:
             counts, offsets = partition(stop - start, ways)
             mine.setdefault(k, []).extend((start + offsets[j], start + offsets[j] + counts[j])
-                                          for j in range(lr, ways, local))
+                                          for j in range(node_rank, ways, local))
         pieces = []
         for i, (k, offset) in enumerate(self.slots):
             end = offset + self.params[i][1].numel()
             for lo, hi in mine.get(k, ()):
                 a, b = max(lo, offset), min(hi, end)
                 if a < b:
-                    pieces.append(Piece(i, k, a, b, torch.nn.Parameter(values[k][a:b], requires_grad=False),
+                    pieces.append(Piece(i, k, a, b, torch.nn.Parameter(self._values[k][a:b], requires_grad=False),
                                         as_tensor(self._grads[k])[a:b]))
         return pieces
 
@@ -182,40 +238,38 @@ class NodeShared:
     def finish(self, grads, wire) -> None:
         pass
 
-    def complete(self) -> None:
+    def complete(self, joined: tuple[int, ...] = ()) -> None:
+        if joined and self._node.Get_rank() not in joined and joined not in self._takeovers:
+            # the joined ranks' pieces dealt out, their state read from the node's copy before any rank of the
+            # node steps: the gather's first barrier comes after this
+            self._takeovers[joined] = self._take_over(joined)
         allgather_node(self._buckets)
 
-    def norm_terms(self) -> tuple[list[torch.Tensor], bool]:
+    def norm_terms(self, complete: bool) -> tuple[list[torch.Tensor], bool]:
+        if complete:  # every rank holds whole gradients (and some may step others' pieces)
+            return [as_tensor(bucket) for bucket in self._buckets], False
         return [piece.grad for piece in self.pieces], True
 
     # -- the update ------------------------------------------------------------------------------------------
 
-    def step(self, used: np.ndarray) -> None:
-        if self.inner is None:
-            return
-        for outer, inner in zip(self.optimizer.param_groups, self.inner.param_groups, strict=True):
-            inner.update({key: value for key, value in outer.items() if key != "params"})  # schedulers set lr there
-        for piece in self.pieces:
-            piece.tensor.grad = piece.grad if used[piece.index] else None
-        self.inner.step()
-        self._adopt_state()
+    def step(self, used: np.ndarray, joined: tuple[int, ...]) -> None:
+        if not joined:
+            self._takeovers.clear()  # a later join starts from the node's state again
+        if self.own is not None:
+            self.own.step(used)
+        if joined and self._takeovers[joined] is not None:
+            self._takeovers[joined].step(used)
 
-    def _adopt_state(self) -> None:
-        """Move state tensors torch created into the node's copy; publish per-parameter scalars."""
-        for piece, views in zip(self.pieces, self._piece_state, strict=True):
-            state = self.inner.state.get(piece.tensor)
-            if not state:
-                continue
-            for kind, view in views.items():
-                if state[kind] is not view:
-                    if state[kind].dtype != view.dtype:
-                        raise TypeError(f"{type(self.inner).__name__} keeps its {kind!r} state in {state[kind].dtype} "
-                                        f"for {view.dtype} parameters: node-shared mode needs node_shared=False")
-                    view.copy_(state[kind])
-                    state[kind] = view
-            for kind in self.kinds[self.group_of[piece.index]].scalars:
-                self._scalars[self._row[kind], piece.index] = float(state[kind])
-            self._created[piece.index] = 1
+    def _take_over(self, joined: tuple[int, ...]) -> _Update | None:
+        """This rank's share of the pieces of node ranks that have joined (dealt round the others)."""
+        active = [q for q in range(self._node.Get_size()) if q not in joined]
+        orphans = [piece for q in joined for piece in self._cut(q)]
+        mine = orphans[active.index(self._node.Get_rank()) :: len(active)]
+        if not mine:
+            return None
+        update = _Update(self, mine)
+        update.restore()
+        return update
 
     def publish(self) -> None:
         node_barrier()
@@ -257,15 +311,11 @@ class NodeShared:
             for kind in kinds.scalars if entries else ():
                 self._scalars[self._row[kind], i] = float(entries[kind])
             self._created[i] = 1 if entries else 0
-        for piece, views in zip(self.pieces, self._piece_state, strict=True):
+        if self.own is None:
+            return
+        for piece, views in zip(self.own.pieces, self.own.views, strict=True):
             entries = loaded.get(self.params[piece.index][1])
-            if not entries:
-                self.inner.state.pop(piece.tensor, None)
-                continue
             offset = self.slots[piece.index][1]
-            state = dict(views)
-            for kind, view in views.items():
+            for kind, view in views.items() if entries else ():
                 view.copy_(entries[kind].reshape(-1)[piece.start - offset : piece.stop - offset])
-            state.update({kind: entries[kind].clone() if torch.is_tensor(entries[kind]) else entries[kind]
-                          for kind in self.kinds[self.group_of[piece.index]].scalars})
-            self.inner.state[piece.tensor] = state
+        self.own.restore()

@@ -21,8 +21,10 @@ every rank, or one copy per node (`node_shared.py`, the default where it applies
 
 from __future__ import annotations
 
+import gc
 import math
 import time
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -30,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..comm import allreduce, allreduce_async, engine, shared_empty
+from ..comm import allgather, allreduce, allreduce_async, engine, shared_empty
 from ..comm.check import verify_same_items
 from ..optim.distributed import compressed_dtype
 from ..optim.layout import BucketQueue, concatenate, lay_out
@@ -38,7 +40,7 @@ from ..runtime import topology, world
 from .collectives import Average, broadcast_, reduce_op
 from .node_shared import NodeShared, refusal
 from .placement import Replicas
-from .state import broadcast_parameters, signature
+from .state import broadcast_optimizer_state, broadcast_parameters, signature
 from .tensors import as_tensor, numpy_dtype
 
 
@@ -57,6 +59,21 @@ def _wrapped(attribute: str) -> property:
     GradScaler touch on the optimizer they are given)."""
     return property(lambda self: getattr(self.optimizer, attribute),
                     lambda self, value: setattr(self.optimizer, attribute, value))
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # DistributedOptimizers not closed yet, for the module-level join()
+
+
+def join() -> int:
+    """Horovod's `hvd.join()`: the join() of the one DistributedOptimizer in use (see its docstring)."""
+    live = list(_LIVE)
+    if len(live) != 1:  # optimizers dropped without close() still count until collected
+        gc.collect()
+        live = list(_LIVE)
+    if len(live) != 1:
+        raise ValueError(f"hpc_train.torch.join(): {len(live)} DistributedOptimizers are in use; call join() on "
+                         f"the one whose ranks ran out of data (opt.join())")
+    return live[0].join()
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -100,16 +117,28 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._placement = (NodeShared(optimizer, self._params, self._slots, self._regions, self._flats, comm)
                            if shared else Replicas(optimizer))
         self.node_shared = shared
-        self._used = np.zeros(len(self._params), np.uint8)  # which parameters backward reached since the last step
-        self._used_anywhere = np.zeros_like(self._used)
+        # agreed every step in one small allreduce (max): which parameters backward reached since the last
+        # step, then this rank + 1 while it trains (0 once it joined), then 1 if it joined
+        n = len(self._params)
+        self._flags = np.zeros(n + 2)
+        self._flags[n] = world().Get_rank() + 1
+        self._flags_anywhere = np.zeros_like(self._flags)
+        self._used, self._used_anywhere = self._flags[:n], self._flags_anywhere[:n]
+        self._last_active = -1  # the highest rank that still trained in the latest step
+        self._joined = ()  # ranks of this node that have joined, while any rank has
+        self._completed = False  # this step's gradients are whole on every rank of the node
         self._sync = True  # False inside no_sync()
         self._reducing = False  # a backward outside no_sync() ran since the last synchronize()
         self._synchronized = False
         self.exposed_s = 0.0
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, (_, p) in enumerate(self._params)]
-        buffers = sorted(self.model.named_buffers()) if self.model is not None else []
-        if buffers:
-            self._hooks.append(self.model.register_forward_pre_hook(self._buffers_from_rank0(buffers)))
+        _LIVE.add(self)
+        self._buffers: dict[torch.dtype, list[torch.Tensor]] = {}
+        for _, b in sorted(self.model.named_buffers()) if self.model is not None else ():
+            self._buffers.setdefault(b.dtype, []).append(b)
+        self._buffers_root, self._buffers_synced = 0, False
+        if self._buffers:
+            self._hooks.append(self.model.register_forward_pre_hook(self._before_forward))
 
     # -- torch.optim.Optimizer's face: the wrapped optimizer's groups, state and defaults --------------------
 
@@ -203,25 +232,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
         return ready
 
-    def _buffers_from_rank0(self, buffers: list[tuple[str, torch.Tensor]]):
-        """DDP's rule for module buffers (BatchNorm's running statistics): before every forward whose
-        gradients will be reduced, each rank takes rank 0's, so that all ranks evaluate and checkpoint the
-        same ones (averaging them instead would give statistics no rank computed). One broadcast a dtype."""
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for _, b in buffers:
-            by_dtype.setdefault(b.dtype, []).append(b)
+    def _before_forward(self, module, inputs) -> None:
+        """DDP's rule for module buffers (BatchNorm's running statistics): before the first forward of a step
+        whose gradients will be reduced, each rank takes rank 0's (once some rank has joined, those of the
+        highest rank still training), so that all ranks evaluate and checkpoint the same ones; averaging
+        them instead would give statistics no rank computed. DDP repeats it before every such forward;
+        once a step gives the same result with one backward pass a step, and lets a joined rank mirror it."""
+        if torch.is_grad_enabled() and self._sync and not self._buffers_synced:
+            self._broadcast_buffers()
 
-        def before_forward(module, inputs) -> None:
-            if not (torch.is_grad_enabled() and self._sync):
-                return
-            with torch.no_grad():
-                for dtype, tensors in by_dtype.items():
-                    flat = broadcast_(torch.cat([t.reshape(-1) for t in tensors]), 0,
-                                      name=f"module buffers ({str(dtype).removeprefix('torch.')})")
-                    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
-                        t.copy_(part.view_as(t))
-
-        return before_forward
+    def _broadcast_buffers(self) -> None:
+        """One broadcast a dtype, from `_buffers_root`."""
+        with torch.no_grad():
+            for dtype, tensors in self._buffers.items():
+                flat = broadcast_(torch.cat([t.reshape(-1) for t in tensors]), self._buffers_root,
+                                  name=f"module buffers ({str(dtype).removeprefix('torch.')})")
+                for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+                    t.copy_(part.view_as(t))
+        self._buffers_synced = True
 
     @contextmanager
     def no_sync(self):
@@ -249,7 +277,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Reduce what backward did not, wait for every bucket; after it, `.grad` holds the average on
         every rank (for clipping or GradScaler's unscale_ before `step()`)."""
         self._reduce()
-        self._placement.complete()
+        if not self._completed:
+            self._placement.complete()
+            self._completed = True
 
     @contextmanager
     def skip_synchronize(self):
@@ -265,7 +295,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._check_model_unchanged()
         for bucket in self.queue.remaining():
             self._submit(bucket)
-        used = allreduce_async(self._used, op="max", out=self._used_anywhere, name="used parameters")
+        used = allreduce_async(self._flags, op="max", out=self._flags_anywhere, name="used parameters, joined ranks")
         waiting = time.perf_counter()
         watch = engine().wait_watched
         for bucket in self.layout.buckets:
@@ -280,6 +310,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.queue.reset()
         self._used[:] = 0
         self._synchronized, self._reducing = True, False
+        n = len(self._params)
+        if self._flags_anywhere[n]:
+            self._last_active = int(self._flags_anywhere[n]) - 1
+        self._completed = bool(self._flags_anywhere[n + 1])
+        self._buffers_root = self._last_active if self._completed else 0
+        self._buffers_synced = False
+        if self._completed:  # some rank joined: whole gradients everywhere, so that its share can be stepped
+            mine = np.array([self._flags[n + 1]])
+            self._joined = tuple(np.flatnonzero(allgather(mine, comm=topology().node)).tolist())
+            self._placement.complete(self._joined)
+        else:
+            self._joined = ()
 
     def _check_model_unchanged(self) -> None:
         if self.model is None:
@@ -307,7 +349,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if not self._synchronized:
             self._reduce()
         self._synchronized = False
-        self._placement.step(self._used_anywhere)
+        self._placement.step(self._used_anywhere, self._joined)
         waiting = time.perf_counter()
         self._placement.publish()
         self.exposed_s += time.perf_counter() - waiting
@@ -320,7 +362,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         sum their shares). Call it between backward and `step()`; returns the total norm."""
         if not self._synchronized:
             self._reduce()
-        tensors, node_sum = self._placement.norm_terms()
+        tensors, node_sum = self._placement.norm_terms(self._completed)
         norm_type = float(norm_type)
         if norm_type == math.inf:
             local = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
@@ -338,6 +380,34 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for t in tensors:
                 t.mul_(coefficient)
         return torch.tensor(total, dtype=torch.float32)
+
+    def join(self) -> int:
+        """This rank has run out of data: take part in the other ranks' steps (contributing zero gradients,
+        so the average still divides by every rank, as DDP's Join does by default) until every rank has
+        called join(); then every rank takes the parameters, buffers and optimizer state of the rank that
+        trained last (collective at the end). Returns that rank. Node-shared: the joined rank's pieces are
+        stepped by the other ranks of its node meanwhile, from whole gradients."""
+        if self._reducing:
+            raise RuntimeError("DistributedOptimizer.join() was called after backward() but before step()")
+        n = len(self._params)
+        self._flags[n], self._flags[n + 1] = 0, 1
+        try:
+            while True:
+                self.zero_grad()
+                if self._buffers:
+                    self._broadcast_buffers()  # as the training ranks do before their forward
+                self._reduce()  # the same buckets, in the same order, as the ranks still training
+                self._synchronized = False
+                if not self._flags_anywhere[n]:
+                    break  # every rank has joined
+                self._placement.publish()
+        finally:
+            self._flags[n], self._flags[n + 1] = world().Get_rank() + 1, 0
+        root = self._last_active
+        if root >= 0:
+            broadcast_parameters(self.model if self.model is not None else self._params, root=root)
+            broadcast_optimizer_state(self, root=root)
+        return root
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the fusion buffers; gradients stay views of them (`set_to_none` is ignored, as in DDP
@@ -357,6 +427,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        _LIVE.discard(self)
         for _, p in self._params:
             if p.grad is not None:
                 p.grad = p.grad.clone()

@@ -22,11 +22,15 @@ class Placement(Protocol):
     - `compresses`: whether buckets may travel in 16 bits (`wire` buffers).
     - `start(grads, wire, size, name)`: start reducing one bucket's gradients on the engine (a handle);
       `finish(grads, wire)` once the handle is done.
-    - `complete()`: after every bucket is reduced, make this rank's gradients the whole average.
-    - `norm_terms()`: the gradient tensors this rank accounts for in a global norm, and whether the
-      ranks of a node must sum their terms (each holds a different piece) or not (each holds all).
-    - `step(used)`: the update, `used[i]` saying whether any rank's backward reached parameter i;
-      `publish()`: make it visible to every rank that reads the parameters.
+    - `complete(joined)`: after every bucket is reduced, make this rank's gradients the whole average
+      (`joined`: the node ranks that have joined, whose share of the update the others prepare now).
+    - `norm_terms(complete)`: the gradient tensors this rank accounts for in a global norm, and
+      whether the ranks of a node must sum their terms (each holds a different piece) or not (each
+      holds all); `complete`: every rank of the node holds whole gradients now.
+    - `step(used, joined)`: the update, `used[i]` saying whether any rank's backward reached
+      parameter i, `joined` the node ranks that have run out of data (`join()`: their share of the
+      update falls to the others); `publish()`: make it visible to every rank that reads the
+      parameters.
     - `state` / `state_dict()` / `load_state_dict(d)`: the wrapped optimizer's state, in its format.
     """
 
@@ -36,11 +40,11 @@ class Placement(Protocol):
 
     def finish(self, grads: np.ndarray, wire: np.ndarray | None) -> None: ...
 
-    def complete(self) -> None: ...
+    def complete(self, joined: tuple[int, ...] = ()) -> None: ...
 
-    def norm_terms(self) -> tuple[list[torch.Tensor], bool]: ...
+    def norm_terms(self, complete: bool) -> tuple[list[torch.Tensor], bool]: ...
 
-    def step(self, used: np.ndarray) -> None: ...
+    def step(self, used: np.ndarray, joined: tuple[int, ...]) -> None: ...
 
     def publish(self) -> None: ...
 
@@ -67,14 +71,14 @@ class Replicas:
         if wire is not None:
             finish_mean(wire, grads)
 
-    def complete(self) -> None:
+    def complete(self, joined: tuple[int, ...] = ()) -> None:
         pass
 
-    def norm_terms(self) -> tuple[list[torch.Tensor], bool]:
+    def norm_terms(self, complete: bool) -> tuple[list[torch.Tensor], bool]:
         return [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None], False
 
-    def step(self, used: np.ndarray) -> None:
-        self.optimizer.step()
+    def step(self, used: np.ndarray, joined: tuple[int, ...]) -> None:
+        self.optimizer.step()  # a rank that joined does not step: join() gives it the others' replica at the end
 
     def publish(self) -> None:
         pass
