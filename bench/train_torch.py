@@ -1,9 +1,10 @@
 """Training-step benchmark of torch models: plain PyTorch, DDP over gloo, hpc_train.torch (replicas and
 node-shared) and, where it is installed, Horovod.
 
-    python bench/train_torch.py [--ranks 1,2] [--steps 45] [--repeats 3] [--json results/bench_train_torch.json]
+    python bench/train_torch.py [--model mlp|resnet20] [--ranks 1,2] [--steps 45] [--repeats 3] [--json PATH]
 
-The same torch model on every side (the MLP 3072-1024-512-10 of bench/train.py), batch fixed per rank
+The same torch model on every side (`mlp`: the MLP 3072-1024-512-10 of bench/train.py, batch 128 a rank;
+`resnet20`: hpc_train.torch.models' ResNet-20 on 32x32x3 images, batch 32 a rank), batch fixed per rank
 (weak scaling), one thread per rank, SGD with momentum. Each configuration is its own `mpirun` job,
 time-boxed; sides are interleaved within a repeat and the median over repeats of each run's median step
 (its slowest rank's) is kept. `plain` is one process training alone; at 2 ranks it is two such processes
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,16 +33,17 @@ from train import MPI_ENV, WIDTHS, timed_steps
 SIDES = ("plain", "ddp-gloo", "ours-replicas", "ours-node-shared", "horovod")
 
 
-def build_model():
+MODELS = {"mlp": ("MLP " + "-".join(map(str, WIDTHS)), (WIDTHS[0],), 128),  # name, input shape, batch a rank
+          "resnet20": ("ResNet-20", (32, 32, 3), 32)}
+
+
+def build_model(name: str):
     import torch
 
+    from hpc_train.torch import models
+
     torch.manual_seed(0)  # the same initial parameters on every side and rank
-    layers = []
-    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True)):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(WIDTHS) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+    return models.mlp(list(WIDTHS)) if name == "mlp" else models.resnet20()
 
 
 def worker(args) -> dict:
@@ -49,7 +52,7 @@ def worker(args) -> dict:
     torch.set_num_threads(1)
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", 0)))
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", 1)))
-    model = build_model()
+    model = build_model(args.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     exposed = None
     if args.worker == "ddp-gloo" and size > 1:
@@ -72,7 +75,8 @@ def worker(args) -> dict:
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     generator = torch.Generator().manual_seed(1000 + rank)  # every rank its own shard, the same on every side
-    data = [(torch.randn(args.batch, WIDTHS[0], generator=generator),
+    shape = MODELS[args.model][1]
+    data = [(torch.randn(args.batch, *shape, generator=generator),
              torch.randint(0, WIDTHS[-1], (args.batch,), generator=generator)) for _ in range(4)]
     loss_fn = torch.nn.CrossEntropyLoss()
     losses = []
@@ -92,11 +96,20 @@ def worker(args) -> dict:
             "exposed_s": statistics.median(exposed[-args.steps:]) if exposed else None}
 
 
-def run(side: str, ranks: int, args, port: int) -> dict | None:
+def free_port() -> int:
+    """A TCP port nobody listens on now (gloo's rendezvous; a fixed one can still be in TIME_WAIT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(side: str, ranks: int, args) -> dict | None:
     """One mpirun job: the slowest rank's median step, rank 0's losses."""
     out = tempfile.mkdtemp(prefix="hpc_train_bench_torch_")
+    port = free_port()
     cmd = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb), "--port", str(port), "--out", out]
+           "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb), "--port", str(port), "--out", out,
+           "--model", args.model]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                               env={**os.environ, **MPI_ENV})
@@ -124,7 +137,8 @@ def available(side: str) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=45, help="timed steps a run (after 5 warm-up steps)")
-    parser.add_argument("--batch", type=int, default=128, help="samples per rank")
+    parser.add_argument("--model", choices=tuple(MODELS), default="mlp")
+    parser.add_argument("--batch", type=int, default=0, help="samples per rank (0: the model's default)")
     parser.add_argument("--bucket-mb", type=float, default=4.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ranks", default="1,2")
@@ -132,9 +146,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--json", default="results/bench_train_torch.json")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=29617, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.batch = args.batch or MODELS[args.model][2]
     if args.worker:
         result = worker(args)
         Path(args.out, f"rank{result['rank']}.json").write_text(json.dumps(result))
@@ -145,10 +160,10 @@ def main() -> int:
         print(f"# {missing}: not installed here, its rows are skipped")
     ranks = [int(r) for r in args.ranks.split(",")]
     runs: dict[tuple[str, int], list[dict]] = {}
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
         for n in ranks:
             for side in sides:  # interleaved: machine noise hits every side alike
-                if result := run(side, n, args, args.port + 10 * repeat + n):
+                if result := run(side, n, args):
                     runs.setdefault((side, n), []).append(result)
     cores = os.cpu_count() or 1
     rows = []
@@ -163,7 +178,7 @@ def main() -> int:
     single = by.get(("plain", 1))
     for r in rows:
         r["weak_scaling_efficiency"] = single["step_ms"] / r["step_ms"] if single else None
-    print(f"# MLP {'-'.join(map(str, WIDTHS))}, batch {args.batch} per rank, SGD momentum, 1 thread per rank, "
+    print(f"# {MODELS[args.model][0]}, batch {args.batch} per rank, SGD momentum, 1 thread per rank, "
           f"median of {args.repeats} runs x {args.steps} steps; {cores} cores")
     print(f"{'side':>17} {'ranks':>6} {'step ms':>9} {'samples/s':>10} {'exposed':>8} {'weak eff':>9}")
     for r in rows:
@@ -190,7 +205,7 @@ def main() -> int:
                     print(f"# {n} ranks: {ours} vs ddp-gloo losses of rank 0, first {min(50, len(ddp))} steps: "
                           f"largest relative difference {worst:.2e}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "train_torch", "model": f"MLP {'-'.join(map(str, WIDTHS))}", "batch": args.batch,
+    doc = {"benchmark": "train_torch", "model": MODELS[args.model][0], "batch": args.batch,
            "steps": args.steps, "repeats": args.repeats, "cores": cores, "rows": rows}
     Path(args.json).write_text(json.dumps(doc, indent=1))
     print(f"# wrote {args.json}")
