@@ -112,22 +112,29 @@ def worker_torch(args) -> dict:
     return {"step_s": statistics.median(times), "exposed_s": None, "ranks": size, "rank": rank}
 
 
-def run_config(side: str, ranks: int, args, port: int) -> dict | None:
-    """One mpirun job; the slowest rank's median step time."""
+def rank_results(script: str, side: str, ranks: int, args: list[str], timeout: float) -> list[dict] | None:
+    """`mpirun -n ranks python script --worker side ARGS --out DIR`, time-boxed: each rank's JSON result
+    (what the worker wrote to DIR/rank<r>.json), or None after saying why on stderr."""
     out = tempfile.mkdtemp(prefix="hpc_train_bench_")
-    cmd = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb), "--wrapper", args.wrapper,
-           "--port", str(port), "--out", out]
+    cmd = ["mpirun", "-n", str(ranks), sys.executable, script, "--worker", side, *args, "--out", out]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env={**os.environ, **MPI_ENV})
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **MPI_ENV})
     except subprocess.TimeoutExpired:
-        print(f"# {side} at {ranks} ranks: timed out after {args.timeout} s", file=sys.stderr)
+        print(f"# {side} at {ranks} ranks: timed out after {timeout} s", file=sys.stderr)
         return None
     if proc.returncode != 0:
         print(f"# {side} at {ranks} ranks failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
-    results = [json.loads(path.read_text()) for path in Path(out).glob("rank*.json")]
+    return [json.loads(path.read_text()) for path in Path(out).glob("rank*.json")]
+
+
+def run_config(side: str, ranks: int, args, port: int) -> dict | None:
+    """One mpirun job; the slowest rank's median step time."""
+    results = rank_results(__file__, side, ranks, ["--steps", str(args.steps), "--batch", str(args.batch),
+                                                   "--bucket-mb", str(args.bucket_mb), "--wrapper", args.wrapper,
+                                                   "--port", str(port)], args.timeout)
+    if results is None:
+        return None
     slowest = max(results, key=lambda r: r["step_s"])
     return {"step_s": slowest["step_s"], "exposed_s": slowest["exposed_s"]}
 

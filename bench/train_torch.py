@@ -23,12 +23,10 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from train import MPI_ENV, WIDTHS, timed_steps
+from train import WIDTHS, rank_results, timed_steps
 
 SIDES = ("plain", "ddp-gloo", "ours-replicas", "ours-node-shared", "horovod")
 
@@ -105,21 +103,11 @@ def free_port() -> int:
 
 def run(side: str, ranks: int, args) -> dict | None:
     """One mpirun job: the slowest rank's median step, rank 0's losses."""
-    out = tempfile.mkdtemp(prefix="hpc_train_bench_torch_")
-    port = free_port()
-    cmd = ["mpirun", "-n", str(ranks), sys.executable, __file__, "--worker", side, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--bucket-mb", str(args.bucket_mb), "--port", str(port), "--out", out,
-           "--model", args.model]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env={**os.environ, **MPI_ENV})
-    except subprocess.TimeoutExpired:
-        print(f"# {side} at {ranks} ranks: timed out after {args.timeout} s", file=sys.stderr)
+    results = rank_results(__file__, side, ranks, ["--steps", str(args.steps), "--batch", str(args.batch),
+                                                   "--bucket-mb", str(args.bucket_mb), "--port", str(free_port()),
+                                                   "--model", args.model], args.timeout)
+    if results is None:
         return None
-    if proc.returncode != 0:
-        print(f"# {side} at {ranks} ranks failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    results = [json.loads(path.read_text()) for path in Path(out).glob("rank*.json")]
     slowest = max(results, key=lambda r: r["step_s"])
     first = min(results, key=lambda r: r["rank"])
     return {"step_s": slowest["step_s"], "exposed_s": slowest["exposed_s"], "losses": first["losses"]}

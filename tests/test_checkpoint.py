@@ -92,14 +92,14 @@ def test_resume_with_another_rank_count(tmp_path, before, after, stage):
         assert value == pytest.approx(uninterrupted[step], rel=1e-4), step
 
 
-def test_kill_9_during_a_write_leaves_the_previous_checkpoint_intact(tmp_path):
-    job = write_job(tmp_path, hidden=2048, dropout=0.0)  # 25 MB a checkpoint: writes take a while
+def kill_9_during_a_checkpoint_write(job, directory):
+    """Train `job` on 2 ranks with a checkpoint every step, kill -9 the whole job while a write is in
+    progress after one has completed; the newest complete checkpoint's (arrays, attrs)."""
     command = ["mpirun", "-n", "2", *python_cmd("-m", "hpc_train.cli", "train", str(job),
                                                 "--set", "checkpoint.every_steps=1", "--set", "train.epochs=20",
                                                 "--set", "checkpoint.keep_last=50")]
     proc = subprocess.Popen(command, env=clean_environment(), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    directory = tmp_path / "ckpt"
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:  # wait for a finished checkpoint and a write in progress
@@ -111,10 +111,14 @@ def test_kill_9_during_a_write_leaves_the_previous_checkpoint_intact(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    newest = checkpoint.complete_checkpoints(directory)[-1]
     from mpi4py import MPI
 
-    arrays, attrs = checkpoint.load(newest, MPI.COMM_SELF)
+    return checkpoint.load(checkpoint.complete_checkpoints(directory)[-1], MPI.COMM_SELF)
+
+
+def test_kill_9_during_a_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    job = write_job(tmp_path, hidden=2048, dropout=0.0)  # 25 MB a checkpoint: writes take a while
+    arrays, attrs = kill_9_during_a_checkpoint_write(job, tmp_path / "ckpt")
     assert arrays["model/1.weight"].shape == (3072, 2048) and attrs["step"] >= 1
     resumed = train(2, job, tmp_path / "r.jsonl", "checkpoint.resume=auto", "train.epochs=1")
     assert resumed.returncode == 0, resumed.stderr

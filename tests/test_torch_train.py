@@ -9,10 +9,6 @@ fit the job is named on every rank.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 
@@ -21,8 +17,8 @@ pytest.importorskip("torch")
 from hpc_train import checkpoint  # noqa: E402
 from hpc_train.train import config  # noqa: E402
 
-from .conftest import ROOT, clean_environment, python_cmd  # noqa: E402
-from .test_checkpoint import losses, train  # noqa: E402
+from .conftest import ROOT  # noqa: E402
+from .test_checkpoint import kill_9_during_a_checkpoint_write, losses, train  # noqa: E402
 
 JOB = """
 [model]
@@ -90,27 +86,7 @@ def test_a_torch_run_resumes_at_another_rank_count(tmp_path, before, after):
 
 def test_kill_9_during_a_torch_checkpoint_leaves_the_previous_one_whole(tmp_path):
     job = write_job(tmp_path, hidden=2048, dropout=0.0)  # 50 MB a checkpoint (Adam): writes take a while
-    command = ["mpirun", "-n", "2", *python_cmd("-m", "hpc_train.cli", "train", str(job),
-                                                "--set", "checkpoint.every_steps=1", "--set", "train.epochs=20",
-                                                "--set", "checkpoint.keep_last=50")]
-    proc = subprocess.Popen(command, env=clean_environment(), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    directory = tmp_path / "ckpt"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            if checkpoint.complete_checkpoints(directory) and list(directory.glob("*.partial")):
-                break
-            time.sleep(0.01)
-        else:
-            pytest.fail("no checkpoint write was caught in progress")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    newest = checkpoint.complete_checkpoints(directory)[-1]
-    from mpi4py import MPI
-
-    arrays, attrs = checkpoint.load(newest, MPI.COMM_SELF)
+    arrays, attrs = kill_9_during_a_checkpoint_write(job, tmp_path / "ckpt")
     assert arrays["model/1.weight"].shape == (2048, 3072) and attrs["step"] >= 1
     assert arrays["optimizer/1.weight/exp_avg_sq"].shape == (2048, 3072)
     resumed = train(2, job, tmp_path / "r.jsonl", "checkpoint.resume=auto", "train.epochs=1")

@@ -12,13 +12,12 @@ these optimizers start from), so a fresh job can be matched against any checkpoi
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 from ..comm import node_barrier
 from ..optim.factory import build_schedule, uses_node_shared
+from ..optim.strategy import ReplicatedState
 from .node_shared import state_kinds
 from .optimizer import DistributedOptimizer
 from .tensors import as_array
@@ -47,10 +46,9 @@ def _zero_state(optimizer: torch.optim.Optimizer) -> dict:
     return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
 
 
-class TorchStrategy:
-    """Data parallel for a torch module, driven through the Strategy protocol."""
-
-    lockstep = True
+class TorchStrategy(ReplicatedState):
+    """Data parallel for a torch module, driven through the Strategy protocol (what ReplicatedState
+    says of ranks in lockstep, evaluation and metrics holds; checkpoints are by torch's names)."""
 
     def __init__(self, module: torch.nn.Module, job, total_steps: int, timeline=None):
         self.module = module
@@ -98,9 +96,6 @@ class TorchStrategy:
                            for kind, value in entries.items()})
         return arrays
 
-    def checkpoint_layout(self) -> list | None:
-        return None
-
     def load_checkpoint(self, arrays: dict, steps: int) -> None:
         with torch.no_grad():
             for key, target in self.module.state_dict().items():
@@ -111,17 +106,6 @@ class TorchStrategy:
         self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
         node_barrier()  # node-shared parameters: every rank of a node wrote them before anyone reads
         self._steps = steps
-
-    # -- the rest of the protocol ------------------------------------------------------------------
-
-    def evaluation_parameters(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def step_metrics(self, steps: int) -> dict:
-        return {}
-
-    def run_metrics(self) -> dict:
-        return {}
 
     def close(self) -> None:
         self.optimizer.close()
