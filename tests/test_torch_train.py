@@ -151,3 +151,16 @@ def test_the_shipped_resnet20_job_trains(tmp_path):
     assert summary["type"] == "summary" and summary["steps"] == 3
     assert summary["parameters"] == 269_722  # ResNet-20, 10 classes: convolutions 267,696, BatchNorm 1,376, fc 650
     assert all(r["loss"] > 0 for r in records if r["type"] == "step")
+
+
+def test_a_scaling_study_runs_a_torch_job_unchanged(tmp_path):
+    from .test_scaling import scale, write_study
+
+    job = write_job(tmp_path, dropout=0.0).read_text()
+    study = write_study(tmp_path, job=job, mode="weak", ranks=[1, 2], per_rank_batch=16, repeats=1, steps=4,
+                        warmup_steps=1, timeout_s=120, bench=[])
+    proc = scale(str(study), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {r["ranks"]: r for r in json.loads((tmp_path / "out" / "study.json").read_text())["rows"]}
+    assert rows[1]["status"] == rows[2]["status"] == "ok"
+    assert rows[2]["step_ms"] > 0 and rows[2]["samples_per_s"] > 0
