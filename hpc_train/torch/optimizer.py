@@ -313,15 +313,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
         n = len(self._params)
         if self._flags_anywhere[n]:
             self._last_active = int(self._flags_anywhere[n]) - 1
-        self._completed = bool(self._flags_anywhere[n + 1])
-        self._buffers_root = self._last_active if self._completed else 0
+        someone_joined = bool(self._flags_anywhere[n + 1])
+        self._buffers_root = self._last_active if someone_joined else 0
         self._buffers_synced = False
-        if self._completed:  # some rank joined: whole gradients everywhere, so that its share can be stepped
+        self._joined = ()
+        if someone_joined:  # whole gradients everywhere, so that the joined ranks' share can be stepped
             mine = np.array([self._flags[n + 1]])
             self._joined = tuple(np.flatnonzero(allgather(mine, comm=topology().node)).tolist())
             self._placement.complete(self._joined)
-        else:
-            self._joined = ()
+        self._completed = someone_joined
 
     def _check_model_unchanged(self) -> None:
         if self.model is None:
