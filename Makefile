@@ -45,7 +45,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile | apt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PIP) install 'pip>=24' 'setuptools>=77' wheel
 	$(PIP) install 'mpi4py>=4.1,<5' 'numpy>=1.26' tqdm threadpoolctl Cython pkgconfig ml_dtypes \
-	    pytest pytest-mpi pytest-timeout hypothesis ruff matplotlib
+	    pytest pytest-mpi pytest-timeout hypothesis ruff matplotlib scikit-learn
 	wheel=$$(ls $(WHEEL_CACHE)/h5py-$(H5PY_VERSION)-*.whl 2>/dev/null | head -n1 || true)
 	if [ -z "$$wheel" ]; then
 	  echo "building h5py $(H5PY_VERSION) against parallel HDF5 (a few minutes, once)"

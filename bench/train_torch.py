@@ -1,10 +1,11 @@
 """Training-step benchmark of torch models: plain PyTorch, DDP over gloo, hpc_train.torch (replicas and
 node-shared) and, where it is installed, Horovod.
 
-    python bench/train_torch.py [--model mlp|resnet20] [--ranks 1,2] [--steps 45] [--repeats 3] [--json PATH]
+    python bench/train_torch.py [--model mlp|resnet20|gpt] [--ranks 1,2] [--steps 45] [--repeats 3] [--json PATH]
 
 The same torch model on every side (`mlp`: the MLP 3072-1024-512-10 of bench/train.py, batch 128 a rank;
-`resnet20`: hpc_train.torch.models' ResNet-20 on 32x32x3 images, batch 32 a rank), batch fixed per rank
+`resnet20`: hpc_train.torch.models' ResNet-20 on 32x32x3 images, batch 32 a rank; `gpt`: the ByteGPT of
+jobs/torch_gpt.toml, windows of 128 bytes, 16 a rank), batch fixed per rank
 (weak scaling), one thread per rank, SGD with momentum. Each configuration is its own `mpirun` job,
 time-boxed; sides are interleaved within a repeat and the median over repeats of each run's median step
 (its slowest rank's) is kept. `plain` is one process training alone; at 2 ranks it is two such processes
@@ -24,6 +25,7 @@ import os
 import socket
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from train import WIDTHS, rank_results, timed_steps
@@ -31,17 +33,43 @@ from train import WIDTHS, rank_results, timed_steps
 SIDES = ("plain", "ddp-gloo", "ours-replicas", "ours-node-shared", "horovod")
 
 
-MODELS = {"mlp": ("MLP " + "-".join(map(str, WIDTHS)), (WIDTHS[0],), 128),  # name, input shape, batch a rank
-          "resnet20": ("ResNet-20", (32, 32, 3), 32)}
+@dataclass(frozen=True)
+class Model:
+    """A benchmarked model: its name in tables, its factory in hpc_train.torch.models and keyword
+    arguments, its default batch a rank, and the shape of one input (images of floats, or windows of
+    bytes whose targets are the next bytes)."""
+
+    title: str
+    factory: str
+    kwargs: dict
+    batch: int
+    input_shape: tuple
+    tokens: bool = False
+
+    def build(self):
+        import torch
+
+        from hpc_train.torch import models
+
+        torch.manual_seed(0)  # the same initial parameters on every side and rank
+        return getattr(models, self.factory)(**self.kwargs)
+
+    def batches(self, batch: int, generator, count: int = 4) -> list:
+        """`count` random batches (x, y), the same on every side for a given generator."""
+        import torch
+
+        if self.tokens:
+            windows = [torch.randint(0, 256, (batch, self.input_shape[0] + 1), generator=generator)
+                       for _ in range(count)]
+            return [(w[:, :-1], w[:, 1:]) for w in windows]
+        return [(torch.randn(batch, *self.input_shape, generator=generator),
+                 torch.randint(0, WIDTHS[-1], (batch,), generator=generator)) for _ in range(count)]
 
 
-def build_model(name: str):
-    import torch
-
-    from hpc_train.torch import models
-
-    torch.manual_seed(0)  # the same initial parameters on every side and rank
-    return models.mlp(list(WIDTHS)) if name == "mlp" else models.resnet20()
+MODELS = {"mlp": Model("MLP " + "-".join(map(str, WIDTHS)), "mlp", {"widths": list(WIDTHS)}, 128, (WIDTHS[0],)),
+          "resnet20": Model("ResNet-20", "resnet20", {}, 32, (32, 32, 3)),
+          "gpt": Model("ByteGPT 128x4, context 128", "ByteGPT", {"context": 128, "width": 128, "layers": 4},
+                       16, (128,), tokens=True)}
 
 
 def worker(args) -> dict:
@@ -50,7 +78,8 @@ def worker(args) -> dict:
     torch.set_num_threads(1)
     rank = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", 0)))
     size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", 1)))
-    model = build_model(args.model)
+    spec = MODELS[args.model]
+    model = spec.build()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     exposed = None
     if args.worker == "ddp-gloo" and size > 1:
@@ -73,16 +102,14 @@ def worker(args) -> dict:
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     generator = torch.Generator().manual_seed(1000 + rank)  # every rank its own shard, the same on every side
-    shape = MODELS[args.model][1]
-    data = [(torch.randn(args.batch, *shape, generator=generator),
-             torch.randint(0, WIDTHS[-1], (args.batch,), generator=generator)) for _ in range(4)]
+    data = spec.batches(args.batch, generator)
     loss_fn = torch.nn.CrossEntropyLoss()
     losses = []
 
     def step():
         x, y = data[len(losses) % len(data)]
         opt.zero_grad()
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x).flatten(0, -2), y.flatten())
         loss.backward()
         opt.step()
         losses.append(float(loss))
@@ -137,7 +164,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.batch = args.batch or MODELS[args.model][2]
+    args.batch = args.batch or MODELS[args.model].batch
     if args.worker:
         result = worker(args)
         Path(args.out, f"rank{result['rank']}.json").write_text(json.dumps(result))
@@ -166,7 +193,7 @@ def main() -> int:
     single = by.get(("plain", 1))
     for r in rows:
         r["weak_scaling_efficiency"] = single["step_ms"] / r["step_ms"] if single else None
-    print(f"# {MODELS[args.model][0]}, batch {args.batch} per rank, SGD momentum, 1 thread per rank, "
+    print(f"# {MODELS[args.model].title}, batch {args.batch} per rank, SGD momentum, 1 thread per rank, "
           f"median of {args.repeats} runs x {args.steps} steps; {cores} cores")
     print(f"{'side':>17} {'ranks':>6} {'step ms':>9} {'samples/s':>10} {'exposed':>8} {'weak eff':>9}")
     for r in rows:
@@ -193,7 +220,7 @@ def main() -> int:
                     print(f"# {n} ranks: {ours} vs ddp-gloo losses of rank 0, first {min(50, len(ddp))} steps: "
                           f"largest relative difference {worst:.2e}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "train_torch", "model": MODELS[args.model][0], "batch": args.batch,
+    doc = {"benchmark": "train_torch", "model": MODELS[args.model].title, "batch": args.batch,
            "steps": args.steps, "repeats": args.repeats, "cores": cores, "rows": rows}
     Path(args.json).write_text(json.dumps(doc, indent=1))
     print(f"# wrote {args.json}")

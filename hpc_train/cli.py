@@ -56,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     npz.add_argument("out")
     npz.add_argument("--images-key", default="images")
     npz.add_argument("--labels-key", default="labels")
+    digits = convert_sub.add_parser("digits", parents=[layout],
+                                    help="scikit-learn's 8x8 handwritten digits (needs scikit-learn)")
+    digits.add_argument("out")
+    digits.add_argument("--val", metavar="PATH", help="also write a held-out validation set")
+    digits.add_argument("--val-fraction", type=float, default=0.2, help="with --val: share held out (0.2)")
+    digits.add_argument("--seed", type=int, default=0, help="with --val: seed of the random split")
+    text = convert_sub.add_parser("text", parents=[layout],
+                                  help="text files as byte windows for a language model (default corpus: this "
+                                       "Python's standard library sources)")
+    text.add_argument("out")
+    text.add_argument("sources", nargs="*", help="files or folders (default: the standard library of this Python)")
+    text.add_argument("--glob", default="*.py", help="files to take from folders (*.py)")
+    text.add_argument("--context", type=int, default=256, help="input bytes a window (256)")
+    text.add_argument("--val", metavar="PATH", help="also write a validation set of whole held-out files")
+    text.add_argument("--val-every", type=int, default=20, help="with --val: hold out every N-th file (20)")
     inspect = data_sub.add_parser("inspect", help="layout, chunking, sizes and a checksum")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
@@ -160,40 +175,96 @@ def run_data(args) -> int:
 
 
 def write_dataset(args) -> None:
-    """data synth / data convert: every rank writes its slab of one file."""
-    import numpy as np
-
+    """data synth / data convert: every rank writes its slab of each file."""
     from . import runtime
-    from .data import synthetic_classification
-    from .io.hdf5 import DatasetWriter, write_arrays
 
     comm = runtime.init().world
     layout = {"chunk_bytes": args.chunk_bytes, "contiguous": args.contiguous, "alignment": args.alignment}
-    if args.data_command == "synth":
-        shape = tuple(int(v) for v in args.shape.split(","))
-        writer = DatasetWriter(args.out, args.samples, shape, comm, classes=args.classes, **layout,
-                               provenance={"generator": "hpc_train synthetic", "seed": args.seed,
-                                           "noise": args.noise, "start": args.start})
-        lo, hi = writer.slab()
-        images, labels = synthetic_classification(hi - lo, shape, args.classes, args.seed, args.noise,
-                                                  start=args.start + lo)
-        writer.write(lo, images, labels)
-        path = writer.close()
-    else:
-        from .io.convert import read_cifar10_binary, read_npz
+    writer = write_synthetic if args.data_command == "synth" else CONVERTERS[args.format]
+    for path in writer(args, comm, layout):
+        if comm.Get_rank() == 0:
+            print(f"wrote {path}", flush=True)
 
-        if args.format == "cifar10-binary":
-            images, labels, names = read_cifar10_binary(args.directory, args.split)
-            source = {"source": f"cifar10-binary {args.directory} ({args.split})"}
-            path = write_arrays(args.out, images, labels, comm, classes=10, class_names=names,
-                                provenance=source, **layout)
-        else:
-            images, labels = read_npz(args.path, args.images_key, args.labels_key)
-            classes = int(np.max(labels)) + 1 if len(labels) else 0
-            path = write_arrays(args.out, images, labels, comm, classes=classes,
-                                provenance={"source": f"npz {args.path}"}, **layout)
-    if comm.Get_rank() == 0:
-        print(f"wrote {path}", flush=True)
+
+def write_synthetic(args, comm, layout) -> list:
+    from .data import synthetic_classification
+    from .io.hdf5 import DatasetWriter
+
+    shape = tuple(int(v) for v in args.shape.split(","))
+    writer = DatasetWriter(args.out, args.samples, shape, comm, classes=args.classes, **layout,
+                           provenance={"generator": "hpc_train synthetic", "seed": args.seed,
+                                       "noise": args.noise, "start": args.start})
+    lo, hi = writer.slab()
+    images, labels = synthetic_classification(hi - lo, shape, args.classes, args.seed, args.noise,
+                                              start=args.start + lo)
+    writer.write(lo, images, labels)
+    return [writer.close()]
+
+
+def convert_cifar10(args, comm, layout) -> list:
+    from .io.convert import read_cifar10_binary
+    from .io.hdf5 import write_arrays
+
+    images, labels, names = read_cifar10_binary(args.directory, args.split)
+    source = {"source": f"cifar10-binary {args.directory} ({args.split})"}
+    return [write_arrays(args.out, images, labels, comm, classes=10, class_names=names, provenance=source,
+                         **layout)]
+
+
+def convert_npz(args, comm, layout) -> list:
+    import numpy as np
+
+    from .io.convert import read_npz
+    from .io.hdf5 import write_arrays
+
+    images, labels = read_npz(args.path, args.images_key, args.labels_key)
+    classes = int(np.max(labels)) + 1 if len(labels) else 0
+    return [write_arrays(args.out, images, labels, comm, classes=classes, provenance={"source": f"npz {args.path}"},
+                         **layout)]
+
+
+def convert_digits(args, comm, layout) -> list:
+    """scikit-learn's digits; with --val, a seeded random share held out into a second set."""
+    from .io.convert import held_out, read_digits
+    from .io.hdf5 import write_arrays
+
+    images, labels = read_digits()
+    kept, held = held_out(len(labels), args.val_fraction if args.val else 0.0, args.seed)
+    written = []
+    for path, rows in ((args.out, kept), (args.val, held)):
+        if path:
+            provenance = {"source": "sklearn.datasets.load_digits, pixels / 16", "samples": len(rows),
+                          "split": f"{args.val_fraction} held out, seed {args.seed}" if args.val else "none"}
+            written.append(write_arrays(path, images[rows], labels[rows], comm, classes=10, provenance=provenance,
+                                        **layout))
+    return written
+
+
+def convert_text(args, comm, layout) -> list:
+    """Byte windows of text files; with --val, whole files held out into a second set."""
+    import platform
+
+    from .io.convert import byte_windows, split_every, stdlib_folder, text_files
+    from .io.hdf5 import DatasetError, write_arrays
+
+    sources = args.sources or [stdlib_folder()]
+    files = text_files(sources, args.glob)
+    parts = dict(zip((args.out, args.val), split_every(files, args.val_every if args.val else 0), strict=False))
+    if args.val and not parts[args.val]:
+        raise DatasetError(f"--val {args.val}: {len(files)} files, every {args.val_every}th held out, leaves none "
+                           "for validation")
+    written = []
+    for path, part in parts.items():
+        provenance = {"source": " ".join(map(str, sources)), "glob": args.glob, "files": len(part),
+                      "bytes": sum(f.stat().st_size for f in part), "context": args.context,
+                      "python": platform.python_version(), "separator": 0,
+                      "split": f"every {args.val_every}th file held out" if args.val else "none"}
+        written.append(write_arrays(path, byte_windows(part, args.context), None, comm, classes=256,
+                                    provenance=provenance, **layout))
+    return written
+
+
+CONVERTERS = {"cifar10-binary": convert_cifar10, "npz": convert_npz, "digits": convert_digits, "text": convert_text}
 
 
 def run_training_io(args) -> int:

@@ -1,9 +1,13 @@
 """Training datasets in one HDF5 file, written and read in parallel (h5py on MPI-IO).
 
-Layout: `images` (N, ...) and `labels` (N,), chunked along N (about 1 MiB a chunk
-unless told otherwise) or contiguous, optionally aligned, with attributes for the
-class names and provenance. Writers write to a temporary name and rename when
-complete, so a crash never leaves a half-written file under the final name.
+Two layouts, chunked along N (about 1 MiB a chunk unless told otherwise) or
+contiguous, optionally aligned, with attributes for the classes and provenance:
+- "images": `images` (N, ...) and `labels` (N,), a class a sample;
+- "tokens": `tokens` (N, T + 1) integers, each row a window of a token stream: its
+  first T tokens are the input, its last T the next-token targets (so no target is
+  stored twice); attribute `classes` is the vocabulary size.
+Writers write to a temporary name and rename when complete, so a crash never
+leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import numpy as np
 
 from ..blocks import block
 
-IMAGES, LABELS = "images", "labels"
+IMAGES, LABELS, TOKENS = "images", "labels", "tokens"
+LAYOUTS = {"images": (IMAGES, LABELS), "tokens": (TOKENS,)}  # the datasets of each layout, samples first
 DEFAULT_CHUNK_BYTES = 1 << 20
 
 
@@ -64,20 +69,26 @@ def rows_per_chunk(row_bytes: int, chunk_bytes: int, n: int) -> int:
 class DatasetWriter:
     """Collective writer of one dataset file: create, write slabs, then `close()` renames into place."""
 
-    def __init__(self, path, n: int, image_shape, comm, *, image_dtype=np.uint8, classes: int | None = None,
-                 class_names=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, contiguous: bool = False,
-                 alignment: int | None = None, provenance: dict | None = None):
+    def __init__(self, path, n: int, sample_shape, comm, *, sample_dtype=np.uint8, layout: str = "images",
+                 classes: int | None = None, class_names=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 contiguous: bool = False, alignment: int | None = None, provenance: dict | None = None):
         if n <= 0:
             raise DatasetError(f"{path}: a dataset needs at least one sample, got {n}")
         self.path, self.comm, self.n = Path(path), comm, n
         self.partial = self.path.with_name(self.path.name + ".partial")
+        if comm.Get_rank() == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        comm.Barrier()
         kwargs = {"alignment_threshold": alignment, "alignment_interval": alignment} if alignment else {}
         self.file = open_parallel(self.partial, "w", comm, **kwargs)
-        row_bytes = int(np.prod(image_shape)) * np.dtype(image_dtype).itemsize
-        image_chunks = None if contiguous else (rows_per_chunk(row_bytes, chunk_bytes, n), *image_shape)
+        row_bytes = int(np.prod(sample_shape)) * np.dtype(sample_dtype).itemsize
+        sample_chunks = None if contiguous else (rows_per_chunk(row_bytes, chunk_bytes, n), *sample_shape)
         label_chunks = None if contiguous else (rows_per_chunk(8, chunk_bytes, n),)
-        self.images = self.file.create_dataset(IMAGES, (n, *image_shape), dtype=image_dtype, chunks=image_chunks)
-        self.labels = self.file.create_dataset(LABELS, (n,), dtype=np.int64, chunks=label_chunks)
+        names = LAYOUTS[layout]
+        self.samples = self.file.create_dataset(names[0], (n, *sample_shape), dtype=sample_dtype,
+                                                chunks=sample_chunks)
+        self.labels = (self.file.create_dataset(LABELS, (n,), dtype=np.int64, chunks=label_chunks)
+                       if LABELS in names else None)
         if classes is not None:
             self.file.attrs["classes"] = classes
         if class_names is not None:
@@ -89,10 +100,11 @@ class DatasetWriter:
         """This rank's share [lo, hi) of the samples (contiguous, as even as possible)."""
         return block(self.n, self.comm.Get_size(), self.comm.Get_rank())
 
-    def write(self, lo: int, images: np.ndarray, labels: np.ndarray) -> None:
-        """Write this rank's rows starting at lo (its `slab()`)."""
-        write_rows(self.images, lo, images, self.n, self.comm)
-        write_rows(self.labels, lo, labels, self.n, self.comm)
+    def write(self, lo: int, samples: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """Write this rank's rows starting at lo (its `slab()`); labels only in the "images" layout."""
+        write_rows(self.samples, lo, samples, self.n, self.comm)
+        if self.labels is not None:
+            write_rows(self.labels, lo, labels, self.n, self.comm)
 
     def close(self) -> Path:
         """Close collectively, then rank 0 renames the complete file into place."""
@@ -111,22 +123,30 @@ class DatasetWriter:
             self.partial.unlink(missing_ok=True)
 
 
-def write_arrays(path, images: np.ndarray, labels: np.ndarray, comm, **layout) -> Path:
-    """Write in-memory arrays (the same on every rank) as a dataset file, each rank its slab."""
-    if len(images) != len(labels):
-        raise DatasetError(f"{path}: {len(images)} images but {len(labels)} labels")
-    writer = DatasetWriter(path, len(images), images.shape[1:], comm, image_dtype=images.dtype, **layout)
+def write_arrays(path, samples: np.ndarray, labels: np.ndarray | None, comm, **layout) -> Path:
+    """Write in-memory arrays (the same on every rank) as a dataset file, each rank its slab:
+    images and their labels, or (labels None) token windows."""
+    if labels is not None and len(samples) != len(labels):
+        raise DatasetError(f"{path}: {len(samples)} images but {len(labels)} labels")
+    writer = DatasetWriter(path, len(samples), samples.shape[1:], comm, sample_dtype=samples.dtype,
+                           layout="images" if labels is not None else "tokens", **layout)
     lo, hi = writer.slab()
     try:
-        writer.write(lo, images[lo:hi], labels[lo:hi])
+        writer.write(lo, samples[lo:hi], None if labels is None else labels[lo:hi])
     except BaseException:
         writer.abort()
         raise
     return writer.close()
 
 
+def layout_of(file) -> str:
+    return "tokens" if TOKENS in file and IMAGES not in file else "images"
+
+
 def validate(file, path) -> dict:
-    """Check the layout; return {'n', 'image_shape', 'image_dtype', 'classes'}. Raises DatasetError."""
+    """Check the layout; return {'layout', 'n', 'sample_shape', 'sample_dtype', 'classes'}. Raises DatasetError."""
+    if layout_of(file) == "tokens":
+        return validate_tokens(file, path)
     for name in (IMAGES, LABELS):
         if name not in file:
             raise DatasetError(f"{path}: dataset '{name}' is missing (found: {sorted(file)})")
@@ -144,8 +164,23 @@ def validate(file, path) -> dict:
         raise DatasetError(f"{path}: dataset 'images' must be numeric, has dtype {images.dtype}")
     if images.shape[0] == 0:
         raise DatasetError(f"{path}: dataset 'images' is empty")
-    return {"n": images.shape[0], "image_shape": images.shape[1:], "image_dtype": images.dtype,
-            "classes": int(file.attrs["classes"]) if "classes" in file.attrs else None}
+    return {"layout": "images", "n": images.shape[0], "sample_shape": images.shape[1:],
+            "sample_dtype": images.dtype, "classes": int(file.attrs["classes"]) if "classes" in file.attrs else None}
+
+
+def validate_tokens(file, path) -> dict:
+    tokens = file[TOKENS]
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise DatasetError(f"{path}: dataset 'tokens' must be (N, T + 1) windows with T >= 1, has shape "
+                           f"{tokens.shape}")
+    if tokens.dtype.kind not in "iu":
+        raise DatasetError(f"{path}: dataset 'tokens' must hold integers, has dtype {tokens.dtype}")
+    if tokens.shape[0] == 0:
+        raise DatasetError(f"{path}: dataset 'tokens' is empty")
+    if "classes" not in file.attrs:
+        raise DatasetError(f"{path}: attribute 'classes' (the vocabulary size of dataset 'tokens') is missing")
+    return {"layout": "tokens", "n": tokens.shape[0], "sample_shape": tokens.shape[1:],
+            "sample_dtype": tokens.dtype, "classes": int(file.attrs["classes"])}
 
 
 def check_labels(labels: np.ndarray, classes: int | None, path) -> None:
@@ -155,10 +190,19 @@ def check_labels(labels: np.ndarray, classes: int | None, path) -> None:
                            f"[0, {classes})")
 
 
+def check_tokens(rows: np.ndarray, indices: np.ndarray, classes: int, path) -> None:
+    """Every token of the windows `indices` (rows) inside the vocabulary [0, classes): windows are
+    checked as they are read, since a set of tokens is too big to read twice."""
+    if rows.size and (rows.min() < 0 or rows.max() >= classes):
+        row, position = np.argwhere((rows < 0) | (rows >= classes))[0]
+        raise DatasetError(f"{path}: dataset 'tokens' window {int(indices[row])} holds {int(rows[row, position])} "
+                           f"at position {int(position)}, outside the vocabulary [0, {classes})")
+
+
 def checksum(file) -> str:
-    """sha256 over images then labels, read in chunk-sized pieces (serial reads)."""
+    """sha256 over the layout's datasets in order, read in chunk-sized pieces (serial reads)."""
     digest = hashlib.sha256()
-    for name in (IMAGES, LABELS):
+    for name in LAYOUTS[layout_of(file)]:
         dset = file[name]
         step = dset.chunks[0] if dset.chunks else max(1, (1 << 20) // max(1, dset.dtype.itemsize
                                                                            * int(np.prod(dset.shape[1:]))))
@@ -179,7 +223,7 @@ def describe(path) -> dict:
         meta = validate(file, path)
         out = {"file": str(path), "bytes": os.path.getsize(path), "samples": meta["n"],
                "attributes": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in file.attrs.items()}}
-        for name in (IMAGES, LABELS):
+        for name in LAYOUTS[meta["layout"]]:
             dset = file[name]
             offset = dset.id.get_offset()
             out[name] = {"shape": list(dset.shape), "dtype": str(dset.dtype),

@@ -125,3 +125,86 @@ def test_training_io_workload(tmp_path):
     proc = run_mpi(2, python_cmd(*CLI, "iobench", "--workload", "train", "--data", str(tmp_path / "none.h5")),
                    timeout=60)
     assert proc.returncode != 0 and proc.stderr.count("none.h5: cannot open as HDF5") == 2
+
+
+CORPUS = {"a.py": "import os\nprint(os.sep)\n" * 7, "pkg/b.py": "def f(x):\n    return x + 1\n" * 5,
+          "pkg/c.py": "class C:\n    pass\n" * 9, "pkg/d.py": "x = [i for i in range(3)]\n" * 4,
+          "e.py": "# the last file\n" * 6, "notes.txt": "not python\n",
+          "site-packages/other/f.py": "installed, not the corpus\n" * 50}
+
+
+def write_corpus(root):
+    for name, text in CORPUS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def joined(names) -> bytes:
+    return b"\0".join(CORPUS[n].encode() for n in names)
+
+
+def stream_of(windows: np.ndarray) -> bytes:
+    """The byte stream that overlapping windows were cut from: the first window, then each next one
+    less the byte it shares with its predecessor."""
+    return bytes(windows[0]) + b"".join(bytes(w[1:]) for w in windows[1:])
+
+
+def test_text_corpus_files_windows_and_split(tmp_path):
+    from hpc_train.io.convert import byte_windows, split_every, text_files
+
+    root = write_corpus(tmp_path / "lib")
+    files = text_files([root])
+    names = [f.relative_to(root).as_posix() for f in files]
+    assert names == ["a.py", "e.py", "pkg/b.py", "pkg/c.py", "pkg/d.py"]  # sorted, *.py, no site-packages
+    windows = byte_windows(files, 16)
+    stream = joined(names)
+    assert windows.shape == ((len(stream) - 1) // 16, 17) and windows.dtype == np.uint8
+    rebuilt = stream_of(windows)
+    assert rebuilt == stream[: len(rebuilt)] and len(stream) - len(rebuilt) < 16  # only a last partial window lost
+    train, val = split_every(files, 2)
+    assert [f.name for f in val] == ["e.py", "c.py"] and len(train) == 3
+    assert split_every(files, 0) == (files, [])
+    assert [f.name for f in text_files([root / "notes.txt", root / "a.py"])] == ["notes.txt", "a.py"]
+
+
+def test_convert_text_writes_byte_windows_and_a_held_out_validation_set(tmp_path):
+    root = write_corpus(tmp_path / "lib")
+    out, val = tmp_path / "sets" / "train.h5", tmp_path / "sets" / "val.h5"  # a folder that does not exist yet
+    proc = run_mpi(2, python_cmd(*CLI, "data", "convert", "text", str(out), str(root), "--val", str(val),
+                                 "--val-every", "2", "--context", "8", "--chunk-bytes", "100"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for path, names in ((out, ["a.py", "pkg/b.py", "pkg/d.py"]), (val, ["e.py", "pkg/c.py"])):
+        with h5py.File(path, "r") as f:
+            assert set(f) == {"tokens"} and f.attrs["classes"] == 256
+            assert f.attrs["provenance.files"] == len(names) and f.attrs["provenance.context"] == 8
+            windows = f["tokens"][...]
+        assert windows.shape[1] == 9
+        rebuilt = stream_of(windows)
+        assert rebuilt == joined(names)[: len(rebuilt)]
+    report = json.loads(run_mpi(1, python_cmd(*CLI, "data", "inspect", str(val), "--json"), timeout=60).stdout)
+    assert report["tokens"]["shape"] == [len(windows), 9] and "images" not in report
+    proc = run_mpi(2, python_cmd(*CLI, "data", "convert", "text", str(tmp_path / "x.h5"), str(root / "a.py"),
+                                 "--val", str(tmp_path / "y.h5")), timeout=60)
+    assert proc.returncode != 0 and proc.stderr.count("leaves none for validation") == 2, proc.stderr
+    proc = run_mpi(2, python_cmd(*CLI, "data", "convert", "text", str(tmp_path / "x.h5"), str(tmp_path / "nowhere")),
+                   timeout=60)
+    assert proc.returncode != 0 and proc.stderr.count("nowhere: no such file or folder") == 2, proc.stderr
+    assert not list(tmp_path.glob("x.h5*")) and not list(tmp_path.glob("y.h5*"))
+
+
+def test_convert_digits_holds_out_a_share_of_the_real_images(tmp_path):
+    from sklearn.datasets import load_digits
+
+    out, val = tmp_path / "train.h5", tmp_path / "val.h5"
+    proc = run_mpi(2, python_cmd(*CLI, "data", "convert", "digits", str(out), "--val", str(val)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out, "r") as f, h5py.File(val, "r") as g:
+        images = np.concatenate([f["images"][...], g["images"][...]])
+        labels = np.concatenate([f["labels"][...], g["labels"][...]])
+        assert len(g["labels"]) == 359 and f.attrs["classes"] == 10  # round(1797 * 0.2) held out
+    digits = load_digits()
+    assert images.shape == (1797, 8, 8, 1) and images.dtype == np.float32
+    ours = sorted(zip(map(bytes, (images[..., 0] * 16).round().astype(np.uint8)), labels.tolist(), strict=True))
+    theirs = sorted(zip(map(bytes, digits.images.astype(np.uint8)), digits.target.tolist(), strict=True))
+    assert ours == theirs  # every image once, with its label, across the two files

@@ -140,3 +140,35 @@ def test_device_option(comm, shared_dir):
         pytest.skip("cupy installed: the GPU path is exercised on GPU machines only")
     with HDF5Loader(path, 4, device="cuda") as loader, pytest.raises(RuntimeError, match="needs cupy"):
         next(iter(loader))  # the prefetch thread's error reaches the consumer, on every rank
+
+
+def test_token_windows_read_as_inputs_and_next_token_targets(comm, shared_dir):
+    tokens = np.random.default_rng(5).integers(0, 50, (37, 9)).astype(np.int16)
+    path = os.path.join(shared_dir, "tokens.h5")
+    write_arrays(path, tokens, None, comm, classes=50, chunk_bytes=64)
+    with HDF5Loader(path, 5, seed=2) as loader:
+        assert (loader.layout, loader.input_shape, loader.classes, loader.labels) == ("tokens", (8,), 50, None)
+        order = loader.sampler.indices()
+        got = list(loader)
+        inputs = np.concatenate([b[0] for b in got])
+        targets = np.concatenate([b[1] for b in got])
+        np.testing.assert_array_equal(inputs, tokens[order, :-1])  # as stored: no float transform
+        np.testing.assert_array_equal(targets, tokens[order, 1:])
+        assert inputs.dtype == np.int16
+    bad = tokens.copy()
+    bad[30, 4] = 50
+    write_arrays(path, bad, None, comm, classes=50)
+    with HDF5Loader(path, 5, seed=2) as loader, pytest.raises(DatasetError, match="tokens.h5: dataset 'tokens' "
+                                                                   "window 30 holds 50 at position 4, outside "
+                                                                   r"the vocabulary \[0, 50\)"):
+        loader.read(np.array([2, 30]))
+
+
+def test_a_token_file_without_its_vocabulary_is_refused_on_every_rank(comm, shared_dir):
+    path = os.path.join(shared_dir, "novocab.h5")
+    if comm.Get_rank() == 0:
+        with h5py.File(path, "w") as f:
+            f["tokens"] = np.zeros((4, 3), np.uint8)
+    comm.Barrier()
+    with pytest.raises(DatasetError, match="attribute 'classes' .the vocabulary size of dataset 'tokens'. is missing"):
+        HDF5Loader(path, 2)

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 from hpc_train import checkpoint  # noqa: E402
 from hpc_train.train import config  # noqa: E402
 
-from .conftest import ROOT  # noqa: E402
+from .conftest import ROOT, python_cmd, run_mpi  # noqa: E402
 from .test_checkpoint import kill_9_during_a_checkpoint_write, losses, train  # noqa: E402
 
 JOB = """
@@ -118,7 +118,7 @@ def test_a_torch_model_that_does_not_fit_the_data_is_named_on_every_rank(tmp_pat
     ({"factory": "hpc_train.torch.models"}, 'expected "package.module:function"'),
     ({"factory": "hpc_train.torch.nowhere:f"}, "cannot import hpc_train.torch.nowhere"),
     ({"factory": "hpc_train.torch.models:resnet"}, "has no function 'resnet'"),
-    ({"loss": "cross_entropi"}, "'model.loss' = 'cross_entropi': expected one of ('cross_entropy',) "
+    ({"loss": "cross_entropi"}, "'model.loss' = 'cross_entropi': expected one of ('cross_entropy', 'next_byte') "
                                 "(did you mean 'cross_entropy'?)"),
     ({"kwargs": [1]}, "'model.kwargs' must be table"),
 ])
@@ -164,3 +164,59 @@ def test_a_scaling_study_runs_a_torch_job_unchanged(tmp_path):
     rows = {r["ranks"]: r for r in json.loads((tmp_path / "out" / "study.json").read_text())["rows"]}
     assert rows[1]["status"] == rows[2]["status"] == "ok"
     assert rows[2]["step_ms"] > 0 and rows[2]["samples_per_s"] > 0
+
+
+def convert(*args, ranks=2):
+    proc = run_mpi(ranks, python_cmd("-m", "hpc_train.cli", "data", "convert", *args), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def unigram_bits(path) -> float:
+    """Bits per byte of the best predictor that ignores context: the entropy of the targets' bytes."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(path, "r") as f:
+        counts = np.bincount(f["tokens"][:, 1:].ravel(), minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_the_byte_transformer_learns_python_source_beyond_byte_frequencies(tmp_path):
+    from hpc_train.io.convert import stdlib_folder
+
+    train_set, val_set = tmp_path / "train.h5", tmp_path / "val.h5"
+    convert("text", str(train_set), str(stdlib_folder() / "email"), "--val", str(val_set), "--val-every", "5",
+            "--context", "32")
+    job = ROOT / "jobs" / "torch_gpt.toml"
+    proc = train(2, job, tmp_path / "m.jsonl", f"data.path='{train_set}'", f"data.val_path='{val_set}'",
+                 "model.kwargs={context = 32, width = 64, layers = 2, heads = 2}", "train.steps_per_epoch=200",
+                 "train.epochs=2", "train.global_batch=32", "schedule.warmup_steps=10",
+                 "log.every_steps=10", "log.progress=false")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    baseline = unigram_bits(val_set)  # about 4.6 for Python source
+    assert epochs[-1]["val_bits_per_byte"] < baseline - 0.6, (epochs, baseline)  # 3.5 measured
+    assert epochs[-1]["val_bits_per_byte"] < epochs[0]["val_bits_per_byte"]
+    assert "final val bits per byte" in proc.stdout
+    # the job's data checks: a classification loss, or one of our NumPy models, on token windows
+    proc = train(2, job, tmp_path / "x.jsonl", f"data.path='{train_set}'", f"data.val_path='{val_set}'",
+                 "model.loss='cross_entropy'")
+    assert proc.returncode != 0
+    assert proc.stderr.count("model.loss = 'cross_entropy' classifies images, but the data holds tokens") == 2
+    proc = train(2, job, tmp_path / "x.jsonl", f"data.path='{train_set}'", f"data.val_path='{val_set}'",
+                 "model.name='mlp'")
+    assert proc.returncode != 0 and proc.stderr.count("model.name = 'mlp' classifies images; the data holds "
+                                                      "tokens") == 2, proc.stderr
+
+
+def test_the_shipped_digits_job_reaches_the_known_accuracy_on_2_ranks(tmp_path):
+    pytest.importorskip("sklearn")
+    train_set, val_set = tmp_path / "train.h5", tmp_path / "val.h5"
+    convert("digits", str(train_set), "--val", str(val_set))
+    proc = train(2, ROOT / "jobs" / "torch_digits.toml", tmp_path / "m.jsonl", f"data.path='{train_set}'",
+                 f"data.val_path='{val_set}'", "log.progress=false")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+    assert summary["val_accuracy"] >= 0.97, summary  # 359 held-out real images

@@ -8,6 +8,9 @@ order in memory. The read goes through h5py's low-level API, so a rank with
 nothing to read still calls H5Dread with an empty selection (h5py's high-level
 indexing skips it, and the collective hangs: h5py #965). One prefetch thread reads
 the next batches while the caller computes.
+
+A file of the "tokens" layout (io/hdf5.py) yields (inputs, targets): each window's
+first T tokens and its last T, integers as stored (no transform unless asked).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 import numpy as np
 
 from ..comm.check import raise_if_any
-from ..io.hdf5 import IMAGES, LABELS, DatasetError, check_labels, open_parallel, validate
+from ..io.hdf5 import LABELS, LAYOUTS, DatasetError, check_labels, check_tokens, open_parallel, validate
 from .loader import to_float
 from .sampler import DistributedSampler
 
@@ -34,17 +37,19 @@ def runs(sorted_indices: np.ndarray) -> list[tuple[int, int]]:
 
 
 class HDF5Loader:
-    """Iterate (images, labels) batches of this rank's share; each pass is the next epoch.
+    """Iterate (images, labels) batches of this rank's share, or (inputs, targets) of a token set;
+    each pass is the next epoch.
 
     Opening is collective over `comm` (default: a duplicate of the world, so that the
     prefetch thread's MPI-IO never mixes with the caller's collectives). Bad files
     raise DatasetError on every rank. `output(images, labels)`, if given, turns each batch
     into what the loop wants, on the prefetch thread (e.g. `hpc_train.torch.tensor_batches()`:
     torch tensors, without a copy on the CPU); otherwise `device` says where arrays land.
+    `transform` (default: images to float in [-1, 1], tokens untouched) applies to the inputs.
     """
 
     def __init__(self, path, batch_size: int, sampler: DistributedSampler | None = None, *,
-                 collective: bool = True, prefetch: int = 2, hints: dict | None = None, transform=to_float,
+                 collective: bool = True, prefetch: int = 2, hints: dict | None = None, transform=None,
                  comm=None, shuffle: bool = True, seed: int = 0, drop_last: bool = False, device: str = "cpu",
                  output=None):
         from h5py import h5fd, h5p
@@ -54,18 +59,25 @@ class HDF5Loader:
         self.comm = comm if comm is not None else runtime.world().Dup()
         if device not in ("cpu", "cuda"):
             raise ValueError(f"HDF5Loader device {device!r}: expected 'cpu' or 'cuda'")
-        self.path, self.batch_size, self.transform, self.device = str(path), batch_size, transform, device
+        self.path, self.batch_size, self.device = str(path), batch_size, device
         self.output = output
         self.prefetch = max(1, prefetch)
         self.file = open_parallel(path, "r", self.comm, hints)
         try:
             meta = self._agree(lambda: validate(self.file, path))
-            self.images = self.file[IMAGES]
-            self.labels = self._read_all_labels(meta["classes"])
+            self.layout = meta["layout"]
+            self.samples = self.file[LAYOUTS[self.layout][0]]
+            self.labels = self._read_all_labels(meta["classes"]) if self.layout == "images" else None
         except BaseException:
             self.file.close()
             raise
-        self.n, self.image_shape, self.image_dtype = meta["n"], meta["image_shape"], meta["image_dtype"]
+        self.n, self.sample_shape, self.sample_dtype = meta["n"], meta["sample_shape"], meta["sample_dtype"]
+        tokens = self.layout == "tokens"
+        # what the model is given a sample: an image, or a window less its last token
+        self.input_shape = (self.sample_shape[0] - 1,) if tokens else self.sample_shape
+        # output width the data needs: the vocabulary, or (as before) the largest label + 1
+        self.classes = meta["classes"] if tokens else int(self.labels.max()) + 1
+        self.transform = transform or ((lambda inputs: inputs) if tokens else to_float)
         self.sampler = sampler or DistributedSampler(self.n, self.comm.Get_rank(), self.comm.Get_size(),
                                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
         if self.sampler.n != self.n:
@@ -73,7 +85,7 @@ class HDF5Loader:
             raise DatasetError(f"{path}: sampler covers {self.sampler.n} samples, file has {self.n}")
         self._xfer = h5p.create(h5p.DATASET_XFER)
         self._xfer.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE if collective else h5fd.MPIO_INDEPENDENT)
-        self._buffer = np.empty((batch_size, *self.image_shape), self.image_dtype)
+        self._buffer = np.empty((batch_size, *self.sample_shape), self.sample_dtype)
         self._passes, self._epoch_set = 0, False
         self.max_batches: int | None = None  # batches per pass, if fewer than a whole epoch
 
@@ -107,29 +119,33 @@ class HDF5Loader:
         return whole if self.max_batches is None else min(whole, self.max_batches)
 
     def read(self, indices: np.ndarray):
-        """(images, labels) for these indices, in their order (one H5Dread; collective if set up so)."""
+        """(images, labels) or (inputs, targets) for these indices, in their order (one H5Dread;
+        collective if set up so)."""
         from h5py import h5s
 
         order = np.argsort(indices, kind="stable")
         ordered = indices[order]
         unique, first = np.unique(ordered, return_index=True)
         rows = len(unique)
-        buf = self._buffer[:rows] if rows <= len(self._buffer) else np.empty((rows, *self.image_shape),
-                                                                                 self.image_dtype)
-        file_space = self.images.id.get_space()
+        buf = self._buffer[:rows] if rows <= len(self._buffer) else np.empty((rows, *self.sample_shape),
+                                                                                 self.sample_dtype)
+        file_space = self.samples.id.get_space()
         file_space.select_none()
-        tail = tuple(self.image_shape)
+        tail = tuple(self.sample_shape)
         for start, count in runs(unique):
             file_space.select_hyperslab((start, *(0,) * len(tail)), (count, *tail), op=h5s.SELECT_OR)
         memory_space = h5s.create_simple((max(rows, 1), *tail))
         if rows == 0:
             memory_space.select_none()
-        self.images.id.read(memory_space, file_space, buf if rows else self._buffer[:1], dxpl=self._xfer)
+        self.samples.id.read(memory_space, file_space, buf if rows else self._buffer[:1], dxpl=self._xfer)
         # duplicates (padding) read once, then every requested position filled in sampler order
         position_in_unique = np.repeat(np.arange(rows), np.diff(np.concatenate([first, [len(ordered)]])))
-        images = np.empty((len(indices), *tail), self.image_dtype)
-        images[order] = buf[position_in_unique]
-        return images, self.labels[indices]
+        samples = np.empty((len(indices), *tail), self.sample_dtype)
+        samples[order] = buf[position_in_unique]
+        if self.labels is not None:
+            return samples, self.labels[indices]
+        check_tokens(samples, indices, self.classes, self.path)
+        return samples[:, :-1], samples[:, 1:]
 
     def __iter__(self):
         if self._passes and not self._epoch_set:
@@ -157,8 +173,8 @@ class HDF5Loader:
             try:
                 to_device = self.output or self._device_copier()
                 for ix in batches:
-                    images, labels = self.read(ix)
-                    offer(to_device(self.transform(images), labels))
+                    inputs, targets = self.read(ix)
+                    offer(to_device(self.transform(inputs), targets))
                 offer(None)
             except BaseException as exc:  # handed to the consumer
                 offer(exc)

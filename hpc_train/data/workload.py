@@ -19,7 +19,8 @@ def run_training_io(path, batch: int, compute_ms: float, comm, *, epochs: int = 
                     prefetch: int = 2) -> dict:
     """Run the emulation on every rank of comm; returns this rank's measurements."""
     with HDF5Loader(path, batch, collective=collective, prefetch=prefetch, transform=lambda a: a) as loader:
-        sample_bytes = int(np.prod(loader.image_shape)) * loader.image_dtype.itemsize + 8
+        sample_bytes = (int(np.prod(loader.sample_shape)) * loader.sample_dtype.itemsize
+                        + (8 if loader.labels is not None else 0))
         waits, computes, samples = [], [], []
         comm.Barrier()
         for epoch in range(epochs):

@@ -1,6 +1,7 @@
 """Torch models shipped with hpc_train, as job-file factories (`[model] factory = "hpc_train.torch.models:resnet20"`).
 
-Inputs arrive as our loaders give them: images (N, height, width, channels), float32.
+Inputs arrive as our loaders give them: images (N, height, width, channels), float32; token
+windows (N, T), integers.
 """
 
 from __future__ import annotations
@@ -72,3 +73,67 @@ class ResNetCifar(nn.Module):
 
 def resnet20(classes: int = 10, channels: int = 3, channels_last: bool = True) -> nn.Module:
     return ResNetCifar(3, classes, channels, channels_last=channels_last)
+
+
+class _CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, width = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(n, t, width))
+
+
+class _DecoderBlock(nn.Module):
+    """Pre-norm: x + attention(norm(x)), then x + MLP(norm(x)) (GPT-2's arrangement)."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attention = _CausalSelfAttention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ByteGPT(nn.Module):
+    """A small decoder-only transformer over bytes (no tokenizer): embeddings of the 256 byte values
+    and of positions, `layers` pre-norm blocks of causal self-attention and a 4x MLP, a final norm,
+    and an output layer tied to the byte embedding (GPT-2's design at toy scale). Takes (N, T)
+    integer windows, T <= context; returns (N, T, 256) next-byte logits."""
+
+    def __init__(self, context: int = 256, width: int = 128, layers: int = 4, heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(256, width)
+        self.position = nn.Embedding(context, width)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*(_DecoderBlock(width, heads, dropout) for _ in range(layers)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 256, bias=False)
+        self.head.weight = self.embed.weight
+        for name, parameter in self.named_parameters():
+            if parameter.dim() > 1:  # GPT-2's initialization: residual projections scaled by depth
+                scale = (2 * layers) ** -0.5 if name.endswith(("out.weight", "mlp.2.weight")) else 1.0
+                nn.init.normal_(parameter, std=0.02 * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(parameter)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        if length > self.context:
+            raise ValueError(f"windows of {length} bytes are longer than the model's context of {self.context}")
+        x = self.embed(x.long()) + self.position(torch.arange(length, device=x.device))
+        return self.head(self.norm(self.blocks(self.dropout(x))))

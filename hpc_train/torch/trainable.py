@@ -10,6 +10,7 @@ and a resumed run draws exactly the masks the uninterrupted run would have.
 from __future__ import annotations
 
 import importlib
+import math
 
 import numpy as np
 import torch
@@ -20,6 +21,12 @@ from ..errors import JobFileError
 
 class Classification:
     """Cross-entropy over classes; evaluation reports loss and accuracy."""
+
+    @staticmethod
+    def misfit(data) -> str:
+        """Why this loss cannot train on `data` (a `train.build.DataShape`), or ''."""
+        return "" if data.layout == "images" else (f"classifies images, but the data holds {data.layout} "
+                                                   "(use model.loss = 'next_byte')")
 
     @staticmethod
     def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -37,7 +44,34 @@ class Classification:
         return {"val_accuracy": correct / count, "val_loss": loss_sum / count}
 
 
-LOSSES = {"cross_entropy": Classification}
+class NextByte:
+    """A byte-level language model: cross-entropy of every position's next byte (outputs (N, T, 256)
+    for targets (N, T)); evaluation reports the loss in nats per byte and in bits per byte, the
+    figure language-model papers compare (no tokenizer makes it incomparable)."""
+
+    @staticmethod
+    def misfit(data) -> str:
+        if data.layout != "tokens" or data.classes != 256:
+            return (f"predicts bytes, but the data holds {data.layout} of {data.classes} values "
+                    "(convert text with `hpc-train data convert text`)")
+        return ""
+
+    @staticmethod
+    def loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output.flatten(0, -2), target.flatten().long())
+
+    @staticmethod
+    def evaluation_sums(output: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+        loss_sum = F.cross_entropy(output.flatten(0, -2), target.flatten().long(), reduction="sum")
+        return np.array([float(loss_sum), target.numel()])
+
+    @staticmethod
+    def evaluation_metrics(sums: np.ndarray) -> dict:
+        loss_sum, count = sums
+        return {"val_loss": loss_sum / count, "val_bits_per_byte": loss_sum / count / math.log(2)}
+
+
+LOSSES = {"cross_entropy": Classification, "next_byte": NextByte}
 
 
 def load_factory(spec: str, source: str = "model.factory"):

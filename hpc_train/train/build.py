@@ -6,6 +6,7 @@ Model kinds sit behind one pair of builders each (`NumpyModels`, `TorchModels`, 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,12 +15,26 @@ from ..data import ArrayLoader, DistributedSampler, synthetic_classification
 from .config import JobFileError
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """What the model must fit: a sample's input shape, the output width the data needs (classes, or
+    the vocabulary) and the data's layout ("images": a label a sample; "tokens": next-token targets)."""
+
+    input_shape: tuple
+    classes: int
+    layout: str = "images"
+
+
 class NumpyModels:
     """Our own `nn` models ([model] name = "mlp" | "cnn") and optim's strategies."""
 
     @staticmethod
-    def model(job, input_shape: tuple, classes: int, threads: int) -> nn.TrainableModel:
+    def model(job, data: DataShape, threads: int) -> nn.TrainableModel:
         spec = job.model
+        input_shape, classes = data.input_shape, data.classes
+        if data.layout != "images":
+            raise JobFileError(f"model.name = {spec.name!r} classifies images; the data holds {data.layout} "
+                               "(train those with model.name = 'torch' and a loss that fits them)")
         features = int(np.prod(input_shape))
         if spec.name == "mlp":
             widths = tuple(spec.widths)
@@ -43,7 +58,7 @@ class TorchModels:
     """Any torch.nn.Module from [model] factory ([model] name = "torch"), trained by hpc_train.torch."""
 
     @staticmethod
-    def model(job, input_shape: tuple, classes: int, threads: int) -> nn.TrainableModel:
+    def model(job, data: DataShape, threads: int) -> nn.TrainableModel:
         import torch
 
         from ..torch import convert_sync_batchnorm
@@ -51,6 +66,11 @@ class TorchModels:
 
         torch.set_num_threads(threads)
         spec = job.model
+        task = LOSSES[spec.loss]
+        misfit = task.misfit(data)
+        if misfit:
+            raise JobFileError(f"model.loss = {spec.loss!r} {misfit}")
+        input_shape, classes = data.input_shape, data.classes
         module = build_module(spec)
         if spec.sync_batchnorm:
             module = convert_sync_batchnorm(module)
@@ -64,8 +84,8 @@ class TorchModels:
         module.train()
         if width < classes:
             raise JobFileError(f"model.factory {spec.factory} outputs {width} values a sample; the data has "
-                               f"{classes} classes")
-        return TorchModel(module, LOSSES[spec.loss], spec.seed, runtime.rank(),
+                               f"{classes} {'classes' if data.layout == 'images' else 'token values'}")
+        return TorchModel(module, task, spec.seed, runtime.rank(),
                           job.distributed.backward_passes_per_step)
 
     @staticmethod
@@ -81,7 +101,7 @@ def models_of(job):
 
 
 def build_loaders(job: dict, batch: int, rank: int, size: int):
-    """(train loader, validation loader, image shape, classes) for the job's data section."""
+    """(train loader, validation loader, DataShape) for the job's data section."""
     data, train = job.data, job.train
     if data.name == "hdf5":
         from ..data import HDF5Loader
@@ -90,8 +110,10 @@ def build_loaders(job: dict, batch: int, rank: int, size: int):
                             seed=train.seed, drop_last=train.drop_last)
         val = HDF5Loader(data.val_path, batch, collective=data.collective, prefetch=data.prefetch,
                          shuffle=False)
-        classes = int(max(loader.labels.max(), val.labels.max())) + 1
-        return loader, val, loader.image_shape, classes
+        if (val.layout, val.input_shape) != (loader.layout, loader.input_shape):
+            raise JobFileError(f"data.val_path {data.val_path} holds {val.layout} of shape {val.input_shape}, "
+                               f"data.path {data.path} holds {loader.layout} of shape {loader.input_shape}")
+        return loader, val, DataShape(loader.input_shape, max(loader.classes, val.classes), loader.layout)
     shape = tuple(data.shape)
     images, labels = synthetic_classification(data.train_samples, shape, data.classes, data.seed,
                                               data.noise)
@@ -100,7 +122,7 @@ def build_loaders(job: dict, batch: int, rank: int, size: int):
     sampler = DistributedSampler(len(images), rank, size, seed=train.seed, drop_last=train.drop_last)
     val_sampler = DistributedSampler(len(val_images), rank, size, shuffle=False)
     return (ArrayLoader(images, labels, batch, sampler), ArrayLoader(val_images, val_labels, batch, val_sampler),
-            shape, data.classes)
+            DataShape(shape, data.classes))
 
 
 def limit_threads(ranks_on_host: int) -> int:

@@ -44,9 +44,9 @@ class Trainer:
             raise JobFileError(f"train.global_batch = {train.global_batch} is not divisible by the "
                                f"{self.size} ranks of this job")
         self.batch = train.global_batch // self.size
-        self.loader, self.val_loader, shape, classes = build_loaders(job, self.batch, self.rank, self.size)
+        self.loader, self.val_loader, data = build_loaders(job, self.batch, self.rank, self.size)
         models = models_of(job)
-        self.model = models.model(job, shape, classes, threads)
+        self.model = models.model(job, data, threads)
         self.steps_per_epoch = len(self.loader)
         if train.steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, train.steps_per_epoch)
@@ -235,8 +235,12 @@ class Trainer:
 
 
 def summary_line(summary: dict) -> str:
-    quality = (f"final val accuracy {summary['val_accuracy']:.4f}" if "val_accuracy" in summary
-               else f"final val loss {summary.get('val_loss', float('nan')):.4f}")
+    if "val_accuracy" in summary:
+        quality = f"final val accuracy {summary['val_accuracy']:.4f}"
+    elif "val_bits_per_byte" in summary:
+        quality = f"final val bits per byte {summary['val_bits_per_byte']:.4f}"
+    else:
+        quality = f"final val loss {summary.get('val_loss', float('nan')):.4f}"
     return (f"hpc-train train: {quality} | "
             f"{summary['samples_per_s']:.0f} samples/s on {summary['ranks']} ranks | exposed communication "
             f"{100 * summary['exposed_comm_fraction']:.1f}% of step time | {summary['steps']} steps in "
