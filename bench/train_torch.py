@@ -1,5 +1,6 @@
-"""Training-step benchmark of torch models: plain PyTorch, DDP over gloo, hpc_train.torch (replicas and
-node-shared) and, where it is installed, Horovod.
+"""Training-step benchmark of torch models: plain PyTorch, DDP over gloo, the same DDP script over our
+torch.distributed backend "hpc", hpc_train.torch (replicas and node-shared) and, where it is installed,
+Horovod.
 
     python bench/train_torch.py [--model mlp|resnet20|gpt] [--ranks 1,2] [--steps 45] [--repeats 3] [--json PATH]
 
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from train import WIDTHS, rank_results, timed_steps
 
-SIDES = ("plain", "ddp-gloo", "ours-replicas", "ours-node-shared", "horovod")
+SIDES = ("plain", "ddp-gloo", "ddp-hpc", "ours-replicas", "ours-node-shared", "horovod")
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,16 @@ def worker(args) -> dict:
     model = spec.build()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     exposed = None
-    if args.worker == "ddp-gloo" and size > 1:
+    if args.worker.startswith("ddp") and size > 1:  # one DDP script; only the init line differs
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=size)
+        if args.worker == "ddp-hpc":
+            import hpc_train.torch  # noqa: F401 (registers the backend "hpc")
+
+            dist.init_process_group("hpc")
+        else:
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank,
+                                    world_size=size)
         model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     elif args.worker.startswith("ours"):
@@ -204,6 +211,9 @@ def main() -> int:
     if any(r["oversubscribed"] for r in rows):
         print("# * oversubscribed: more ranks than cores")
     for n in ranks:
+        if ("ddp-hpc", n) in by and ("ddp-gloo", n) in by:
+            print(f"# {n} rank(s): ddp-hpc / ddp-gloo step time = "
+                  f"{by[('ddp-hpc', n)]['step_ms'] / by[('ddp-gloo', n)]['step_ms']:.2f}")
         for ours in ("ours-node-shared", "ours-replicas"):
             for other in ("ddp-gloo", "horovod", "plain"):
                 if (ours, n) in by and (other, 1 if other == "plain" else n) in by:
@@ -213,7 +223,7 @@ def main() -> int:
     for n in ranks:
         if ("ddp-gloo", n) in by and n > 1:
             ddp = by[("ddp-gloo", n)]["losses_rank0"]
-            for ours in ("ours-replicas", "ours-node-shared", "horovod"):
+            for ours in ("ddp-hpc", "ours-replicas", "ours-node-shared", "horovod"):
                 if (ours, n) in by:
                     mine = by[(ours, n)]["losses_rank0"]
                     worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine[:50], ddp[:50], strict=True))

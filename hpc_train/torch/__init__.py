@@ -5,6 +5,9 @@
     opt = htt.DistributedOptimizer(torch.optim.AdamW(model.parameters()), model)
     htt.broadcast_parameters(model.state_dict(), root=0); htt.broadcast_optimizer_state(opt, root=0)
 
+Importing it also registers the torch.distributed backend "hpc", so that an unchanged DDP or FSDP
+script runs over our collectives: `torch.distributed.init_process_group(backend="hpc")`.
+
 Launched like any hpc_train program (mpirun, srun). PyTorch is an optional extra:
 `pip install 'hpc_train[torch]'`.
 """
@@ -43,8 +46,13 @@ from .collectives import (
     synchronize,
 )
 from .optimizer import DistributedOptimizer, join
+from .process_group import register as _register_backend
+from .rendezvous import install as _take_rank_and_size_from_mpi
 from .state import broadcast_optimizer_state, broadcast_parameters
 from .tensors import tensor_batches
+
+_register_backend()
+_take_rank_and_size_from_mpi()
 
 __all__ = [
     "Average", "CollectiveMismatchError", "Compression", "DistributedOptimizer", "Handle", "Max", "Min", "Product",
