@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -32,9 +33,11 @@ def slurm():
 
 
 def sbatch(script, tmp_path, ntasks, **env):
+    """sbatch --wait one of slurm/'s scripts, or a command line given as "--wrap=...": (process, out, err)."""
     exports = ",".join(["ALL", *(f"{k}={v}" for k, v in env.items())])
+    target = script if script.startswith("--wrap=") else str(ROOT / "slurm" / script)
     proc = subprocess.run(["sbatch", "--wait", "-n", str(ntasks), "-o", str(tmp_path / "out.txt"),
-                           "-e", str(tmp_path / "err.txt"), f"--export={exports}", str(ROOT / "slurm" / script)],
+                           "-e", str(tmp_path / "err.txt"), f"--export={exports}", target],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=clean_environment())
     out = (tmp_path / "out.txt").read_text() if (tmp_path / "out.txt").exists() else ""
     err = (tmp_path / "err.txt").read_text() if (tmp_path / "err.txt").exists() else ""
@@ -81,3 +84,33 @@ def test_scaling_sbatch_runs_a_study_as_job_steps(slurm, tmp_path):
     assert [r["status"] for r in report["rows"]] == ["ok", "ok"]
     assert all(run["command"][0] == "srun" for run in report["runs"])  # job steps of the allocation
     assert "| 2 | 1 x 2 | ok |" in (tmp_path / "report" / "table.md").read_text()
+
+
+TORCH_JOB = TINY_JOB.replace('name = "mlp"\nwidths = [3072, 32, 10]',
+                             'name = "torch"\nfactory = "hpc_train.torch.models:mlp"\n'
+                             'kwargs = {widths = [3072, 32, 10]}')
+
+
+def test_train_sbatch_trains_a_torch_job_unchanged(slurm, tmp_path):
+    pytest.importorskip("torch")
+    job = tmp_path / "torch.toml"
+    job.write_text(TORCH_JOB + f'metrics = "{tmp_path / "metrics.jsonl"}"\n')
+    proc, out, err = sbatch("train.sbatch", tmp_path, 2, JOB=job)
+    assert proc.returncode == 0, f"sbatch: {proc.stderr}\nout: {out}\nerr: {err}"
+    summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["type"] == "summary" and summary["ranks"] == 2 and summary["parameters"] == 98_666
+
+
+def test_an_unchanged_ddp_script_over_hpc_under_srun(slurm, tmp_path):
+    pytest.importorskip("torch")
+    from .test_torch_backend_launch import SCRIPT
+
+    plugins = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=30)
+    if "pmix" not in plugins.stdout + plugins.stderr:
+        pytest.skip("this Slurm offers no pmix: srun cannot launch an MPI program here")
+    script = tmp_path / "ddp.py"
+    script.write_text(SCRIPT.format(backend="hpc"))
+    proc, out, err = sbatch(f"--wrap=srun --mpi=pmix {ROOT / '.venv' / 'bin' / 'python'} {script}", tmp_path, 2)
+    assert proc.returncode == 0, f"sbatch: {proc.stderr}\nout: {out}\nerr: {err}"
+    assert sorted(re.findall(r"rank \d of 2 on hpc: sum \[3\.0, 3\.0\]", out)) == [
+        "rank 0 of 2 on hpc: sum [3.0, 3.0]", "rank 1 of 2 on hpc: sum [3.0, 3.0]"], out + err
