@@ -12,7 +12,11 @@ up() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
   fi
   mkdir -p "$dir/state" "$dir/spool" /etc/slurm /run/munge
-  host=$(hostname); cpus=$(nproc)
+  # the hardware's CPUs as slurmd sees them (nproc honours OMP_NUM_THREADS, 1 on most HPC jobs,
+  # and a node of CPUs=1 leaves the 2-task train.sbatch pending forever)
+  host=$(hostname)
+  cpus=$(slurmd -C 2>/dev/null | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' | head -n1)
+  cpus=${cpus:-$(nproc --all)}
   cat > "$conf" <<CONF
 ClusterName=local
 SlurmctldHost=$host

@@ -172,3 +172,19 @@ def test_a_token_file_without_its_vocabulary_is_refused_on_every_rank(comm, shar
     comm.Barrier()
     with pytest.raises(DatasetError, match="attribute 'classes' .the vocabulary size of dataset 'tokens'. is missing"):
         HDF5Loader(path, 2)
+
+
+def test_loaders_dropped_without_close_release_their_files(comm, shared_dir):
+    import gc
+
+    images, labels = sample_arrays(40)
+    path = os.path.join(shared_dir, "dropped.h5")
+    write_arrays(path, images, labels, comm)
+    for _ in range(3):
+        loader = HDF5Loader(path, 4)  # rebinding drops the previous loader, datasets open, without close()
+        next(iter(loader))
+    del loader
+    gc.collect()
+    write_arrays(path, images[:8], labels[:8], comm)  # HDF5 refuses to recreate a file it still has open
+    with HDF5Loader(path, 4) as again:
+        assert again.n == 8

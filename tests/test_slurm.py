@@ -114,3 +114,15 @@ def test_an_unchanged_ddp_script_over_hpc_under_srun(slurm, tmp_path):
     assert proc.returncode == 0, f"sbatch: {proc.stderr}\nout: {out}\nerr: {err}"
     assert sorted(re.findall(r"rank \d of 2 on hpc: sum \[3\.0, 3\.0\]", out)) == [
         "rank 0 of 2 on hpc: sum [3.0, 3.0]", "rank 1 of 2 on hpc: sum [3.0, 3.0]"], out + err
+
+
+def test_the_local_cluster_has_the_hardwares_cpus_under_omp_num_threads_1(slurm, tmp_path):
+    """nproc honours OMP_NUM_THREADS (1 in most HPC jobs): a node of CPUs=1 left 2-task jobs pending."""
+    subprocess.run([*CLUSTER, "down"], capture_output=True, timeout=60)
+    up = subprocess.run([*CLUSTER, "up"], capture_output=True, text=True, timeout=300,
+                        env={**clean_environment(), "OMP_NUM_THREADS": "1"})
+    assert up.returncode == 0, up.stderr
+    node = subprocess.run(["scontrol", "show", "node"], capture_output=True, text=True, timeout=30).stdout
+    assert f"CPUTot={os.cpu_count()}" in node, node
+    proc, out, err = sbatch("--wrap=srun hostname", tmp_path, 2)
+    assert proc.returncode == 0 and len(out.split()) == 2, proc.stderr + out + err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 
 import numpy as np
 
@@ -63,13 +64,18 @@ class HDF5Loader:
         self.output = output
         self.prefetch = max(1, prefetch)
         self.file = open_parallel(path, "r", self.comm, hints)
+        # A loader dropped without close() (rebound to a new one) closes its file when collected:
+        # h5py's own deallocation of an MPI-IO file with datasets still open raises, and the
+        # abort hook would end the job. Closing is collective; dropping happens at the same point
+        # of the program on every rank.
+        self._release = weakref.finalize(self, release, self.file, self.comm if comm is None else None)
         try:
             meta = self._agree(lambda: validate(self.file, path))
             self.layout = meta["layout"]
             self.samples = self.file[LAYOUTS[self.layout][0]]
             self.labels = self._read_all_labels(meta["classes"]) if self.layout == "images" else None
         except BaseException:
-            self.file.close()
+            self._release()
             raise
         self.n, self.sample_shape, self.sample_dtype = meta["n"], meta["sample_shape"], meta["sample_dtype"]
         tokens = self.layout == "tokens"
@@ -215,11 +221,19 @@ class HDF5Loader:
 
     def close(self) -> None:
         """Close the file (collective over the loader's communicator)."""
-        if self.file.id.valid:
-            self.file.close()
+        self._release()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def release(file, own_comm) -> None:
+    """Close the file (h5py closes the datasets still open in it first), then free the communicator
+    the loader duplicated for itself."""
+    if file.id.valid:
+        file.close()
+    if own_comm is not None:
+        own_comm.Free()
