@@ -41,7 +41,7 @@ apt:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null
 	fi
 
-$(VENV)/.installed: setup.cfg pyproject.toml Makefile | apt
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml Makefile | apt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PIP) install 'pip>=24' 'setuptools>=77' wheel
 	$(PIP) install 'mpi4py>=4.1,<5' 'numpy>=1.26' tqdm threadpoolctl Cython pkgconfig ml_dtypes \

@@ -18,9 +18,11 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     from .comm import ALGORITHMS
 
     parser = argparse.ArgumentParser(prog="hpc-train", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hpc-train {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model described by a TOML job file")

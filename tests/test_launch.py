@@ -94,17 +94,41 @@ def test_regular_install_ships_subpackages(tmp_path):
     assert "site-packages" not in where["stdlib_io"] and where["tuning"]
 
 
+IMPORT_EVERY_MODULE = """
+import importlib, pkgutil, hpc_train
+names = [m.name for m in pkgutil.walk_packages(hpc_train.__path__, "hpc_train.") if not m.name.endswith("__main__")]
+for name in names:
+    importlib.import_module(name)
+print(hpc_train.__file__, len(names))
+"""
+
+
 @pytest.mark.slow
 def test_regular_install_trains_from_outside_the_checkout(tmp_path):
-    """What README's install gives a user: every subpackage of the source tree ships, and
-    `hpc-train train` runs from a folder that is not the checkout."""
+    """What README's install gives a user: a wheel built from the source tree ships every subpackage
+    and module (each imports, outside the checkout), `hpc-train --version` and `python -m hpc_train`
+    work, `hpc-train train` runs a few steps and `hpc-train iobench` a tiny fio job."""
     source, target = tmp_path / "source", tmp_path / "site"  # a copy without build/: setuptools keeps stale files there
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "results", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
-                    "--target", str(target), str(source)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel"), str(source)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("hpc_train-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, timeout=300)
     sources = {p.parent.relative_to(ROOT / "hpc_train") for p in (ROOT / "hpc_train").rglob("__init__.py")}
     shipped = {p.parent.relative_to(target / "hpc_train") for p in (target / "hpc_train").rglob("__init__.py")}
     assert sources <= shipped, f"left out of a regular install: {sorted(map(str, sources - shipped))}"
+    installed = {"PYTHONPATH": str(target), "PATH": f"{target / 'bin'}:/usr/bin:/bin"}
+    probe = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE], capture_output=True, text=True, timeout=120,
+                           env=installed, cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    where, count = probe.stdout.split()
+    modules = [p for p in (*(ROOT / "hpc_train").rglob("*.py"), *(ROOT / "io").rglob("*.py"),
+                           *(ROOT / "kernels").rglob("*.py")) if p.name != "__main__.py"]
+    assert where.startswith(str(target)) and int(count) == len(modules) - 1  # hpc_train/__init__.py itself
+    for command in (["hpc-train", "--version"], [sys.executable, "-m", "hpc_train", "--version"]):
+        version = subprocess.run(command, capture_output=True, text=True, timeout=60, env=installed, cwd=tmp_path)
+        assert version.stdout.strip() == "hpc-train 0.1.0", version.stderr
     job = tmp_path / "job.toml"
     job.write_text(TINY_JOB.replace("[train]\n", "[train]\nepochs = 1\nsteps_per_epoch = 4\n"))
     metrics = tmp_path / "m.jsonl"
@@ -113,3 +137,9 @@ def test_regular_install_trains_from_outside_the_checkout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(metrics.read_text().splitlines()[-1])
     assert summary["type"] == "summary" and summary["steps"] == 4 and summary["ranks"] == 2
+    fio = tmp_path / "tiny.fio"
+    fio.write_text(f"[t]\nrw=write\nbs=64k\nsize=256k\ndirectory={tmp_path}\n")
+    proc = run_mpi(1, [sys.executable, "-m", "hpc_train", "iobench", str(fio), "--output-format", "json"],
+                   timeout=120, env={"PYTHONPATH": str(target)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["jobs"][0]["write"]["io_bytes"] == 256 * 1024
