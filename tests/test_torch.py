@@ -231,11 +231,13 @@ def test_clipping_by_global_norm_matches_torch_on_the_global_batch(comm, mode, c
     opt.close()
 
 
+@pytest.mark.parametrize("usage", ["horovod-recipe", "plain"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_grad_scaler_skips_a_step_on_every_rank_when_one_rank_overflows(comm, mode):
-    """Horovod's AMP recipe: synchronize, unscale_, step under skip_synchronize. An infinite loss on the
-    last rank alone at step 1 makes every rank skip that step and halve its scale; the run then equals
-    plain torch on the global batch without that step (power-of-two scales are exact)."""
+def test_grad_scaler_skips_a_step_on_every_rank_when_one_rank_overflows(comm, mode, usage):
+    """GradScaler used plainly (scale, backward, step, update) or by Horovod's recipe (synchronize,
+    unscale_, step under skip_synchronize). An infinite loss on the last rank alone at step 1 makes
+    every rank skip that step and halve its scale; the run then equals plain torch on the global
+    batch without that step (power-of-two scales are exact)."""
     steps, bad, p, r = 4, 1, comm.Get_size(), comm.Get_rank()
     model = Net()
     opt = htt.DistributedOptimizer(OPTIMIZERS["adam"]([q for q in model.parameters() if q.requires_grad]), model,
@@ -247,10 +249,13 @@ def test_grad_scaler_skips_a_step_on_every_rank_when_one_rank_overflows(comm, mo
         if step == bad and r == p - 1:
             loss = loss * float("inf")
         scaler.scale(loss).backward()
-        opt.synchronize()
-        scaler.unscale_(opt)
-        with opt.skip_synchronize():
+        if usage == "plain":
             scaler.step(opt)
+        else:
+            opt.synchronize()
+            scaler.unscale_(opt)
+            with opt.skip_synchronize():
+                scaler.step(opt)
         scaler.update()
         if step == bad:
             assert scaler.get_scale() == 2.0**7

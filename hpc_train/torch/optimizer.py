@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -42,6 +43,10 @@ from .node_shared import NodeShared, refusal
 from .placement import Replicas
 from .state import broadcast_optimizer_state, broadcast_parameters, signature
 from .tensors import as_tensor, numpy_dtype
+
+# torch 2.13 announces that GradScaler will stop passing itself to optimizers that handle scaling,
+# with a FutureWarning at every scaler.step(opt) of ours; the tests say when it really does
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 
 def _named(model, named_parameters) -> dict[int, str]:
@@ -275,8 +280,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def synchronize(self) -> None:
         """Reduce what backward did not, wait for every bucket; after it, `.grad` holds the average on
-        every rank (for clipping or GradScaler's unscale_ before `step()`)."""
-        self._reduce()
+        every rank (for clipping or GradScaler's unscale_ before `step()`). Calling it again before the
+        next backward does nothing (reducing again would find no parameter used)."""
+        if not self._synchronized:
+            self._reduce()
         if not self._completed:
             self._placement.complete()
             self._completed = True
@@ -332,8 +339,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"DistributedOptimizer: parameter(s) {', '.join(added[:5])} were added to the model "
                              f"after wrapping its optimizer; wrap it once the model is complete")
 
-    def step(self, closure=None):
+    # GradScaler then hands itself to step() (`grad_scaler=`) instead of checking the gradients for
+    # infs before it: those checks would read, and rewrite, gradients the engine is still reducing
+    _step_supports_amp_scaling = True
+
+    def step(self, closure=None, grad_scaler=None):
         """Wait for the averaged gradients (unless `synchronize()` already did), then step."""
+        if grad_scaler is not None:
+            return self._scaled_step(grad_scaler, closure)
         if closure is not None and not self.node_shared:  # LBFGS re-evaluates: every evaluation is averaged
             def averaged():
                 with torch.enable_grad():
@@ -354,6 +367,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._placement.publish()
         self.exposed_s += time.perf_counter() - waiting
         return loss
+
+    def _scaled_step(self, scaler, closure):
+        """`scaler.step(opt)`, plainly: Horovod's recipe done here. The gradients are averaged and made
+        whole, unscaled (unless `scaler.unscale_(opt)` ran already), the inf/NaN checks agreed by every
+        rank (their maximum), and the step skipped on every rank if any found one; `scaler.update()`
+        then sees the agreed checks, so every rank keeps the same scale."""
+        from torch.amp.grad_scaler import OptState
+
+        self.synchronize()
+        state = scaler._per_optimizer_states[id(self)]
+        if state["stage"] is OptState.READY:
+            scaler.unscale_(self)
+        found = list(state["found_inf_per_device"].values())
+        for flag in found:
+            flag.view(1).copy_(torch.from_numpy(allreduce(flag.view(1).numpy().copy(), op="max", name="found inf")))
+        if any(float(flag) for flag in found):
+            return None
+        return self.step(closure)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
