@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from .conftest import python_cmd, run_mpi
 
 SMALL_JOB = """
@@ -107,3 +109,27 @@ def test_max_steps_bounds_the_whole_run_and_steps_per_epoch_each_epoch(tmp_path)
     assert epochs == [0] * 10 + [1] * 3 and summary["steps"] == 13
     epochs, summary = step_epochs(tmp_path, "train.max_steps=7", "train.steps_per_epoch=4")
     assert epochs == [0] * 4 + [1] * 3 and summary["steps"] == 7
+
+
+@pytest.mark.parametrize("data, key, value, message", [
+    ("synthetic", "data.train_samples", "1000000000000", "every rank builds the whole synthetic set"),
+    ("synthetic", "data.shape", "[100000, 100000, 3]", "every rank builds the whole synthetic set"),
+    ("synthetic", "train.global_batch", "2000000000000", "samples of shape [32, 32, 3] a rank need about"),
+    ("hdf5", "train.global_batch", "2000000000000", "samples of shape [32, 32, 3] a rank need about"),
+])
+def test_data_that_would_not_fit_in_memory_is_refused_before_allocation(tmp_path, data, key, value, message):
+    if data == "hdf5":
+        for name, n in (("train.h5", 64), ("val.h5", 32)):
+            made = run_mpi(2, python_cmd("-m", "hpc_train.cli", "data", "synth", str(tmp_path / name), "--samples",
+                                         str(n)), timeout=120)
+            assert made.returncode == 0, made.stderr
+    job = tmp_path / "job.toml"
+    job.write_text(SMALL_JOB)
+    sets = [f"{key}={value}"] + (["data.name='hdf5'", f"data.path='{tmp_path / 'train.h5'}'",
+                                        f"data.val_path='{tmp_path / 'val.h5'}'"] if data == "hdf5" else [])
+    started = time.monotonic()
+    proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "train", str(job), *(f"--set={s}" for s in sets)),
+                   timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count(message) == 2 and proc.stderr.count("of memory available") == 2, proc.stderr
+    assert time.monotonic() - started < 60

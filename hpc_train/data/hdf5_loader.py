@@ -91,7 +91,7 @@ class HDF5Loader:
             raise DatasetError(f"{path}: sampler covers {self.sampler.n} samples, file has {self.n}")
         self._xfer = h5p.create(h5p.DATASET_XFER)
         self._xfer.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE if collective else h5fd.MPIO_INDEPENDENT)
-        self._buffer = np.empty((batch_size, *self.sample_shape), self.sample_dtype)
+        self._buffer = None  # allocated at the first read: a caller can check the batch's size first
         self._passes, self._epoch_set = 0, False
         self.max_batches: int | None = None  # batches per pass, if fewer than a whole epoch
 
@@ -133,6 +133,8 @@ class HDF5Loader:
         ordered = indices[order]
         unique, first = np.unique(ordered, return_index=True)
         rows = len(unique)
+        if self._buffer is None:
+            self._buffer = np.empty((self.batch_size, *self.sample_shape), self.sample_dtype)
         buf = self._buffer[:rows] if rows <= len(self._buffer) else np.empty((rows, *self.sample_shape),
                                                                                  self.sample_dtype)
         file_space = self.samples.id.get_space()

@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import nn, optim, runtime
 from ..data import ArrayLoader, DistributedSampler, synthetic_classification
+from . import memory
 from .config import JobFileError
 
 
@@ -101,8 +102,11 @@ def models_of(job):
 
 
 def build_loaders(job: dict, batch: int, rank: int, size: int):
-    """(train loader, validation loader, DataShape) for the job's data section."""
+    """(train loader, validation loader, DataShape) for the job's data section, after checking that
+    its data and batches fit in the node's memory (`memory.py`)."""
     data, train = job.data, job.train
+    host_ranks = runtime.topology().host_ranks
+    available = memory.available_bytes(runtime.world())
     if data.name == "hdf5":
         from ..data import HDF5Loader
 
@@ -113,8 +117,12 @@ def build_loaders(job: dict, batch: int, rank: int, size: int):
         if (val.layout, val.input_shape) != (loader.layout, loader.input_shape):
             raise JobFileError(f"data.val_path {data.val_path} holds {val.layout} of shape {val.input_shape}, "
                                f"data.path {data.path} holds {loader.layout} of shape {loader.input_shape}")
+        memory.check_batches(train.global_batch, batch, loader.sample_shape, loader.sample_dtype.itemsize,
+                             data.prefetch, host_ranks, available)
         return loader, val, DataShape(loader.input_shape, max(loader.classes, val.classes), loader.layout)
     shape = tuple(data.shape)
+    memory.check_synthetic_set(data, host_ranks, available)
+    memory.check_batches(train.global_batch, batch, shape, 1, data.prefetch, host_ranks, available)
     images, labels = synthetic_classification(data.train_samples, shape, data.classes, data.seed,
                                               data.noise)
     val_images, val_labels = synthetic_classification(
