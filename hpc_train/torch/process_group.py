@@ -40,6 +40,23 @@ def reduce_op(opts) -> str:
                               f"offered (SUM, AVG, PRODUCT, MIN, MAX are)")
 
 
+def flat(tensor: torch.Tensor):
+    """The tensor's elements as a 1-D array (its own memory where it is contiguous)."""
+    return as_array(tensor.detach().contiguous().reshape(-1))
+
+
+def concatenated_bytes(tensors) -> torch.Tensor:
+    """The tensors' bytes one after another (a copy): what one MPI call sends to the ranks in turn."""
+    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def holds_every_share(what: str, pairs, size: int) -> None:
+    """Each (whole, share) pair: the whole tensor holds `size` shares, one a rank; ValueError if not."""
+    for whole, share in pairs:
+        if whole.numel() != share.numel() * size:
+            raise ValueError(f"{what} has {whole.numel()} elements, {size} ranks x {share.numel()} needed")
+
+
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     """A contiguous CPU tensor's memory as bytes (any dtype travels through MPI this way)."""
     return tensor.detach().reshape(-1).view(torch.uint8).numpy()
@@ -130,6 +147,14 @@ class ProcessGroup(dist.ProcessGroup):
         work._handle = self._engine.submit(job, f"torch.distributed {what}")
         return work
 
+    def _pairwise(self, what: str, outputs, inputs, collective) -> Work:
+        """collective(input, out=output, communicator) for each pair, as flat arrays, on the engine."""
+        def run(communicator):
+            for output, tensor in zip(outputs, inputs, strict=True):
+                with staged(output) as out:
+                    collective(flat(tensor), out.reshape(-1), communicator)
+        return self._submit(what, run, outputs)
+
     def _check(self, communicator, what: str, **fields) -> None:
         verify_same(communicator, f"torch.distributed {what}", describe(**fields))
 
@@ -159,26 +184,19 @@ class ProcessGroup(dist.ProcessGroup):
     def allgather(self, output_lists, inputs, opts):
         def run(communicator):
             for outputs, tensor in zip(output_lists, inputs, strict=True):
-                gathered = collectives.allgather(as_array(tensor.detach().contiguous().reshape(-1)),
-                                                 comm=communicator, check=True, name="torch.distributed allgather")
+                gathered = collectives.allgather(flat(tensor), comm=communicator, check=True,
+                                                 name="torch.distributed allgather")
                 for output, piece in zip(outputs, np.split(gathered, len(outputs)), strict=True):
                     output.copy_(as_tensor(piece).reshape(output.shape))
         return self._submit("allgather", run, output_lists)
 
     def allgather_into_tensor_coalesced(self, outputs, inputs, opts):
         """all_gather_into_tensor of each (output, input) pair: every rank's input, in rank order."""
-        for output, tensor in zip(outputs, inputs, strict=True):
-            if output.numel() != tensor.numel() * self.size():
-                raise ValueError(f"all_gather_into_tensor: output has {output.numel()} elements, {self.size()} "
-                                 f"ranks x {tensor.numel()} needed")
+        holds_every_share("all_gather_into_tensor: the output", zip(outputs, inputs, strict=True), self.size())
 
-        def run(communicator):
-            for output, tensor in zip(outputs, inputs, strict=True):
-                with staged(output) as out:
-                    collectives.allgather(as_array(tensor.detach().contiguous().reshape(-1)), out=out.reshape(-1),
-                                          comm=communicator, check=True,
-                                          name="torch.distributed all_gather_into_tensor")
-        return self._submit("all_gather_into_tensor", run, outputs)
+        return self._pairwise("all_gather_into_tensor", outputs, inputs, lambda x, out, communicator: (
+            collectives.allgather(x, out=out, comm=communicator, check=True,
+                                  name="torch.distributed all_gather_into_tensor")))
 
     def _allgather_base(self, output, tensor, opts):
         return self.allgather_into_tensor_coalesced([output], [tensor], opts)
@@ -200,20 +218,11 @@ class ProcessGroup(dist.ProcessGroup):
 
     def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts):
         """reduce_scatter_tensor of each (output, input) pair: this rank's equal share of the reduction."""
-        for output, tensor in zip(outputs, inputs, strict=True):
-            if tensor.numel() != output.numel() * self.size():
-                raise ValueError(f"reduce_scatter_tensor: input has {tensor.numel()} elements, {self.size()} "
-                                 f"ranks x {output.numel()} needed")
+        holds_every_share("reduce_scatter_tensor: the input", zip(inputs, outputs, strict=True), self.size())
         op = reduce_op(opts)
-
-        def run(communicator):
-            for output, tensor in zip(outputs, inputs, strict=True):
-                with staged(output) as out:
-                    collectives.reduce_scatter(as_array(tensor.detach().contiguous().reshape(-1)), op,
-                                               out=out.reshape(-1), counts=[output.numel()] * self.size(),
-                                               comm=communicator, check=True,
-                                               name="torch.distributed reduce_scatter_tensor")
-        return self._submit("reduce_scatter_tensor", run, outputs)
+        return self._pairwise("reduce_scatter_tensor", outputs, inputs, lambda x, out, communicator: (
+            collectives.reduce_scatter(x, op, out=out, counts=[out.size] * self.size(), comm=communicator,
+                                       check=True, name="torch.distributed reduce_scatter_tensor")))
 
     def _reduce_scatter_base(self, output, tensor, opts):
         return self.reduce_scatter_tensor_coalesced([output], [tensor], opts)
@@ -271,7 +280,7 @@ class ProcessGroup(dist.ProcessGroup):
                 f"torch.distributed all_to_all: rank {communicator.Get_rank()} expects {receives} bytes from "
                 f"ranks 0..{self.size() - 1}, they send {incoming.tolist()}")
             raise_if_any(communicator, problem, CollectiveMismatchError)
-            whole_in = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in inputs])
+            whole_in = concatenated_bytes(inputs)
             whole_out = torch.empty(sum(receives), dtype=torch.uint8)
             exchange(communicator, whole_in, whole_out, sends, receives)
             for output, piece in zip(outputs, whole_out.split(receives), strict=True):
@@ -298,8 +307,7 @@ class ProcessGroup(dist.ProcessGroup):
         def run(communicator):
             for output in outputs:
                 self._check(communicator, "scatter", shape=tuple(output.shape), dtype=output.dtype, root=root)
-                whole = (torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in input_lists[0]]).numpy()
-                         if self.rank() == root else None)
+                whole = concatenated_bytes(input_lists[0]).numpy() if self.rank() == root else None
                 with staged(output) as out:
                     communicator.Scatter(whole, out.reshape(-1).view(np.uint8), root=root)
         return self._submit("scatter", run, outputs)
