@@ -11,7 +11,7 @@ fi
 launch() {
   local launcher=${HPC_TRAIN_LAUNCHER:-srun}
   if [ "$launcher" = srun ] && srun --mpi=list 2>&1 | grep -q pmix; then
-    srun --mpi=pmix "$venv/bin/hpc-train" "$@"
+    srun --mpi=pmix --kill-on-bad-exit=1 "$venv/bin/hpc-train" "$@"  # one failed task ends the step
   else
     mpirun -n "${SLURM_NTASKS:-1}" "$venv/bin/hpc-train" "$@"
   fi

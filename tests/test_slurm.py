@@ -32,12 +32,13 @@ def slurm():
         subprocess.run([*CLUSTER, "down"], capture_output=True, timeout=60)
 
 
-def sbatch(script, tmp_path, ntasks, **env):
-    """sbatch --wait one of slurm/'s scripts, or a command line given as "--wrap=...": (process, out, err)."""
+def sbatch(script, tmp_path, ntasks, *args, **env):
+    """sbatch --wait one of slurm/'s scripts with its arguments, or a command line given as
+    "--wrap=...": (process, out, err)."""
     exports = ",".join(["ALL", *(f"{k}={v}" for k, v in env.items())])
-    target = script if script.startswith("--wrap=") else str(ROOT / "slurm" / script)
+    target = [script] if script.startswith("--wrap=") else [str(ROOT / "slurm" / script), *args]
     proc = subprocess.run(["sbatch", "--wait", "-n", str(ntasks), "-o", str(tmp_path / "out.txt"),
-                           "-e", str(tmp_path / "err.txt"), f"--export={exports}", target],
+                           "-e", str(tmp_path / "err.txt"), f"--export={exports}", *target],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=clean_environment())
     out = (tmp_path / "out.txt").read_text() if (tmp_path / "out.txt").exists() else ""
     err = (tmp_path / "err.txt").read_text() if (tmp_path / "err.txt").exists() else ""
@@ -53,6 +54,15 @@ def test_train_sbatch(slurm, tmp_path, launcher):
     assert out.count("hpc-train train: final val accuracy") == 1  # one job of 2 ranks, not 2 singletons
     summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["type"] == "summary" and summary["ranks"] == 2
+
+
+def test_train_sbatch_takes_the_job_file_and_its_options_as_arguments(slurm, tmp_path):
+    job = tmp_path / "tiny.toml"
+    job.write_text(TINY_JOB + f'metrics = "{tmp_path / "metrics.jsonl"}"\n')
+    proc, out, err = sbatch("train.sbatch", tmp_path, 2, str(job), "--set", "train.max_steps=3")
+    assert proc.returncode == 0, f"sbatch: {proc.stderr}\nout: {out}\nerr: {err}"
+    summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["ranks"] == 2  # that job, that option: not the demo
 
 
 def test_iobench_sbatch(slurm, tmp_path):
