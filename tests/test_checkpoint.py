@@ -78,6 +78,24 @@ def test_resume_is_bit_for_bit(tmp_path, stage):
     assert any(r["type"] == "checkpoint" and r["write_gbps"] > 0 for r in records)
 
 
+def test_a_resumed_run_appends_to_its_metrics_as_the_same_run(tmp_path):
+    job, metrics = write_job(tmp_path), tmp_path / "m.jsonl"
+    assert train(2, job, metrics, "train.epochs=1").returncode == 0  # stops at step 20, checkpointed there
+    second = train(2, job, metrics, "checkpoint.resume=auto")
+    assert second.returncode == 0, second.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len({r["run_id"] for r in records}) == 1
+    assert [r["attempt"] for r in records] == sorted(r["attempt"] for r in records)
+    assert {r["attempt"] for r in records} == {0, 1}
+    assert [r["step"] for r in records if r["type"] == "step"] == list(range(1, 41))  # one continuous history
+    assert [r["type"] for r in records].count("summary") == 2
+    fresh = train(2, job, metrics, "train.epochs=1", f"checkpoint.directory={tmp_path / 'other'}")
+    assert fresh.returncode == 0
+    again = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert again[0]["step"] == 1 and {r["attempt"] for r in again} == {0}  # a new run starts its own file
+    assert again[0]["run_id"] != records[0]["run_id"]
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3], ids=lambda s: f"zero{s}")
 @pytest.mark.parametrize("before, after", [(2, 4), (4, 2)])
 def test_resume_with_another_rank_count(tmp_path, before, after, stage):

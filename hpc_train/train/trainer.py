@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,12 @@ class Trainer:
         self.strategy = models.strategy(job, self.model, self.total_steps, self.timeline)
         dist = job.distributed
         self.watchdog = StallWatchdog(dist.stall_warning_s, dist.stall_abort_s)
-        self.metrics = MetricsLog(job.log.metrics, self.rank)
         self.start_epoch = self.start_batch = self.start_step = 0
-        self._resume()
+        resumed = self._resume()
+        self.metrics = MetricsLog(job.log.metrics, self.rank, {"run_id": self.run_id, "attempt": self.attempt},
+                                  append=resumed is not None)
+        if resumed is not None:
+            self.metrics.emit(resumed)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -72,6 +76,7 @@ class Trainer:
         path = checkpoint.save(checkpoint.checkpoint_path(spec.directory, step), arrays, {
             "step": step, "epoch": epoch, "next_batch": next_batch, "world_size": self.size,
             "optimizer_steps": self.strategy.steps, "job": self.job.to_dict(), "rng": self.model.rng_states(),
+            "run_id": self.run_id, "attempt": self.attempt,
             **({"layout": layout} if layout else {})}, self.comm)
         seconds = time.perf_counter() - started
         nbytes = checkpoint.logical_bytes(arrays)
@@ -79,14 +84,17 @@ class Trainer:
         self.metrics.emit({"type": "checkpoint", "step": step, "path": str(path), "bytes": nbytes,
                            "seconds": seconds, "write_gbps": nbytes / seconds / 1e9})
 
-    def _resume(self) -> None:
+    def _resume(self) -> dict | None:
+        """Continue from the job's checkpoint, if it names one; the "resume" record, or None for a fresh
+        run. Either way sets the run's identity: a fresh run gets a new id (rank 0's, for all)."""
         spec = self.job.checkpoint
+        self.run_id, self.attempt = self.comm.bcast(uuid.uuid4().hex if self.rank == 0 else None, root=0), 0
         if not spec.resume:
-            return
+            return None
         if spec.resume == "auto":
             found = checkpoint.complete_checkpoints(spec.directory)
             if not found:
-                return  # nothing yet: a fresh start
+                return None  # nothing yet: a fresh start
             path = found[-1]
         else:
             path = Path(spec.resume)
@@ -96,11 +104,12 @@ class Trainer:
         self.strategy.load_checkpoint(arrays, attrs["optimizer_steps"])
         self.model.set_rng_states(attrs["rng"])
         self.start_epoch, self.start_batch, self.start_step = attrs["epoch"], attrs["next_batch"], attrs["step"]
+        if "run_id" in attrs:  # checkpoints written before runs had an identity start a new one
+            self.run_id, self.attempt = attrs["run_id"], attrs["attempt"] + 1
         seconds = time.perf_counter() - started
         nbytes = checkpoint.logical_bytes(current)
-        self.metrics.emit({"type": "resume", "path": str(path), "step": self.start_step,
-                           "saved_by_ranks": attrs["world_size"], "bytes": nbytes, "seconds": seconds,
-                           "read_gbps": nbytes / seconds / 1e9})
+        return {"type": "resume", "path": str(path), "step": self.start_step, "saved_by_ranks": attrs["world_size"],
+                "bytes": nbytes, "seconds": seconds, "read_gbps": nbytes / seconds / 1e9}
 
     # -- evaluation and steps ----------------------------------------------------------------------
 
