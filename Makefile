@@ -45,7 +45,7 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml Makefile | apt
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PIP) install 'pip>=24' 'setuptools>=77' wheel
 	$(PIP) install 'mpi4py>=4.1,<5' 'numpy>=1.26' tqdm threadpoolctl Cython pkgconfig ml_dtypes \
-	    pytest pytest-mpi pytest-timeout hypothesis ruff matplotlib scikit-learn
+	    pytest pytest-mpi pytest-timeout hypothesis ruff matplotlib scikit-learn tensorboard
 	wheel=$$(ls $(WHEEL_CACHE)/h5py-$(H5PY_VERSION)-*.whl 2>/dev/null | head -n1 || true)
 	if [ -z "$$wheel" ]; then
 	  echo "building h5py $(H5PY_VERSION) against parallel HDF5 (a few minutes, once)"
@@ -71,7 +71,7 @@ lint: setup
 	$(VENV)/bin/ruff check $(RUFF_ARGS) hpc_train kernels io bench tests
 
 test-serial: setup
-	$(PY) -m pytest -q -m "not mpi" tests
+	$(PY) -m pytest -q --durations=12 -m "not mpi" tests
 
 # 1, 2 and 4 ranks on one node, then pretended nodes of 2 ranks (4 ranks: even nodes,
 # 3 ranks: uneven) so that hierarchical allreduce crosses node boundaries.

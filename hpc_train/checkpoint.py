@@ -57,6 +57,12 @@ def complete_checkpoints(directory) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
 
 
+def newest_step(directory) -> int:
+    """The step of the newest complete checkpoint in `directory` (0 if none)."""
+    found = complete_checkpoints(directory)
+    return int(_NAME.match(found[-1].name).group(1)) if found else 0
+
+
 def save(path, arrays: dict, attrs: dict, comm) -> Path:
     """Write every array collectively, each rank its rows; atomic rename.
 

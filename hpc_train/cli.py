@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a job key (repeatable), e.g. --set train.epochs=1")
     train.add_argument("--timeline", metavar="PATH", default="", help="write a Chrome trace of every rank")
     train.add_argument("--metrics", metavar="PATH", help="JSONL metrics file (overrides log.metrics)")
+    train.add_argument("--elastic", action="store_true",
+                       help="run plainly (not under mpirun): supervise the job through mpirun or srun and restart it "
+                            "on the hosts that still answer after a failure (job section [elastic])")
+    train.add_argument("--hostfile", metavar="PATH", help="--elastic: the hosts and slots (Open MPI's format)")
 
     data = sub.add_parser("data", help="write, convert and inspect HDF5 training datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -121,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--weak", metavar="JOB", help="weak scaling of JOB (per-rank batch fixed)")
     scale.add_argument("--repeats", type=int, help="runs per rank count (median kept)")
     scale.add_argument("--out", help="report folder (default results/scaling/<study>)")
+    scale.add_argument("--resume", action="store_true",
+                       help="continue the study in --out: the runs its runs.jsonl records are kept, not run again")
     scale.add_argument("--link", default="", help="network between nodes, e.g. 'alpha=2us,bw=12.5GB/s'")
     scale.add_argument("--predict", action="store_true", help="only predict (no runs)")
     scale.add_argument("--nodes-of", type=int, default=8, help="--predict: ranks per node (8)")
@@ -147,6 +153,8 @@ def run_train(args) -> int:
         job = load(args.job, args.set)
         if args.metrics is not None:
             job = job.replace("log", metrics=args.metrics)
+        if args.elastic:
+            return run_elastic(args, job)
         from . import runtime
         from .train.trainer import Trainer, summary_line
 
@@ -154,10 +162,25 @@ def run_train(args) -> int:
     except (JobFileError, DatasetError, CheckpointError) as exc:  # raised on every rank alike
         print(f"hpc-train train: {exc}", file=sys.stderr)
         return 2
-    summary = trainer.fit()
+    last = trainer.fit()
     if runtime.rank() == 0:
-        print(summary_line(summary), flush=True)
-    return 0
+        print(summary_line(last), flush=True)
+    return last.get("exit_code", 0)
+
+
+def run_elastic(args, job) -> int:
+    """The supervisor of `train --elastic`: no MPI here, the launcher starts the ranks."""
+    from . import elastic
+
+    try:
+        hosts, launcher = elastic.launch_plan(args.hostfile)
+    except (OSError, ValueError) as exc:
+        print(f"hpc-train train --elastic: {exc}", file=sys.stderr)
+        return 2
+    forwarded = [args.job, *(x for s in args.set for x in ("--set", s))]
+    forwarded += [*(["--metrics", args.metrics] if args.metrics else []),
+                  *(["--timeline", args.timeline] if args.timeline else [])]
+    return elastic.Supervisor(job, forwarded, hosts, launcher).run()
 
 
 def run_data(args) -> int:

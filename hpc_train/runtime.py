@@ -2,7 +2,7 @@
 
 `init()` creates the world, node-local and cross-node communicators, installs the
 abort-on-exception hooks (one failing rank ends the job instead of leaving the
-others blocked until walltime) and prefixes log records with `[rank/size]`.
+others blocked until walltime) and prefixes log records with time, host and `[rank/size]`.
 MPI itself is imported lazily so that `env_local_rank()` can be read, and a GPU
 bound, before `MPI_Init` runs.
 """
@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -185,20 +186,24 @@ def num_nodes() -> int:
 
 
 class RankFormatter(logging.Formatter):
-    """Prefix every record with `[rank/size]` so interleaved output stays readable."""
+    """Prefix every record with its time, host and `[rank/size]`: interleaved output from many
+    nodes stays readable, and a hang can be placed in time and on a machine."""
+
+    host = socket.gethostname()
 
     def format(self, record: logging.LogRecord) -> str:
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():
-            prefix = f"[{MPI.COMM_WORLD.Get_rank()}/{MPI.COMM_WORLD.Get_size()}] "
+            where = f"[{MPI.COMM_WORLD.Get_rank()}/{MPI.COMM_WORLD.Get_size()}]"
         else:
-            prefix = "[-/-] "
-        return prefix + super().format(record)
+            where = "[-/-]"
+        when = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
+        return f"{when} {self.host} {where} {super().format(record)}"
 
 
 def setup_logging(level: int | str | None = None) -> None:
-    """Attach a rank-prefixed stderr handler to the `hpc_train` logger once."""
+    """Attach a time-, host- and rank-prefixed stderr handler to the `hpc_train` logger once."""
     if not any(isinstance(h.formatter, RankFormatter) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(RankFormatter("%(levelname)s %(name)s: %(message)s"))

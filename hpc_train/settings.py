@@ -12,10 +12,13 @@
 | `HPC_TRAIN_SHM_CHUNK` | bytes per chunk of the shared-memory pipeline | 512K |
 | `HPC_TRAIN_SHM_SMALL` | largest message of the C flag path | 256K |
 | `HPC_TRAIN_SHM_FLAG_CHUNK` | bytes per chunk of the flag path's pipeline | 256K |
+| `HPC_TRAIN_SHM_TIMEOUT_S` | a shared-memory allreduce's C waits give up after this long (0: never) | 600 |
+| `HPC_TRAIN_LAUNCHER=srun\\|mpirun` | what sbatch scripts, studies, `--elastic` launch with | srun with PMIx |
 | `HPC_TRAIN_LOG_LEVEL` | level of the `[rank/size]` logger | WARNING |
+| `HPC_TRAIN_PREEMPT_GRACE_S` | seconds from a preemption signal to the kill (set by the sbatch scripts) | unknown |
 
-(`HPC_TRAIN_VENV` and `HPC_TRAIN_LAUNCHER` belong to the Slurm scripts, `HPC_TRAIN_NETNS_DIR`
-to the network-namespace rig; Python never reads them.)
+(`HPC_TRAIN_VENV` and `HPC_TRAIN_RESUBMITTED` belong to the Slurm scripts,
+`HPC_TRAIN_NETNS_DIR` to the network-namespace rig; Python never reads them.)
 
 Before `init()`, `current()` reads this process's environment at every call. `init()` makes
 rank 0's settings every rank's (`agree`): choices that must match across ranks (checks,
@@ -40,6 +43,22 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError("expected a positive integer")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise ValueError("expected a number of seconds, 0 or more")
+    return value
+
+
+def _launcher(text: str) -> str:
+    if text not in ("srun", "mpirun"):
+        raise ValueError("expected srun or mpirun")
+    return text
 
 
 def _zero_or_one(text: str) -> bool:
@@ -67,6 +86,9 @@ VARIABLES = {
     "shm_small": Variable("HPC_TRAIN_SHM_SMALL", parse_size, 256 << 10),
     "shm_flag_chunk": Variable("HPC_TRAIN_SHM_FLAG_CHUNK", parse_size, 256 << 10),
     "log_level": Variable("HPC_TRAIN_LOG_LEVEL", str, "WARNING"),
+    "launcher": Variable("HPC_TRAIN_LAUNCHER", _launcher, None),
+    "preempt_grace_s": Variable("HPC_TRAIN_PREEMPT_GRACE_S", _seconds, None),
+    "shm_timeout_s": Variable("HPC_TRAIN_SHM_TIMEOUT_S", _seconds, 600.0),
 }
 
 Settings = dataclasses.make_dataclass("Settings", list(VARIABLES), frozen=True)

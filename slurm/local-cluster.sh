@@ -17,10 +17,15 @@ up() {
   host=$(hostname)
   cpus=$(slurmd -C 2>/dev/null | sed -n 's/.*CPUs=\([0-9]*\).*/\1/p' | head -n1)
   cpus=${cpus:-$(nproc --all)}
+  # cred_expire: a requeued job waits this long before it may start again (120 s by default);
+  # KillWait: TERM to KILL for the tasks of a step that ends (30 s by default; our ranks hold TERM
+  # for a checkpoint, so a rank that waits on a dead peer goes only at the KILL)
   cat > "$conf" <<CONF
 ClusterName=local
 SlurmctldHost=$host
 AuthType=auth/munge
+AuthInfo=cred_expire=5
+KillWait=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill

@@ -1,5 +1,6 @@
 """Several nodes on one machine (slurm/netns-nodes.sh): ranks on separate network namespaces that talk
-over TCP. Results across 2 nodes x 2 ranks equal one node's; a node cut off mid-training ends the job.
+over TCP. Results across 2 nodes x 2 ranks equal one node's; a node cut off mid-training ends the job,
+and under `--elastic` the job continues on the node left.
 
 Skipped, with the reason, where network namespaces cannot be created (not root, no iproute2).
 """
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from hpc_train.train.metrics import read_run
 
 from .conftest import ROOT, clean_environment, python_cmd, run_mpi
 
@@ -151,3 +154,77 @@ def test_cutting_a_node_ends_the_whole_job(rig, tmp_path):
             break
         time.sleep(0.5)
     assert not left, f"ranks still running {time.monotonic() - cut:.0f} s after the cut: {left}"
+
+
+def elastic_demo(tmp_path, fault, after_steps: int = 45):
+    """The demo job under `hpc-train train --elastic` on the rig (2 nodes x 2 ranks, checkpoints every
+    20 steps); `fault()` once `after_steps` steps are logged. (exit code, records, output, seconds from
+    the fault to the first step of the next attempt)."""
+    metrics = tmp_path / "m.jsonl"
+    sets = [f"checkpoint.directory={tmp_path / 'ckpt'}", "checkpoint.every_steps=20", f"log.metrics={metrics}",
+            "log.progress=false", "log.every_steps=1", "distributed.stall_warning_s=3", "distributed.stall_abort_s=10",
+            "elastic.probe_timeout_s=2"]
+    command = [*RIG, "run", *python_cmd("-m", "hpc_train.cli", "train", "--elastic", str(ROOT / "jobs" / "demo.toml"),
+                                        *(x for s in sets for x in ("--set", s)))]
+    out = tmp_path / "out.txt"
+    with out.open("w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean_environment(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().count('"type": "step"') >= after_steps):
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-3000:]
+            time.sleep(0.2)
+        fault()
+        faulted = time.time()
+        rc = proc.wait(timeout=max(1.0, deadline + 300 - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run([*RIG, "heal", "1"], capture_output=True)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    restart = next(i for i, r in enumerate(records) if r["type"] == "restart")
+    again = next(r for r in records[restart:] if r["type"] == "step")["time"]
+    return rc, records, out.read_text(), again - faulted
+
+
+def assert_recovered(metrics: Path, ranks: int) -> None:
+    """One run: the steps after the restart's checkpoint redone (marked), every step reached, the demo's target;
+    read as one run, each step once, the latest attempt's."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    summary = records[-1]
+    assert summary["type"] == "summary" and summary["ranks"] == ranks and summary["steps"] == 189
+    assert summary["val_accuracy"] >= 0.9  # the demo's target, with the same global batch of 128
+    steps = [r for r in records if r["type"] == "step"]
+    assert {r["step"] for r in steps} == set(range(1, 190))
+    assert len({r["run_id"] for r in records if "run_id" in r}) == 1
+    restart = next(r for r in records if r["type"] == "restart")
+    resumed_from = int(Path(restart["checkpoint"]).stem.split("-")[1])
+    redone = [r["step"] for r in steps if r.get("redone")]
+    assert redone and min(redone) == resumed_from + 1 and len(redone) == restart["steps_lost"]
+    run = [r for r in read_run(metrics) if r["type"] == "step"]
+    assert [r["step"] for r in run] == list(range(1, 190))
+    assert all(r["attempt"] == 1 for r in run if r["step"] > resumed_from)
+
+
+def test_elastic_training_continues_on_the_node_left_after_one_is_cut(rig, tmp_path):
+    rc, records, out, recovery_s = elastic_demo(
+        tmp_path, lambda: subprocess.run([*RIG, "cut", "1"], check=True, capture_output=True))
+    assert rc == 0, out[-4000:]
+    restart = next(r for r in records if r["type"] == "restart")
+    assert restart["lost_hosts"] == ["10.77.0.2"] and restart["hosts"] == ["10.77.0.1"] and restart["ranks"] == 2
+    assert_recovered(tmp_path / "m.jsonl", ranks=2)
+    assert "elastic: restart 1 of 3" in out and recovery_s < 120, recovery_s
+
+
+def test_elastic_training_restarts_after_a_rank_is_killed(rig, tmp_path):
+    def kill_a_rank_on_node1():
+        pids = subprocess.run(["ip", "netns", "pids", "htnode1"], capture_output=True, text=True).stdout.split()
+        ranks = [pid for pid in pids if "hpc_train.cli" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        os.kill(int(ranks[0]), 9)
+
+    rc, records, out, recovery_s = elastic_demo(tmp_path, kill_a_rank_on_node1)
+    assert rc == 0, out[-4000:]
+    restart = next(r for r in records if r["type"] == "restart")
+    assert restart["lost_hosts"] == [] and restart["ranks"] == 4
+    assert_recovered(tmp_path / "m.jsonl", ranks=4)
+    assert recovery_s < 120, recovery_s

@@ -1,10 +1,12 @@
 """Scaling: the cost model's formulas and fit, `hpc-train scale --predict`, and real studies under mpirun
-(failed and timed-out configurations reported, the study going on)."""
+(failed and timed-out configurations reported, the study going on; a preempted study resumed)."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -214,3 +216,28 @@ def test_shipped_studies_are_valid(name):
 
     study = load_study(ROOT / "jobs" / "scaling" / name)
     assert study.ranks == [1, 2, 4] and study.job.exists() and study.link
+
+
+def test_a_preempted_study_stops_and_resume_runs_only_what_is_left(tmp_path):
+    study = write_study(tmp_path, mode="weak", ranks=[1, 2], per_rank_batch=16, repeats=2, steps=6, warmup_steps=2,
+                        timeout_s=120, bench=[])
+    out, journal = tmp_path / "out", tmp_path / "out" / "runs.jsonl"
+    proc = subprocess.Popen(python_cmd("-m", "hpc_train.cli", "scale", str(study), "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_environment(),
+                            cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not (journal.exists() and journal.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    before = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert 1 <= len(before) < 4 and "`--resume` continues" in err
+    assert not (out / "study.json").exists()  # no report from a partial study
+    resumed = scale(str(study), "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stdout.count("kept from an earlier attempt") == len(before)
+    runs = json.loads((out / "study.json").read_text())["runs"]
+    assert sorted((r["ranks"], r["repeat"]) for r in runs) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(r in runs for r in before)  # the same records, wall times included: not run again

@@ -10,10 +10,11 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
-from .conftest import ROOT, TINY_JOB, clean_environment
+from .conftest import ROOT, TINY_JOB, clean_environment, run_mpi
 
 CLUSTER = ["bash", str(ROOT / "slurm" / "local-cluster.sh")]
 
@@ -136,3 +137,93 @@ def test_the_local_cluster_has_the_hardwares_cpus_under_omp_num_threads_1(slurm,
     assert f"CPUTot={os.cpu_count()}" in node, node
     proc, out, err = sbatch("--wrap=srun hostname", tmp_path, 2)
     assert proc.returncode == 0 and len(out.split()) == 2, proc.stderr + out + err
+
+
+def signalled_batch_job(tmp_path, metrics, *sbatch_options, after_steps=20):
+    """sbatch --wait slurm/train.sbatch on LONG_JOB with `sbatch_options`; once `after_steps` steps are
+    logged, Slurm's warning of an ending job: USR1 to the batch shell. (process, job id)."""
+    from .test_preemption import write_job
+
+    job = write_job(tmp_path, "run", 600)
+    proc = subprocess.Popen(["sbatch", "--wait", "--parsable", "-n", "2", "-o", str(tmp_path / "out.txt"),
+                             "-e", str(tmp_path / "err.txt"), *sbatch_options, str(ROOT / "slurm" / "train.sbatch"),
+                             str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=clean_environment())
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count('"type": "step"') >= after_steps):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    job_id = proc.stdout.readline().strip()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    proc.wait(timeout=max(1, deadline - time.monotonic()))
+    return proc, job_id
+
+
+def assert_one_continuous_run(tmp_path, metrics):
+    """The metrics of a preempted and resumed batch job read as one run, bit-equal to an uninterrupted run."""
+    from .test_preemption import records, step_losses, write_job
+
+    reference = write_job(tmp_path, "reference", 600)
+    ran = run_mpi(2, [str(ROOT / ".venv" / "bin" / "hpc-train"), "train", str(reference)], timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    run = records(metrics)
+    assert [r["type"] for r in run].count("preempted") == 1 and run[-1]["type"] == "summary"
+    assert {r["attempt"] for r in run} == {0, 1} and len({r["run_id"] for r in run}) == 1
+    assert step_losses(metrics) == step_losses(tmp_path / "reference.jsonl")
+    out = (tmp_path / "out.txt").read_text()  # --open-mode=append: both attempts' output in one file
+    assert out.index("stopped by SIGUSR1") < out.index("hpc-train train: final val accuracy")
+
+
+def test_a_warned_batch_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    metrics = tmp_path / "run.jsonl"
+    proc, job_id = signalled_batch_job(tmp_path, metrics)
+    assert proc.returncode == 0, (tmp_path / "err.txt").read_text()
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    assert "Restarts=1" in shown and "JobState=COMPLETED" in shown, shown
+    assert "requeueing (restart 1)" in (tmp_path / "err.txt").read_text()
+    assert_one_continuous_run(tmp_path, metrics)
+
+
+def test_a_batch_job_that_may_not_be_requeued_resubmits_itself(slurm, tmp_path):
+    metrics = tmp_path / "run.jsonl"
+    proc, job_id = signalled_batch_job(tmp_path, metrics, "--no-requeue")
+    assert proc.returncode == 75  # this job ended preempted; its successor runs after it
+    deadline = time.monotonic() + 300
+    while '"type": "summary"' not in metrics.read_text():
+        assert time.monotonic() < deadline, (tmp_path / "err.txt").read_text()
+        time.sleep(0.5)
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True, timeout=30).stdout.strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.5)  # the successor's batch shell is done with the output files
+    assert "requeue refused" in (tmp_path / "err.txt").read_text()
+    assert_one_continuous_run(tmp_path, metrics)
+
+
+def test_the_elastic_batch_job_restarts_a_step_that_lost_a_rank(slurm, tmp_path):
+    """slurm/elastic.sbatch: the supervisor runs the job as a step of the allocation; a rank killed
+    mid-training fails the step, and the supervisor starts it again from the newest checkpoint."""
+    from .test_preemption import records, write_job
+
+    job = write_job(tmp_path, "run", 300)
+    metrics = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(["sbatch", "--wait", "-n", "2", "-o", str(tmp_path / "out.txt"), "-e",
+                             str(tmp_path / "err.txt"), str(ROOT / "slurm" / "elastic.sbatch"), str(job),
+                             "--set", "checkpoint.every_steps=25"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=clean_environment())
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count('"type": "step"') >= 40):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    ranks = subprocess.run(["pgrep", "-f", rf"^\S*python\S* -m hpc_train.cli train {job}"], capture_output=True,
+                           text=True).stdout.split()  # not srun's, nor the supervisor's (train --elastic JOB)
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[0]), 9)
+    proc.wait(timeout=max(1, deadline - time.monotonic()))
+    err = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert "elastic: attempt 0: 2 ranks" in err and "elastic: restart 1 of 3" in err, err[-3000:]
+    run = records(metrics)
+    restart = next(r for r in run if r["type"] == "restart")
+    assert restart["ranks"] == 2 and restart["lost_hosts"] == [] and restart["checkpoint"] is not None
+    assert run[-1]["type"] == "summary" and run[-1]["steps"] == 300
+    assert {r["step"] for r in run if r["type"] == "step"} == set(range(1, 301))

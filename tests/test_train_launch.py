@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
 import time
 
 import pytest
 
-from .conftest import python_cmd, run_mpi
+from .conftest import ROOT, clean_environment, python_cmd, run_mpi
 
 SMALL_JOB = """
 [model]
@@ -61,6 +65,33 @@ def test_train_small_job_writes_metrics_and_timeline(tmp_path):
     for pid in (0, 1):
         for name in ("forward", "backward", "pack", "allreduce", "unpack", "optimizer step", "data wait"):
             assert (pid, name) in names, (pid, name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml", "m.jsonl", "trace.json"]  # parts removed
+
+
+def test_a_killed_run_leaves_a_readable_trace_of_every_rank(tmp_path):
+    """The timeline is flushed as the run goes: after kill -9 each rank's part file is a Chrome trace
+    (JSON array format, whose closing bracket readers do not need)."""
+    job = tmp_path / "job.toml"
+    job.write_text(SMALL_JOB)
+    trace = tmp_path / "trace.json"
+    proc = subprocess.Popen(["mpirun", "-n", "2", *python_cmd("-m", "hpc_train.cli", "train", str(job), "--timeline",
+                                                              str(trace), "--set", "train.epochs=1000")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_environment(),
+                            cwd=ROOT, start_new_session=True)
+    parts = [tmp_path / f"trace.json.rank-{rank}.json" for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(p.exists() and p.read_text().count('"forward"') >= 10 for p in parts):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for rank, part in enumerate(parts):
+        events = json.loads(part.read_text() + "]")  # what a reader does with an unterminated array
+        assert {e["pid"] for e in events} == {rank}
+        assert {"forward", "backward", "optimizer step"} <= {e["name"] for e in events if e["ph"] == "X"}
+    assert not trace.exists()  # the single file comes only at a normal end
 
 
 def test_bad_job_file_fails_on_every_rank_before_training(tmp_path):
@@ -87,8 +118,12 @@ def test_stall_watchdog_names_the_missing_rank_then_aborts():
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "ranks that have not submitted it: rank 1 at #0" in proc.stderr
-    assert "aborting the job after 4 s" in proc.stderr
+    assert "aborting the job after 4 s" in proc.stderr and "logged its thread stacks" in proc.stderr
     assert elapsed < 20, elapsed
+    # rank 0's flight record, printed once at the first warning: its collectives and its threads' stacks
+    assert proc.stderr.count("rank 0 on") == 2 and "the last 1 collectives of the engine" in proc.stderr
+    assert re.search(r"#1 'bucket0' allreduce \(\d+,\) float32: RUNNING for \d", proc.stderr), proc.stderr
+    assert "Thread 0x" in proc.stderr and "in wait_watched" in proc.stderr  # faulthandler: the main thread waits
 
 
 def step_epochs(tmp_path, *sets: str) -> tuple[list[int], dict]:

@@ -19,13 +19,15 @@ from .collectives import (
 )
 from .engine import Handle, engine
 from .group import group_for
-from .shm import SharedArray
+from .shm import SharedArray, SharedMemoryTimeout
 
 
 def _on_engine(collective, name: str, *args, **kwargs) -> Handle:
     """Queue collective(*args, comm=<engine's>, check=True, **kwargs) on the background engine."""
+    x = args[0]
+    detail = f"{collective.__name__} {getattr(x, 'shape', '')} {getattr(x, 'dtype', '')}"
     return engine().submit(lambda comm: collective(*args, comm=comm, check=True, name=name, **kwargs),
-                           name or collective.__name__)
+                           name or collective.__name__, detail)
 
 
 def allreduce_async(x, op: str = "sum", algorithm: str = "auto", out=None, *, name: str = "") -> Handle:
@@ -65,7 +67,8 @@ def shared_empty(shape, dtype="float32", comm=None) -> SharedArray:
 
 
 __all__ = [
-    "ALGORITHMS", "ALLREDUCE", "Algorithm", "CollectiveMismatchError", "Handle", "SharedArray", "allgather",
+    "ALGORITHMS", "ALLREDUCE", "Algorithm", "CollectiveMismatchError", "Handle", "SharedArray", "SharedMemoryTimeout",
+    "allgather",
     "allgather_async", "allgather_node", "allreduce", "allreduce_async", "broadcast", "node_barrier", "node_piece",
     "node_shared_array", "partition", "reduce_scatter", "reduce_scatter_async", "reduce_scatter_node",
     "reduce_scatter_node_async", "shared_empty",

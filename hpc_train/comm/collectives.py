@@ -128,13 +128,13 @@ def _direct_mpi_plan(comm, mpi_op, divisor: int):
     return run
 
 
-def _direct_flag_plan(context, opcode: int):
+def _direct_flag_plan(flags, opcode: int):
     def run(x, out):
         if out is None:
             out = np.empty_like(x)
         elif out is not x and (type(out) is not np.ndarray or out.shape != x.shape):
             raise _NotDirect
-        context.allreduce(x, out, opcode)  # checks everything before it communicates
+        flags.allreduce(x, out, opcode)  # checks everything before it communicates
         return out
 
     return run
@@ -147,7 +147,7 @@ def _direct_plan(group: Group, chosen: str, spec: ReduceOp, arr):
     if ALLREDUCE[chosen].node_window and group.topology.num_nodes == 1:
         flags = group.node_window().flags
         if flags is not None and flags.accepts(arr):
-            return _direct_flag_plan(flags.context, FLAG_OPCODES[spec.name])
+            return _direct_flag_plan(flags, FLAG_OPCODES[spec.name])
     return None
 
 

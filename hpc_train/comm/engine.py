@@ -5,14 +5,20 @@ order on one thread keeps MPI's matching identical on every rank while the main
 thread computes. The engine owns a duplicate of the communicator, so its traffic
 never mixes with collectives the main thread issues directly. mpi4py releases
 the GIL inside MPI calls and NumPy inside large kernels: the overlap is real.
+It remembers its last RECENT collectives (name, what they move, state): the flight
+record `dump_forensics()` prints beside every thread's stack when a stall is reported.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
+import faulthandler
 import logging
 import queue
+import socket
+import sys
 import threading
 import time
 
@@ -21,14 +27,17 @@ import numpy as np
 from ..runtime import abort
 
 log = logging.getLogger("hpc_train.comm")
+RECENT = 32  # collectives the engine remembers for a stall report
+FORENSICS_LOGGED = "every rank logged its thread stacks and last collectives at the first stall warning"
 
 
 class Handle:
     """The pending result of an asynchronous collective."""
 
-    def __init__(self, name: str, sequence: int = 0):
-        self.name = name
+    def __init__(self, name: str, sequence: int = 0, detail: str = ""):
+        self.name, self.detail = name, detail  # detail: what it moves (operation, shape, dtype)
         self.sequence = sequence  # 1-based position in this rank's submission order
+        self.submitted = time.perf_counter()
         self.started = self.finished = None  # perf_counter() on the engine thread
         self._done = threading.Event()
         self._result = None
@@ -44,6 +53,17 @@ class Handle:
         if self._error is not None:
             raise self._error
         return self._result
+
+    def describe(self, now: float) -> str:
+        """One line for a flight record: sequence, name, what it moves, and where it stands."""
+        if self.started is None:
+            state = f"queued for {now - self.submitted:.1f} s"
+        elif self.finished is None:
+            state = f"RUNNING for {now - self.started:.1f} s"
+        else:
+            outcome = f"failed ({type(self._error).__name__})" if self._error is not None else "done"
+            state = f"{outcome} in {1e3 * (self.finished - self.started):.2f} ms"
+        return f"#{self.sequence} {self.name!r} {self.detail}: {state}".replace("  ", " ")
 
     def _finish(self, result=None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
@@ -137,14 +157,16 @@ class Engine:
         self.comm = comm.Dup()
         self.board = open_board(self.comm)
         self.submitted = 0
+        self.recent: collections.deque[Handle] = collections.deque(maxlen=RECENT)  # the flight record
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="hpc_train-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, fn, name: str) -> Handle:
+    def submit(self, fn, name: str, detail: str = "") -> Handle:
         """Queue fn(comm) -> result; identical submission order on every rank is the caller's duty."""
         self.submitted += 1
-        handle = Handle(name, self.submitted)
+        handle = Handle(name, self.submitted, detail)
+        self.recent.append(handle)
         if self.board is not None:
             self.board.publish(self.submitted)
         self._queue.put((fn, handle))
@@ -161,8 +183,10 @@ class Engine:
             message = (f"collective {handle.name!r} (#{handle.sequence}) stalled for {waited:.0f} s; "
                        f"{self.who_is_missing(handle.sequence)}")
             if waited >= abort_s:
-                abort(f"{message}; aborting the job after {abort_s:.0f} s")
+                abort(f"{message}; aborting the job after {abort_s:.0f} s ({FORENSICS_LOGGED})")
             log.warning(message)
+            if waited <= warning_s:  # the first warning of this stall
+                dump_forensics()
 
     def who_is_missing(self, sequence: int, slot: int = ProgressBoard.SUBMITTED, what: str = "submitted it",
                        timeout: float = 5.0) -> str:
@@ -193,6 +217,21 @@ class Engine:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()
+
+
+def dump_forensics() -> None:
+    """This rank's flight record to stderr, like PyTorch's: the stack of every thread (faulthandler)
+    and the engine's last RECENT collectives, where the hang is read from when a stall is reported."""
+    from .. import runtime
+
+    now, handles = time.perf_counter(), list(engine().recent)
+    where = f"rank {runtime.rank()} on {socket.gethostname()}"
+    lines = [f"--- {where}: the last {len(handles)} collectives of the engine, oldest first ---",
+             *(h.describe(now) for h in handles), f"--- {where}: the stack of every thread ---"]
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
 
 
 def describe_ranks(ranks: list[int]) -> str:

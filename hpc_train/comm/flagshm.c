@@ -1,7 +1,8 @@
 /* Flag-synchronized shared-memory allreduce among the ranks of one node.
  *
  * Every rank owns a segment of a node-shared MPI window laid out as
- *   [0, 64)                   uint64 sequence number of the small path, owner-written
+ *   [0, 8)                    uint64 sequence number of the small path, owner-written
+ *   [8, 16)                   uint64 "gave up" flag, owner-written (see below)
  *   [64, 128)                 uint64 step counter of the pipeline, owner-written
  *   [128, 128 + 2*slot)       two data slots of the small path
  *   [.., .. + NBUF*chunk)     the pipeline's ring of chunk buffers
@@ -14,17 +15,28 @@
  * once they finished reading it. Everything that can fail is checked before the
  * sequence number is published, so an error never leaves peers half-way.
  *
+ * No endless waits: a wait gives up when a peer has not arrived within the context's
+ * timeout, or when the peer it waits for has given up itself; called from the main
+ * thread, it lets Python handle signals every CHECK_NS (Ctrl-C, preemption handlers),
+ * and an exception a handler raises ends the wait. A rank that gives up raises its
+ * own "gave up" flag, so that its peers stop at once instead of timing out in turn,
+ * and its context refuses every later call (its peers are left half-way).
+ *
  * Loaded by hpc_train/comm/native.py, which compiles this file on first use.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pythread.h>
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define HEADER 128
 #define NBUF 4
 #define SPINS_BEFORE_YIELD 4000
+#define SPINS_PER_CHECK 1024          /* spins between looks at the clock and the peers' flags */
+#define CHECK_NS 100000000LL          /* main thread: Python signal handlers run this often */
 
 typedef struct {
     PyObject_HEAD
@@ -34,11 +46,17 @@ typedef struct {
     uint64_t seq;    /* small path: calls so far */
     uint64_t step;   /* pipeline: barriers so far */
     uint64_t chunk;  /* pipeline: chunks so far (buffer = chunk % NBUF) */
+    int64_t timeout_ns;         /* a wait gives up after this long (0: never) */
+    unsigned long main_thread;  /* PyThread ident of the main thread: only it handles signals */
+    int broken;                 /* a wait gave up: peers are half-way, no call may run */
 } Context;
+
+enum { WAIT_OK, WAIT_TIMEOUT, WAIT_PEER_GAVE_UP, WAIT_SIGNAL };
 
 enum { OP_SUM, OP_PROD, OP_MAX, OP_MIN, OP_MEAN };
 
 static inline volatile uint64_t *flag_of(Context *c, int q) { return (volatile uint64_t *)c->segments[q]; }
+static inline volatile uint64_t *gave_up_of(Context *c, int q) { return (volatile uint64_t *)(c->segments[q] + 8); }
 static inline volatile uint64_t *step_of(Context *c, int q) { return (volatile uint64_t *)(c->segments[q] + 64); }
 static inline char *ring_of(Context *c, int q, uint64_t chunk) {
     return c->segments[q] + HEADER + 2 * c->slot_bytes + (Py_ssize_t)(chunk % NBUF) * c->chunk_bytes;
@@ -106,8 +124,19 @@ static const divide_fn DIVIDERS[] = {
     (divide_fn)divide_int32_t, (divide_fn)divide_uint32_t, (divide_fn)divide_int64_t,
     (divide_fn)divide_uint64_t};
 
-/* Wait until every rank's counter (flag_of or step_of) has reached `value`. */
-static void wait_for_all(Context *c, volatile uint64_t *(*counter)(Context *, int), uint64_t value) {
+static inline int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* Wait until every rank's counter (flag_of or step_of) has reached `value`; WAIT_OK, or why not.
+ * Runs without the GIL; `save` is the thread state Py_BEGIN_ALLOW_THREADS saved, through which
+ * the main thread takes the GIL back briefly to run signal handlers. */
+static int wait_for_all(Context *c, volatile uint64_t *(*counter)(Context *, int), uint64_t value,
+                        PyThreadState **save, int on_main) {
+    const int64_t start = now_ns();
+    int64_t next_signals = start + CHECK_NS;
     for (int q = 0; q < c->size; q++) {
         long spins = 0;
         while (__atomic_load_n(counter(c, q), __ATOMIC_ACQUIRE) < value) {
@@ -118,8 +147,57 @@ static void wait_for_all(Context *c, volatile uint64_t *(*counter)(Context *, in
             } else {
                 sched_yield(); /* oversubscribed nodes: let the peer we wait for run */
             }
+            if (spins % SPINS_PER_CHECK) continue;
+            if (__atomic_load_n(gave_up_of(c, q), __ATOMIC_ACQUIRE)) return WAIT_PEER_GAVE_UP;
+            const int64_t t = now_ns();
+            if (c->timeout_ns > 0 && t - start > c->timeout_ns) return WAIT_TIMEOUT;
+            if (on_main && t >= next_signals) {
+                PyEval_RestoreThread(*save);
+                const int raised = PyErr_CheckSignals();
+                *save = PyEval_SaveThread();
+                if (raised < 0) return WAIT_SIGNAL;
+                next_signals = t + CHECK_NS;
+            }
         }
     }
+    return WAIT_OK;
+}
+
+/* After a wait that gave up (GIL held): break the context, tell the peers, raise the error naming
+ * the node ranks that had not arrived. A WAIT_SIGNAL keeps the handler's exception. */
+static PyObject *give_up(Context *c, int why, volatile uint64_t *(*counter)(Context *, int), uint64_t value) {
+    c->broken = 1;
+    __atomic_store_n(gave_up_of(c, c->rank), 1, __ATOMIC_RELEASE);
+    if (why == WAIT_SIGNAL) return NULL;
+    PyObject *missing = PyList_New(0), *gave_up = PyList_New(0);
+    if (missing == NULL || gave_up == NULL) {
+        Py_XDECREF(missing);
+        Py_XDECREF(gave_up);
+        return NULL;
+    }
+    for (int q = 0; q < c->size; q++) {
+        PyObject *rank = PyLong_FromLong(q);
+        if (rank == NULL) break;
+        if (__atomic_load_n(counter(c, q), __ATOMIC_ACQUIRE) < value) PyList_Append(missing, rank);
+        if (q != c->rank && __atomic_load_n(gave_up_of(c, q), __ATOMIC_ACQUIRE)) PyList_Append(gave_up, rank);
+        Py_DECREF(rank);
+    }
+    /* TimeoutError((kind, node ranks that had not arrived, node ranks that gave up)) */
+    PyObject *what = Py_BuildValue("(sNN)", why == WAIT_TIMEOUT ? "timeout" : "peer gave up", missing, gave_up);
+    if (what != NULL) {
+        PyObject *args = PyTuple_Pack(1, what);
+        if (args != NULL) PyErr_SetObject(PyExc_TimeoutError, args);
+        Py_XDECREF(args);
+        Py_DECREF(what);
+    }
+    return NULL;
+}
+
+static int usable(Context *c) {
+    if (!c->broken) return 1;
+    PyErr_SetString(PyExc_RuntimeError, "this node's shared-memory allreduce gave up on an earlier call "
+                                        "(its peers are left half-way): no further call can run");
+    return 0;
 }
 
 /* Parse (x, out, op) and acquire both buffers; on failure nothing is held and an error is set. */
@@ -156,20 +234,24 @@ static int acquire(PyObject *const *args, Py_ssize_t nargs, Py_buffer *in, Py_bu
 /* allreduce(x, out, op): out = reduction of every rank's x; out may be x. */
 static PyObject *Context_allreduce(Context *c, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer in, out;
-    int op, type;
-    if (acquire(args, nargs, &in, &out, &op, &type, c->slot_bytes) < 0) return NULL;
+    int op, type, waited;
+    if (!usable(c) || acquire(args, nargs, &in, &out, &op, &type, c->slot_bytes) < 0) return NULL;
+    const int on_main = PyThread_get_thread_ident() == c->main_thread;
     uint64_t seq = ++c->seq;
     memcpy(slot_of(c, c->rank, seq), in.buf, (size_t)in.len);
     __atomic_store_n(flag_of(c, c->rank), seq, __ATOMIC_RELEASE);
     Py_ssize_t n = in.len / in.itemsize;
     Py_BEGIN_ALLOW_THREADS
-    wait_for_all(c, flag_of, seq);
-    memcpy(out.buf, slot_of(c, 0, seq), (size_t)in.len);
-    for (int q = 1; q < c->size; q++) REDUCERS[type](out.buf, slot_of(c, q, seq), n, op);
-    if (op == OP_MEAN) DIVIDERS[type](out.buf, n, c->size);
+    waited = wait_for_all(c, flag_of, seq, &_save, on_main);
+    if (waited == WAIT_OK) {
+        memcpy(out.buf, slot_of(c, 0, seq), (size_t)in.len);
+        for (int q = 1; q < c->size; q++) REDUCERS[type](out.buf, slot_of(c, q, seq), n, op);
+        if (op == OP_MEAN) DIVIDERS[type](out.buf, n, c->size);
+    }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&in);
     PyBuffer_Release(&out);
+    if (waited != WAIT_OK) return give_up(c, waited, flag_of, seq);
     Py_RETURN_NONE;
 }
 
@@ -190,8 +272,10 @@ static inline void slice_of(Py_ssize_t m, int p, int q, Py_ssize_t *offset, Py_s
  * later, after at least one more barrier, so calls need no trailing barrier. */
 static PyObject *Context_pipeline(Context *c, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer in, out;
-    int op, type;
-    if (acquire(args, nargs, &in, &out, &op, &type, PY_SSIZE_T_MAX) < 0) return NULL;
+    int op, type, waited = WAIT_OK;
+    uint64_t step = 0;
+    if (!usable(c) || acquire(args, nargs, &in, &out, &op, &type, PY_SSIZE_T_MAX) < 0) return NULL;
+    const int on_main = PyThread_get_thread_ident() == c->main_thread;
     const Py_ssize_t size = in.itemsize, n = in.len / size, per = c->chunk_bytes / size;
     const Py_ssize_t nchunks = (n + per - 1) / per;
     const int p = c->size, r = c->rank;
@@ -225,16 +309,18 @@ static PyObject *Context_pipeline(Context *c, PyObject *const *args, Py_ssize_t 
             }
         }
         if (t <= nchunks) {
-            uint64_t step = ++c->step;
+            step = ++c->step;
             __atomic_store_n(step_of(c, r), step, __ATOMIC_RELEASE);
-            wait_for_all(c, step_of, step);
+            waited = wait_for_all(c, step_of, step, &_save, on_main);
+            if (waited != WAIT_OK) break;
         }
     }
-    if (op == OP_MEAN) DIVIDERS[type](y, n, p);
+    if (waited == WAIT_OK && op == OP_MEAN) DIVIDERS[type](y, n, p);
     Py_END_ALLOW_THREADS
     c->chunk += (uint64_t)nchunks;
     PyBuffer_Release(&in);
     PyBuffer_Release(&out);
+    if (waited != WAIT_OK) return give_up(c, waited, step_of, step);
     Py_RETURN_NONE;
 }
 
@@ -258,13 +344,17 @@ static PyTypeObject ContextType = {
     .tp_methods = Context_methods,
 };
 
-/* context(addresses, rank, slot_bytes, chunk_bytes): every rank's mapped segment, of at
- * least segment_bytes(slot_bytes, chunk_bytes) bytes. */
+/* context(addresses, rank, slot_bytes, chunk_bytes, timeout_s, main_thread): every rank's mapped
+ * segment, of at least segment_bytes(slot_bytes, chunk_bytes) bytes; waits give up after
+ * timeout_s (0: never); main_thread is threading.main_thread().ident. */
 static PyObject *make_context(PyObject *self, PyObject *args) {
     PyObject *addresses;
     int rank;
     Py_ssize_t slot_bytes, chunk_bytes;
-    if (!PyArg_ParseTuple(args, "O!inn", &PyList_Type, &addresses, &rank, &slot_bytes, &chunk_bytes))
+    double timeout_s;
+    unsigned long main_thread;
+    if (!PyArg_ParseTuple(args, "O!inndk", &PyList_Type, &addresses, &rank, &slot_bytes, &chunk_bytes, &timeout_s,
+                          &main_thread))
         return NULL;
     Py_ssize_t size = PyList_GET_SIZE(addresses);
     if (rank < 0 || rank >= size || slot_bytes <= 0 || chunk_bytes < 64 || chunk_bytes % 64) {
@@ -283,6 +373,9 @@ static PyObject *make_context(PyObject *self, PyObject *args) {
     c->slot_bytes = slot_bytes;
     c->chunk_bytes = chunk_bytes;
     c->chunk = 0;
+    c->timeout_ns = timeout_s > 0 ? (int64_t)(timeout_s * 1e9) : 0;
+    c->main_thread = main_thread;
+    c->broken = 0;
     for (Py_ssize_t q = 0; q < size; q++) {
         c->segments[q] = (char *)PyLong_AsVoidPtr(PyList_GET_ITEM(addresses, q));
         if (PyErr_Occurred()) {

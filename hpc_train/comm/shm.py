@@ -20,6 +20,8 @@ peers still read it.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 
 import numpy as np
 
@@ -48,6 +50,11 @@ def flag_chunk_bytes() -> int:
 FLAG_OPCODES = {"sum": 0, "prod": 1, "max": 2, "min": 3, "mean": 4}
 _FLAG_DTYPES = frozenset(np.dtype(t) for t in (np.float32, np.float64, np.int8, np.uint8, np.int16,
                                                 np.uint16, np.int32, np.uint32, np.int64, np.uint64))
+
+
+class SharedMemoryTimeout(TimeoutError):
+    """A peer on this node did not arrive at a shared-memory allreduce within HPC_TRAIN_SHM_TIMEOUT_S
+    (hung, stopped, or busy elsewhere), or gave up itself; names the world ranks."""
 
 
 class SharedSegments:
@@ -84,9 +91,37 @@ class FlagPath:
         slot_bytes = slot_bytes or flag_slot_bytes()
         chunk_bytes = chunk_bytes or flag_chunk_bytes()
         self.slot_bytes = slot_bytes
+        self.comm = node_comm
+        self.timeout_s = settings.current().shm_timeout_s
         self.shared = SharedSegments(node_comm, module.segment_bytes(slot_bytes, chunk_bytes))
         addresses = [segment.ctypes.data for segment in self.shared.segments]
-        self.context = module.context(addresses, node_comm.Get_rank(), slot_bytes, chunk_bytes)
+        self.context = module.context(addresses, node_comm.Get_rank(), slot_bytes, chunk_bytes, self.timeout_s,
+                                      threading.main_thread().ident)
+
+    def allreduce(self, send, recv, code: int) -> None:
+        """recv = the node's reduction of send, in one call (small) or chunk by chunk; a peer that does
+        not arrive in time raises SharedMemoryTimeout (this node's flag path is unusable after it)."""
+        try:
+            if send.nbytes <= self.slot_bytes:
+                self.context.allreduce(send, recv, code)
+            else:
+                self.context.pipeline(send, recv, code)
+        except TimeoutError as exc:
+            raise self._named(*exc.args[0]) from None
+
+    def _named(self, kind: str, missing: list, gave_up: list) -> SharedMemoryTimeout:
+        from mpi4py import MPI
+
+        def world(node_ranks):
+            return MPI.Group.Translate_ranks(self.comm.Get_group(), node_ranks, MPI.COMM_WORLD.Get_group())
+
+        where = f"shared-memory allreduce on {socket.gethostname()}"
+        if kind == "timeout":
+            return SharedMemoryTimeout(f"{where}: world rank(s) {world(missing)} did not arrive within "
+                                       f"{self.timeout_s:g} s (HPC_TRAIN_SHM_TIMEOUT_S): hung, stopped, or "
+                                       f"not calling this collective")
+        return SharedMemoryTimeout(f"{where}: world rank(s) {world(gave_up)} gave up on this call (their "
+                                   f"own error says why); world rank(s) {world(missing)} had not arrived")
 
     @staticmethod
     def takes(array) -> bool:
@@ -156,11 +191,7 @@ class NodeWindow:
         """
         if inter_node is None and self.flags is not None and self.flags.takes(send):
             # `mean` is scaled by the caller, after the algorithm
-            code = FLAG_OPCODES["sum" if op.scale_by_size else op.name]
-            if send.nbytes <= self.flags.slot_bytes:
-                self.flags.context.allreduce(send, recv, code)
-            else:
-                self.flags.context.pipeline(send, recv, code)
+            self.flags.allreduce(send, recv, FLAG_OPCODES["sum" if op.scale_by_size else op.name])
             return
         comm, p, r = self.comm, self.comm.Get_size(), self.comm.Get_rank()
         per = self.chunk_bytes // send.dtype.itemsize

@@ -5,7 +5,8 @@ collectives. A rank can also hang inside a direct collective, in I/O, or waiting
 for a node whose link was cut, where no MPI call will ever return. Here a thread
 watches the time since the last beat: after `warning_s` it logs the ranks behind
 (from the progress board's heartbeat slot) and the ranks that do not answer at
-all; after `abort_s` it aborts the whole job, naming them.
+all, and dumps its flight record (every thread's stack, the engine's last collectives)
+once per stall; after `abort_s` it aborts the whole job, naming them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 
 from ..runtime import abort
-from .engine import ProgressBoard, engine
+from .engine import FORENSICS_LOGGED, ProgressBoard, dump_forensics, engine
 
 log = logging.getLogger("hpc_train.comm")
 
@@ -57,10 +58,13 @@ class StallWatchdog:
         while not self._stop.wait(min(1.0, self.warning_s / 4)):
             idle = time.monotonic() - self._last
             if idle >= self.abort_s:
-                abort(f"{self._describe(idle)}; aborting the job after {self.abort_s:.0f} s (stall_abort_s)")
+                abort(f"{self._describe(idle)}; aborting the job after {self.abort_s:.0f} s (stall_abort_s; "
+                      f"{FORENSICS_LOGGED})")
                 return
             if idle >= warn_at:
                 log.warning(self._describe(idle))
+                if warn_at == self.warning_s:  # the first warning of this stall
+                    dump_forensics()
                 warn_at += self.warning_s
             elif idle < self.warning_s:
                 warn_at = self.warning_s

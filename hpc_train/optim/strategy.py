@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Protocol
 
+from .. import preemption
 from ..comm import node_barrier
 
 
@@ -29,8 +30,12 @@ class Strategy(Protocol):
     - `exposed_s`: seconds the last step waited for communication.
     - `lockstep`: every rank takes every step together (collectives between steps are safe);
       False where workers run at their own pace (the parameter server).
-    - `checkpoint_arrays()` / `checkpoint_layout()` / `load_checkpoint(arrays, steps)`:
-      what a checkpoint holds, by name, and putting it back (collective).
+    - `can_checkpoint`, `checkpoint_arrays()` / `checkpoint_layout()` / `load_checkpoint(arrays, steps)`:
+      whether checkpoints are possible, what one holds, by name, and putting it back (collective).
+    - `agree_to_stop(signum)`: called after every step with the preemption signal this rank
+      received (0: none); returns the signal to stop for, 0 to go on. Ranks in lockstep agree
+      (a collective: all stop at the same step); workers at their own pace learn of another
+      worker's stop at their next step, without a collective.
     - `evaluation_parameters()`: a context in which the model holds the parameters to
       evaluate (collective).
     - `step_metrics(steps)` / `run_metrics()`: the strategy's own figures for the last
@@ -41,6 +46,7 @@ class Strategy(Protocol):
     passes_per_step: int
     exposed_s: float
     lockstep: bool
+    can_checkpoint: bool
 
     @property
     def lr(self) -> float: ...
@@ -51,6 +57,8 @@ class Strategy(Protocol):
     def zero_grad(self) -> None: ...
 
     def step(self) -> None: ...
+
+    def agree_to_stop(self, signum: int) -> int: ...
 
     def checkpoint_arrays(self) -> dict: ...
 
@@ -73,10 +81,14 @@ class ReplicatedState:
     to release. Needs `self.model` and `self.optimizer` (the wrapped `optim.Optimizer`)."""
 
     lockstep = True
+    can_checkpoint = True
 
     @property
     def steps(self) -> int:
         return self.optimizer.steps
+
+    def agree_to_stop(self, signum: int) -> int:
+        return preemption.agreed_signal(signum)
 
     def checkpoint_arrays(self) -> dict:
         arrays = {f"model/{name}": p.data for name, p in self.model.named_parameters().items()}

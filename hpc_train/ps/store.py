@@ -10,7 +10,9 @@ a flush after each operation, so no rank ever holds an exclusive lock that a dea
 peer could leave behind.
 
 A second window on rank 0 holds one clock per worker (completed steps) and a global
-update counter (pushes so far): what SSP waits on and what staleness is measured by.
+update counter (pushes so far): what SSP waits on and what staleness is measured by. A worker
+that stops early (preemption) sets its clock to STOPPED + the signal's number: nobody waits
+for it any more, and the others read from the clocks that they should stop too.
 
 Across nodes without RDMA hardware (osc/ucx over TCP) a one-sided operation is served
 only while the target rank is inside MPI; a rank busy computing, or spinning on local
@@ -26,6 +28,8 @@ import time
 import numpy as np
 
 from ..comm import partition
+
+STOPPED = 1 << 62  # a stopped worker's clock: STOPPED + signal number, above any real clock
 
 
 class ParameterStore:
@@ -120,6 +124,15 @@ class ParameterStore:
                                       target=(0, p, self._mpi.INT64_T), op=self._mpi.NO_OP)
         self.clock_win.Flush(0)
         return out
+
+    def stop(self, signum: int) -> None:
+        """This worker stops for signal `signum`: no worker waits for its clock any more."""
+        self._fetch(self.comm.Get_rank(), STOPPED + signum, self._mpi.REPLACE)
+
+    def stop_signal(self) -> int:
+        """The signal some worker stopped for (the largest), 0 while none has."""
+        latest = int(self.clocks().max())
+        return latest - STOPPED if latest >= STOPPED else 0
 
     def updates(self) -> int:
         """Pushes applied so far by all workers."""

@@ -164,6 +164,14 @@ class ParameterServerOptimizer:
         self.store.count_update()
 
     lockstep = False  # every worker runs at its own pace: no collective between steps
+    can_checkpoint = False  # the parameters live in MPI windows across the servers
+
+    def agree_to_stop(self, signum: int) -> int:
+        """A worker that received a signal stops and says so in its clock; the others read it there."""
+        if signum:
+            self.store.stop(signum)
+            return signum
+        return self.store.stop_signal()
 
     def step_metrics(self, steps: int) -> dict:
         return {"staleness": staleness_summary(self.staleness[len(self.staleness) - steps:])}

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import preemption
 from ..errors import JobFileError
 from ..optim.factory import uses_node_shared
 from . import model as cost_model
@@ -34,9 +35,12 @@ def parse_ranks(text: str) -> list[int]:
     return ranks
 
 
-def measure_bench(study, out: Path, nodes: int) -> Path | None:
-    """One `hpc-train bench allreduce` at 2 ranks (on one node, or over 2 pretended/real nodes)."""
+def measure_bench(study, out: Path, nodes: int, reuse: bool = False) -> Path | None:
+    """One `hpc-train bench allreduce` at 2 ranks (on one node, or over 2 pretended/real nodes);
+    with `reuse`, the one an earlier attempt of the study measured."""
     path = out / f"bench_{'intra' if nodes == 1 else 'inter'}.json"
+    if reuse and path.exists():
+        return path
     env = child_environment(study, 2)
     if nodes == 1:
         env.pop("HPC_TRAIN_RANKS_PER_NODE", None)
@@ -88,12 +92,17 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     benches = [b for b in study.bench if b != "auto"]
     if "auto" in study.bench:
-        measured = [measure_bench(study, out, 1)]
+        measured = [measure_bench(study, out, 1, args.resume)]
         if study.ranks_per_node and max(study.ranks) > study.ranks_per_node and not study.link:
-            measured.append(measure_bench(study, out, 2))
+            measured.append(measure_bench(study, out, 2, args.resume))
         benches += [str(m) for m in measured if m]
     model = build_model(benches, study.link)
-    records = run_study(study, out)
+    records = run_study(study, out, resume=args.resume)
+    if preemption.received():
+        print(f"hpc-train scale: {preemption.signal_name(preemption.received())} received: stopped after "
+              f"{len(records)} of {study.repeats * len(study.ranks)} runs (kept in {out / 'runs.jsonl'}); "
+              f"`--resume` continues (exit code {preemption.EXIT_PREEMPTED}: preempted)", file=sys.stderr)
+        return preemption.EXIT_PREEMPTED
     rows = summarize(study, records)
     parameters = next((r["parameters"] for r in records if r.get("parameters")), None)
     core_count = study.cores_per_node or cores()
@@ -195,4 +204,10 @@ def predict_only(args) -> int:
 
 
 def main(args) -> int:
-    return predict_only(args) if args.predict else run(args)
+    if args.predict:
+        return predict_only(args)
+    preemption.watch()  # a study under sbatch is told of its end by USR1 (slurm/scaling.sbatch passes it on)
+    try:
+        return run(args)
+    finally:
+        preemption.unwatch()

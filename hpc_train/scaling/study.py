@@ -7,15 +7,14 @@ number of steps; its per-step metrics give the steady-state step time (the first
 `warmup_steps` excluded) and its split into compute, exposed communication and
 data wait. Repeats are interleaved across rank counts so that drift on a shared
 machine hits all of them alike. A run that fails or outlives `timeout_s` is
-recorded with its log and the study goes on.
+recorded with its log and the study goes on. A preemption signal ends the study after
+the run it interrupts (which is discarded); `--resume` continues from the runs recorded.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -24,8 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import launchers, preemption
 from ..errors import JobFileError
 from ..train import config
+from ..train.metrics import read_run
 
 MODES = ("strong", "weak")
 LAUNCHERS = ("auto", "mpirun", "srun")
@@ -130,24 +131,11 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def in_slurm_allocation() -> bool:
-    return "SLURM_JOB_ID" in os.environ and shutil.which("srun") is not None
-
-
-@functools.cache
-def srun_has_pmix() -> bool:
-    try:
-        listed = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "pmix" in listed.stdout + listed.stderr
-
-
 def launch_prefix(study: Study, ranks: int) -> list[str]:
     """srun job steps inside an allocation (where Slurm offers pmix), mpirun otherwise."""
     launcher = study.launcher
     if launcher == "auto":
-        launcher = "srun" if in_slurm_allocation() and srun_has_pmix() else "mpirun"
+        launcher = launchers.preferred()
     if launcher == "srun":
         over = ["--overcommit"] if ranks > int(os.environ.get("SLURM_NTASKS", ranks)) else []
         return ["srun", "-n", str(ranks), "--mpi=pmix", "--kill-on-bad-exit=1", *over]
@@ -181,7 +169,7 @@ def run_overrides(study: Study, ranks: int, metrics: Path) -> list[str]:
 
 def steady_state(metrics: Path, warmup: int) -> dict:
     """Per-step means over the steps after `warmup`, from the cumulative step records of epoch 0."""
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = read_run(metrics)
     steps = [r for r in records if r["type"] == "step" and r["epoch"] == 0]
     if not steps:
         raise ValueError(f"{metrics}: no step records")
@@ -209,7 +197,8 @@ def steady_state(metrics: Path, warmup: int) -> dict:
 
 
 def run_one(study: Study, ranks: int, repeat: int, out: Path, python: str = sys.executable) -> dict:
-    """One time-boxed run; its record says ok, failed (with the exit code) or timed out, and where the log is."""
+    """One time-boxed run; its record says ok, failed (with the exit code), timed out, or preempted
+    (a watched signal arrived: the run is killed, its partial figures are worth nothing), and where the log is."""
     folder = out / "runs" / f"ranks{ranks}-repeat{repeat}"
     folder.mkdir(parents=True, exist_ok=True)
     metrics, log = folder / "metrics.jsonl", folder / "log.txt"
@@ -221,13 +210,14 @@ def run_one(study: Study, ranks: int, repeat: int, out: Path, python: str = sys.
     with log.open("w") as sink:
         proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=child_environment(study, ranks),
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=study.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            record.update(status="timed out", detail=f"killed after {study.timeout_s:g} s")
-            return record
+        while (rc := proc.poll()) is None:
+            if preemption.received() or time.monotonic() - started > study.timeout_s:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if preemption.received():
+                    return {**record, "status": "preempted"}
+                return {**record, "status": "timed out", "detail": f"killed after {study.timeout_s:g} s"}
+            time.sleep(0.05)
     record["wall_s"] = time.monotonic() - started
     if rc != 0:
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or [""]
@@ -240,20 +230,39 @@ def run_one(study: Study, ranks: int, repeat: int, out: Path, python: str = sys.
     return record
 
 
-def run_study(study: Study, out: Path, progress=print) -> list[dict]:
-    """Every rank count `repeats` times, interleaved (a fresh order each round); all run records."""
+def run_study(study: Study, out: Path, progress=print, resume: bool = False) -> list[dict]:
+    """Every rank count `repeats` times, interleaved (a fresh order each round); all run records.
+
+    Each finished run's record is appended to out/runs.jsonl as it ends; with `resume`, the runs
+    recorded there are kept instead of run again (a study requeued after a preemption goes on).
+    Stops early, with the records so far, once a watched preemption signal has arrived."""
     import random
 
+    journal = out / "runs.jsonl"
+    done = {}
+    if resume and journal.exists():
+        for line in journal.read_text().splitlines():
+            record = json.loads(line)
+            done[record["ranks"], record["repeat"]] = record
     records = []
-    for repeat in range(study.repeats):
-        order = list(study.ranks)
-        random.Random(repeat).shuffle(order)
-        for ranks in order:
-            record = run_one(study, ranks, repeat, out)
-            progress(f"ranks {ranks:>4} repeat {repeat}: {record['status']}"
-                     + (f" {record['step_ms']:.2f} ms/step" if record["status"] == "ok" else
-                        f" ({record['detail']}; log {record['log']})"))
-            records.append(record)
+    with journal.open("a" if resume else "w") as sink:
+        for repeat in range(study.repeats):
+            order = list(study.ranks)
+            random.Random(repeat).shuffle(order)
+            for ranks in order:
+                if (ranks, repeat) in done:
+                    progress(f"ranks {ranks:>4} repeat {repeat}: kept from an earlier attempt")
+                    records.append(done[ranks, repeat])
+                    continue
+                record = run_one(study, ranks, repeat, out)
+                if record["status"] == "preempted":
+                    return records
+                progress(f"ranks {ranks:>4} repeat {repeat}: {record['status']}"
+                         + (f" {record['step_ms']:.2f} ms/step" if record["status"] == "ok" else
+                            f" ({record['detail']}; log {record['log']})"))
+                records.append(record)
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
     return records
 
 

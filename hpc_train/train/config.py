@@ -20,10 +20,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import data, nn, ps
+from .. import data, nn, preemption, ps
 from ..errors import JobFileError
 from ..optim import factory, sharded
 from ..optim.distributed import COMPRESSIONS
+from . import tensorboard_log
 
 REQUIRED = object()  # a field default meaning "the job file must give it" (also used by study files)
 
@@ -146,6 +147,9 @@ class CheckpointSection(Section):
     keep_last: int = key(3, minimum=0)
     directory: str = key("results/checkpoints")
     resume: str = key("", doc="'' | 'auto' (newest complete checkpoint, if any) | a checkpoint path")
+    signals: list = key(list(preemption.DEFAULT_SIGNALS),
+                        doc="signals that stop the run at the next step, after a checkpoint (exit code 75); "
+                            "[]: they keep their default action")
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,17 @@ class LogSection(Section):
     every_steps: int = key(10, minimum=1)
     progress: bool = key(True)
     timeline: str = key("")
+    tensorboard: str = key("", doc="a folder for TensorBoard event files (extra hpc_train[tensorboard]); '': none")
+
+
+@dataclass(frozen=True)
+class ElasticSection(Section):
+    """`hpc-train train --elastic`: restarts after a lost host (see hpc_train.elastic)."""
+
+    min_ranks: int = key(1, minimum=1, doc="never restart on fewer ranks")
+    max_restarts: int = key(3, minimum=0)
+    probe_port: int = key(22, minimum=1, maximum=65535, doc="TCP port a host's liveness is probed on")
+    probe_timeout_s: float = key(3.0, above=0.0, doc="a host silent this long is taken as lost")
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,7 @@ class Job(Section):
     ps: PsSection
     checkpoint: CheckpointSection
     log: LogSection
+    elastic: ElasticSection
 
     def to_dict(self) -> dict:
         """Plain dicts and lists, for JSON (checkpoints record the job they ran)."""
@@ -281,6 +297,14 @@ def _check_combinations(job: Job, source: str) -> None:
                 raise JobFileError(f"{source}: 'data.{name}' is required when data.name = 'hdf5'")
     if job.model.name == "torch":
         _check_torch_model(job, source)
+    if job.log.tensorboard and (problem := tensorboard_log.available()):
+        raise JobFileError(f"{source}: 'log.tensorboard' needs the tensorboard package ({problem}): "
+                           f"pip install 'hpc_train[tensorboard]'")
+    for name in job.checkpoint.signals:
+        try:
+            preemption.signal_number(str(name))
+        except ValueError as exc:
+            raise JobFileError(f"{source}: 'checkpoint.signals': {exc}") from None
     dist = job.distributed
     if dist.stall_abort_s <= dist.stall_warning_s:
         raise JobFileError(f"{source}: 'distributed.stall_abort_s' = {dist.stall_abort_s} must exceed "
