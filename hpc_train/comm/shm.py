@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -136,29 +137,28 @@ class FlagPath:
 def load_flagshm(node_comm):
     """flagshm.c's module on every rank of node_comm, or None on every rank (collective).
 
-    Node-local rank 0 compiles while the others wait; all ranks must agree, since a
+    Node-local rank 0 compiles while the others wait, and tells them where; all ranks must agree, since a
     rank on the C path and one on the Python path would never meet.
     """
     from mpi4py import MPI
 
     from .. import native
 
-    module, problem = None, None
-    if native.disabled():
-        problem = f"{native.DISABLE_VARIABLE}=1"
-    else:
-        if node_comm.Get_rank() == 0:
+    built = problem = module = None
+    if node_comm.Get_rank() == 0:  # it decides for the node, whatever its peers' environments say
+        if native.disabled():
+            problem = f"{native.DISABLE_VARIABLE}=1"
+        else:
             try:
-                native.build("hpc_train.comm", "flagshm.c", "_flagshm")
+                built = str(native.build("hpc_train.comm", "flagshm.c", "_flagshm"))
             except native.NativeUnavailable as exc:
                 problem = str(exc)
-        node_comm.Barrier()
-        if problem is None:
-            try:
-                path = native.library_path("hpc_train.comm", "flagshm.c", "_flagshm")
-                module = native.import_built(path, "_flagshm")
-            except native.NativeUnavailable as exc:
-                problem = str(exc)
+    built, problem = node_comm.bcast((built, problem), root=0)  # where it went (a private cache, maybe)
+    if built is not None:
+        try:
+            module = native.import_built(Path(built), "_flagshm")
+        except native.NativeUnavailable as exc:
+            problem = str(exc)
     if node_comm.allreduce(module is not None, op=MPI.LAND):
         return module
     if problem:
