@@ -50,6 +50,7 @@ class Topology:
     node_sizes: tuple[int, ...]
     pretended: bool
     host_ranks: int  # ranks sharing this rank's physical host (pretended nodes or not)
+    oversubscribed: bool  # some host of the communicator runs more ranks than it has cores (agreed)
 
     @property
     def uniform(self) -> bool:
@@ -90,6 +91,7 @@ def build_topology(comm) -> Topology:
     cross = comm.Split(color=local_rank, key=node_index)
     node_sizes = tuple(comm.allgather((node_index, node.Get_size())))
     sizes = tuple(size for _, size in sorted(set(node_sizes)))
+    oversubscribed = comm.allreduce(host_ranks > (os.cpu_count() or 1), op=MPI.LOR)
     return Topology(
         comm=comm,
         node=node,
@@ -100,6 +102,7 @@ def build_topology(comm) -> Topology:
         node_sizes=sizes,
         pretended=per_node is not None,
         host_ranks=host_ranks,
+        oversubscribed=oversubscribed,
     )
 
 
@@ -112,6 +115,16 @@ class _Runtime:
 
 _runtime: _Runtime | None = None
 _init_lock = threading.Lock()
+_at_init: list = []
+
+
+def at_init(agree) -> None:
+    """Have `agree(world)` run on every rank inside init(), after the settings are agreed.
+
+    For choices every rank must make alike but that belong to a layer above this one (the
+    allreduce tuning table: files in each rank's home): made there, collectively, at a point
+    every rank passes in the same order."""
+    _at_init.append(agree)
 
 
 def init(abort_on_exception: bool = True, log_level: int | str | None = None) -> _Runtime:
@@ -129,6 +142,8 @@ def init(abort_on_exception: bool = True, log_level: int | str | None = None) ->
         settings.agree(MPI.COMM_WORLD)  # before anything that must match across ranks is decided
         _runtime = _Runtime(MPI.COMM_WORLD)
         setup_logging(log_level)
+        for agree in _at_init:
+            agree(MPI.COMM_WORLD)
         if abort_on_exception:
             install_abort_hooks()
         return _runtime

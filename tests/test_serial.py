@@ -108,7 +108,7 @@ def test_auto_table_round_trip(tmp_path, monkeypatch):
     auto.forget_choices()
 
     class Topo:
-        uniform, num_nodes, node_sizes, host_ranks = True, 1, (2,), 2
+        uniform, num_nodes, node_sizes, oversubscribed = True, 1, (2,), False
 
     try:
         assert auto.choose(1024, Topo) == "mpi"

@@ -314,4 +314,5 @@ def main(args) -> int:
                                          {"machine": machine, "dtype": str(dtype), "sizes":
                                           [format_size(s) for s in sizes]})
             print(f"# auto table for {key}: {rules} -> {path}")
+        auto_table.agree(runtime.runtime().world)  # every rank now chooses by the new table
     return 0 if all(r.wrong == 0 for r in rows) else 1

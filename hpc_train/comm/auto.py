@@ -7,34 +7,36 @@ The table maps a topology key to size thresholds, e.g.
 more ranks than it has cores (spinning shared-memory paths then lose to MPI).
 The shipped table was measured on the development machine; `hpc-train bench
 allreduce --tune` measures the machine at hand and writes a table that takes
-precedence (HPC_TRAIN_TUNING names another file, agreed across ranks at init).
+precedence (HPC_TRAIN_TUNING names another file).
+
+Every rank must choose alike, or two ranks run different algorithms in one call and
+wait for each other forever: at `init()` every rank takes rank 0's tables (its home's
+tuned file, its HPC_TRAIN_TUNING), and the oversubscription in the key is agreed when the
+topology is built (any host oversubscribed counts for all).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from importlib import resources
 from pathlib import Path
 
-from .. import settings
+from .. import runtime, settings
 from .algorithms import ALLREDUCE, for_topology
+
+log = logging.getLogger("hpc_train.comm")
 
 TUNING_VARIABLE = settings.VARIABLES["tuning"].name
 USER_TABLE = Path.home() / ".config" / "hpc_train" / "allreduce_tuning.json"
 HOST_ALGORITHMS = tuple(ALLREDUCE)  # a table may name any registered algorithm
 
 
-@functools.cache
-def host_cores() -> int:
-    """os.cpu_count(), cached: it costs microseconds, and choose() runs on every call."""
-    return os.cpu_count() or 1
-
-
 def _oversubscribed(topology) -> str:
-    """'-oversubscribed' when this host runs more ranks than it has cores."""
-    return "-oversubscribed" if topology.host_ranks > host_cores() else ""
+    """'-oversubscribed' when some host runs more ranks than it has cores."""
+    return "-oversubscribed" if topology.oversubscribed else ""
 
 
 def topology_key(topology) -> str:
@@ -68,20 +70,54 @@ def validate_table(tables: dict, source: str) -> dict:
 
 
 def read_table(path: Path | str) -> dict:
-    with open(path) as f:
-        doc = json.load(f)
+    """A tuning file's tables; ValueError naming the file (and line) when it is not one."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected an object with 'tables', got {type(doc).__name__}")
     return validate_table(doc.get("tables"), str(path))
 
 
-@functools.cache
-def active_tables() -> dict:
-    """The shipped table, overlaid by the user's tuned table, overlaid by $HPC_TRAIN_TUNING."""
+def read_tables() -> dict:
+    """This process's view: the shipped table, overlaid by the user's tuned table, overlaid by $HPC_TRAIN_TUNING."""
     shipped = resources.files("hpc_train").joinpath("tuning/allreduce.json")
     tables = dict(validate_table(json.loads(shipped.read_text())["tables"], str(shipped)))
     for path in (USER_TABLE, settings.current().tuning):
         if path and Path(path).is_file():
             tables.update(read_table(path))
     return tables
+
+
+_agreed: dict | None = None
+
+
+@functools.cache
+def active_tables() -> dict:
+    """The tables every rank agreed on at init() (rank 0's), or this process's before init."""
+    return _agreed if _agreed is not None else read_tables()
+
+
+def agree(comm) -> None:
+    """Every rank takes rank 0's tables (collective); a bad file of rank 0's is an error on every
+    rank, a rank whose own files say otherwise is told so once."""
+    global _agreed
+    try:
+        mine, problem = read_tables(), None
+    except (OSError, ValueError) as exc:
+        mine, problem = None, str(exc)
+    chosen, problem = comm.bcast((mine, problem), root=0)
+    if problem is not None:
+        raise ValueError(f"allreduce tuning table of rank 0: {problem}")
+    if mine != chosen:
+        log.warning("allreduce tuning: this rank's tables (%s, %s=%s) differ from rank 0's; using rank 0's",
+                    USER_TABLE, TUNING_VARIABLE, settings.current().tuning)
+    _agreed = chosen
+    forget_choices()
+
+
+runtime.at_init(agree)
 
 
 _choices: dict = {}

@@ -181,20 +181,20 @@ def _allreduce(x, op, algorithm, out, comm, check, name):
     shared_offset = None
     if in_place and isinstance(arr, SharedArray):
         shared_offset = arr.shared_offset(group.topology.node)
-    if _checking(check):
+    on_device = xp is not np
+    chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device)
+    staged = _staged(xp) or (on_device and not ALLREDUCE[chosen].device)
+    if staged:
+        chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device=False)
+    if _checking(check):  # the algorithm each rank will run, not only the one asked for
         _check(group, "allreduce", name, shape=arr.shape, dtype=arr.dtype.str, op=spec.name,
-               algorithm=algorithm, shared=shared_offset)
+               algorithm=algorithm, chosen=chosen, shared=shared_offset)
     if arr.size == 0:
         return result
     if group.size == 1:
         if not in_place:
             result[...] = arr
         return result
-    on_device = xp is not np
-    chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device)
-    staged = _staged(xp) or (on_device and not ALLREDUCE[chosen].device)
-    if staged:
-        chosen = resolve_algorithm(algorithm, arr.nbytes, group, on_device=False)
     if (comm is None and not _checking(check) and type(x) in _DIRECT_TYPES
             and arr.flags.c_contiguous and (shared_offset is None or arr.nbytes <= ZERO_COPY_MIN_BYTES)):
         plan = _direct_plan(group, chosen, spec, arr)
