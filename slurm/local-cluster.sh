@@ -2,16 +2,33 @@
 # A one-node Slurm on this machine, for tests and for trying the sbatch scripts.
 #   slurm/local-cluster.sh up | down | status
 # Needs root and Debian's slurmctld slurmd slurm-client munge (installed by `up` if missing).
-# State, logs and the generated slurm.conf live in $SLURM_LOCAL_DIR (default /tmp/hpc_train-slurm).
+# State and logs live in $SLURM_LOCAL_DIR (default /run/hpc_train-slurm, private to root).
+# It writes /etc/slurm/slurm.conf, and so refuses to run where a slurm.conf it did not write is
+# there (a real installation) unless HPC_TRAIN_LOCAL_SLURM_FORCE=1; `down` stops only the
+# daemons it started.
 set -euo pipefail
-dir=${SLURM_LOCAL_DIR:-/tmp/hpc_train-slurm}
-conf=/etc/slurm/slurm.conf
+source "$(dirname "$0")/private-state.sh"
+dir=${SLURM_LOCAL_DIR:-/run/hpc_train-slurm}
+conf=${SLURM_CONF:-/etc/slurm/slurm.conf}  # Slurm's own variable for it
+MARK="# written by hpc_train's slurm/local-cluster.sh"
+
+refuse_a_real_installation() {
+  # ours: the mark, or (written before it) our state directory's name in the PID file paths
+  if [ -f "$conf" ] && ! grep -q -e "^$MARK\$" -e "PidFile=.*/hpc_train-slurm/" "$conf" \
+     && [ "${HPC_TRAIN_LOCAL_SLURM_FORCE:-0}" != 1 ]; then
+    echo "local-cluster: $conf was not written by this script (a real Slurm installation?): not touching it" \
+         "(HPC_TRAIN_LOCAL_SLURM_FORCE=1 overwrites it)" >&2
+    exit 3
+  fi
+}
 
 up() {
+  refuse_a_real_installation
+  private_state "$dir"
   if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
   fi
-  mkdir -p "$dir/state" "$dir/spool" /etc/slurm /run/munge
+  mkdir -p "$dir/state" "$dir/spool" "$(dirname "$conf")" /run/munge
   # the hardware's CPUs as slurmd sees them (nproc honours OMP_NUM_THREADS, 1 on most HPC jobs,
   # and a node of CPUs=1 leaves the 2-task train.sbatch pending forever)
   host=$(hostname)
@@ -21,6 +38,7 @@ up() {
   # KillWait: TERM to KILL for the tasks of a step that ends (30 s by default; our ranks hold TERM
   # for a checkpoint, so a rank that waits on a dead peer goes only at the KILL)
   cat > "$conf" <<CONF
+$MARK
 ClusterName=local
 SlurmctldHost=$host
 AuthType=auth/munge
@@ -59,8 +77,8 @@ CONF
 
 down() {
   local pids=""
-  for pidfile in "$dir/d.pid" "$dir/ctld.pid"; do
-    [ -f "$pidfile" ] && pids="$pids $(cat "$pidfile")"
+  for pidfile in "$dir/d.pid" "$dir/ctld.pid"; do  # only the daemons that this script started
+    if [ -f "$pidfile" ] && ours "$(cat "$pidfile")" slurmd slurmctld; then pids="$pids $(cat "$pidfile")"; fi
   done
   [ -n "$pids" ] && kill $pids 2>/dev/null || true
   for _ in $(seq 1 20); do  # wait until they have exited

@@ -10,9 +10,11 @@
 #   slurm/netns-nodes.sh status | down
 #
 # e.g. slurm/netns-nodes.sh up 2 2 && slurm/netns-nodes.sh run mpirun -n 4 .venv/bin/hpc-train info
-# State (hostfile, agent, env) lives in $HPC_TRAIN_NETNS_DIR (default /tmp/hpc_train_netns).
+# State (hostfile, agent, env) lives in $HPC_TRAIN_NETNS_DIR (default /run/hpc_train-netns,
+# private to root: mpirun runs the agent script as root).
 set -euo pipefail
-STATE=${HPC_TRAIN_NETNS_DIR:-/tmp/hpc_train_netns}
+source "$(dirname "$0")/private-state.sh"
+STATE=${HPC_TRAIN_NETNS_DIR:-/run/hpc_train-netns}
 PREFIX=htnode
 SWITCH=htswitch
 SUBNET=10.77.0
@@ -25,8 +27,9 @@ up() {
   [ "$(id -u)" = 0 ] || die "needs root (network namespaces)"
   command -v ip >/dev/null || die "needs iproute2 (apt-get install iproute2)"
   [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "N must be 1..200, got $n"
+  private_state "$STATE"
   down >/dev/null 2>&1 || true
-  mkdir -p "$STATE"
+  private_state "$STATE"  # down removed it
   ip netns add "$SWITCH"
   ip -n "$SWITCH" link add br0 type bridge
   ip -n "$SWITCH" link set br0 up

@@ -227,3 +227,43 @@ def test_the_elastic_batch_job_restarts_a_step_that_lost_a_rank(slurm, tmp_path)
     assert restart["ranks"] == 2 and restart["lost_hosts"] == [] and restart["checkpoint"] is not None
     assert run[-1]["type"] == "summary" and run[-1]["steps"] == 300
     assert {r["step"] for r in run if r["type"] == "step"} == set(range(1, 301))
+
+
+def test_the_local_cluster_leaves_a_real_installation_alone(tmp_path):
+    """A slurm.conf that local-cluster.sh did not write is refused, byte for byte unchanged."""
+    real = tmp_path / "slurm.conf"
+    real.write_text("ClusterName=production\nSlurmctldHost=head01\n")
+    proc = subprocess.run([*CLUSTER, "up"], capture_output=True, text=True, timeout=60,
+                          env={**clean_environment(), "SLURM_CONF": str(real), "SLURM_LOCAL_DIR": str(tmp_path / "s")})
+    assert proc.returncode == 3 and "was not written by this script" in proc.stderr, proc.stderr
+    assert real.read_text() == "ClusterName=production\nSlurmctldHost=head01\n" and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("script", [["local-cluster.sh", "up"], ["netns-nodes.sh", "up", "1"]])
+def test_state_directories_that_others_could_write_are_refused(tmp_path, script):
+    if os.geteuid() != 0:
+        pytest.skip("the scripts run as root")
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    planted.chmod(0o777)
+    env = {**clean_environment(), "SLURM_CONF": str(tmp_path / "slurm.conf"), "SLURM_LOCAL_DIR": str(planted),
+           "HPC_TRAIN_NETNS_DIR": str(planted)}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / script[0]), *script[1:]], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 1 and f"{planted} is not a private directory of root" in proc.stderr, proc.stderr
+    assert list(planted.iterdir()) == [] and not (tmp_path / "slurm.conf").exists()
+
+
+def test_the_local_cluster_stops_only_daemons_it_started(tmp_path):
+    """A PID file that names another process (reused PID, planted file) does not get it killed."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (state / "d.pid").write_text(f"{bystander.pid}\n")
+        proc = subprocess.run([*CLUSTER, "down"], capture_output=True, text=True, timeout=60,
+                              env={**clean_environment(), "SLURM_LOCAL_DIR": str(state)})
+        assert proc.returncode == 0, proc.stderr
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
