@@ -351,6 +351,7 @@ def run_iobench(args) -> int:
         return 2
     results, problem = None, None
     try:
+        iobench.check_space(mine, comm)  # collective: the same verdict on every rank
         iobench.prepare(mine, args.overwrite)
     except (iobench.IOBenchError, OSError) as exc:
         problem = str(exc)

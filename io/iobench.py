@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import resource
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -111,13 +113,97 @@ def writes(job: Job) -> bool:
     return job.options["rw"] in ("write", "randwrite", "rw", "randrw")
 
 
+def _extent(o: dict) -> int:
+    """The bytes a job's file must hold: up to the last copy's offset + size."""
+    return o["offset"] + o["size"] + (o["numjobs"] - 1) * o["offset_increment"]
+
+
+def layout_bytes(inst: Instance) -> int:
+    """What layout() will add to the file system for this instance (0 for a file already there)."""
+    o = inst.job.options
+    if o["filename"] and inst.jobnum != 0:
+        return 0
+    if o["ioengine"] == "hdf5":
+        return 0 if inst.path.exists() and _is_ours(inst.path) else _extent(o)
+    return max(0, _extent(o) - (inst.path.stat().st_size if inst.path.exists() else 0))
+
+
+def mount_of(path: Path) -> tuple[str, str, str]:
+    """(mount point, file system type, source) of the mount that holds `path` (/proc/self/mountinfo)."""
+    target, found = os.path.realpath(path), ("/", "", "")
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        tail = fields.index("-")
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # a space is \040
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(found[0]):  # the innermost; of equal ones the later, which hides the other
+            found = (point, fields[tail + 1], fields[tail + 2])
+    return found
+
+
+# File systems that every node sees as one: what ranks on different hosts write there adds up.
+SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "glusterfs", "panfs",
+                       "wekafs", "pvfs2", "orangefs", "fuse.ceph", "fuse.glusterfs", "fuse.sshfs")
+
+
+def _my_demands(mine: list[Instance]) -> dict:
+    """This rank's layout bytes by file system: key -> [bytes, free bytes, where, job names]."""
+    demands: dict = {}
+    for inst in mine:
+        nbytes = layout_bytes(inst)
+        if not nbytes:
+            continue
+        directory = inst.path.parent.resolve()
+        while not directory.exists():  # layout creates the missing folders
+            directory = directory.parent
+        point, fstype, source = mount_of(directory)
+        if fstype in SHARED_FILE_SYSTEMS:
+            key, where = (fstype, source, point), f"{point} ({fstype} {source})"
+        else:
+            host = socket.gethostname()
+            key, where = (host, fstype, source, point), f"{point} ({fstype} {source}, on {host})"
+        stats = os.statvfs(directory)
+        entry = demands.setdefault(key, [0, stats.f_bavail * stats.f_frsize, where, set()])
+        entry[0] += nbytes
+        entry[3].add(inst.job.name)
+    return demands
+
+
+def check_space(mine: list[Instance], comm) -> None:
+    """Refuse, on every rank, a layout that would not fit (collective): the bytes every rank's
+    instances would add to one file system (one per host for local ones, one for all hosts for
+    shared ones such as NFS or Lustre), against what it has free. fio would fill the disk."""
+    try:
+        demands, problem = _my_demands(mine), None
+    except OSError as exc:
+        demands, problem = {}, f"rank {comm.Get_rank()}: {exc}"
+    everyone = comm.allgather((demands, problem))
+    problems = [p for _, p in everyone if p]
+    if problems:
+        raise IOBenchError("; ".join(problems))
+    totals: dict = {}
+    for rank, (rank_demands, _) in enumerate(everyone):
+        for key, (nbytes, free, where, jobs) in rank_demands.items():
+            total = totals.setdefault(key, {"bytes": 0, "free": free, "where": where, "ranks": [], "jobs": set()})
+            total["bytes"] += nbytes
+            total["free"] = min(total["free"], free)
+            total["ranks"].append(rank)
+            total["jobs"] |= jobs
+    for total in totals.values():
+        if total["bytes"] > total["free"]:
+            raise IOBenchError(
+                f"job(s) {', '.join(sorted(total['jobs']))} would lay out {_human_bytes(total['bytes'])} on "
+                f"{total['where']} (rank(s) {', '.join(map(str, total['ranks']))}), which has "
+                f"{_human_bytes(total['free'])} free; lower size or numjobs, or use another directory")
+
+
 def layout(inst: Instance, overwrite: bool) -> None:
     """Create and fill the file up to offset+size before a job reads it (fio lays files out too).
 
     A shared file (filename=) is laid out by the job's instance 0 alone.
     """
     o = inst.job.options
-    needed = o["offset"] + o["size"] + (o["numjobs"] - 1) * o["offset_increment"]
+    needed = _extent(o)
     if o["filename"] and inst.jobnum != 0:
         return
     if o["ioengine"] == "hdf5":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from hpc_train.errors import JobFileError
 
-from .conftest import python_cmd, run_mpi
+from .conftest import clean_environment, python_cmd, run_mpi
 
 
 def iobench(*args, cwd=None, timeout=120):
@@ -276,3 +277,30 @@ def test_mpiio_and_hdf5_engines_independent_and_collective(tmp_path):
     proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "iobench", str(bad)), timeout=60)
     assert proc.returncode != 0
     assert proc.stderr.count("collective=1 needs numjobs equal to the number of ranks (2), got 3") == 2
+
+
+def test_a_layout_that_would_not_fit_is_refused_before_any_file_is_written(tmp_path):
+    """Two ranks lay out on one 64 MiB file system (a tmpfs in a mount namespace of the run's own):
+    each rank's share fits alone, together they would not; the witness is the tmpfs's own size."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a tmpfs of a set size needs root and unshare")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def run(numjobs: int, size: str) -> subprocess.CompletedProcess:
+        job = tmp_path / f"read-{numjobs}x{size}.fio"
+        job.write_text(f"[global]\ndirectory={disk}\nbs=1m\nsize={size}\nrw=read\n[r]\nnumjobs={numjobs}\n")
+        script = (f'mount -t tmpfs -o size=64m tmpfs {disk} && '
+                  f'{{ "$@"; rc=$?; echo "files:" $(ls -A {disk}); exit $rc; }}')
+        return subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", "mpirun", "-n", "2",
+                               *python_cmd("-m", "hpc_train.cli", "iobench", str(job))],
+                              capture_output=True, text=True, timeout=120, env=clean_environment())
+
+    refused = run(2, "40m")
+    assert refused.returncode != 0
+    assert refused.stderr.count(f"job(s) r would lay out 80.0MiB on {disk} (tmpfs tmpfs, on ") == 1, refused.stderr
+    assert "(rank(s) 0, 1), which has 64.0MiB free" in refused.stderr
+    assert refused.stdout.strip().endswith("files:")  # nothing laid out, not even one rank's share
+    fits = run(2, "24m")
+    assert fits.returncode == 0, fits.stderr
+    assert "files: r.0.0 r.0.0.hpc_train-iobench r.1.0 r.1.0.hpc_train-iobench" in fits.stdout
