@@ -114,46 +114,96 @@ def _first_layout_mismatch(path, stored, expected) -> str | None:
     return None
 
 
+MAX_ATTRIBUTE_BYTES = 16 << 20  # scalars, RNG states and the job are kilobytes; a larger one is not ours
+
+
+def _read_attributes(f, path) -> dict:
+    """Every attribute but the format mark, parsed as the JSON it was written as; checked for size first."""
+    attrs = {}
+    for key in f.attrs:
+        if key == "format":
+            continue
+        size = f.attrs.get_id(key).get_storage_size()
+        if size > MAX_ATTRIBUTE_BYTES:
+            raise CheckpointError(f"{path}: attribute '{key}' holds {size} bytes, more than a checkpoint writes")
+        value = f.attrs[key]
+        if not isinstance(value, str):
+            raise CheckpointError(f"{path}: attribute '{key}' is not JSON text (a {type(value).__name__})")
+        try:
+            attrs[key] = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{path}: attribute '{key}' is not valid JSON ({exc})") from None
+    return attrs
+
+
+def _checked_dataset(f, path, name: str, shape: tuple, dtype):
+    """The flat dataset `name`, once its kind, dtype, length and recorded shape match what the job holds."""
+    if name not in f:
+        raise CheckpointError(f"{path}: array '{name}' is missing from the checkpoint")
+    dset = f[name]
+    if not hasattr(dset, "dtype"):
+        raise CheckpointError(f"{path}: '{name}' is a group in the checkpoint, not an array")
+    if dtype is not None and dset.dtype != dtype:
+        raise CheckpointError(f"{path}: array '{name}' has dtype {dset.dtype} in the checkpoint, {dtype} in the job")
+    recorded = dset.attrs.get("shape")
+    try:
+        stored = tuple(int(v) for v in recorded)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: array '{name}' has no valid 'shape' attribute ({recorded!r})") from None
+    if stored != tuple(shape):
+        raise CheckpointError(f"{path}: array '{name}' has shape {stored} in the checkpoint, {tuple(shape)} in the job")
+    if dset.shape != (int(np.prod(shape)),):
+        raise CheckpointError(f"{path}: array '{name}' holds {dset.shape} elements where its shape {stored} needs "
+                              f"({int(np.prod(shape))},)")
+    return dset
+
+
+def _recorded_shapes(f) -> dict:
+    """Every array of the file with the shape its 'shape' attribute records (checked when read)."""
+    shapes = {}
+
+    def visit(name, obj):
+        if hasattr(obj, "dtype"):  # datasets, not groups
+            shapes[name] = tuple(obj.attrs.get("shape", obj.shape))
+
+    f.visititems(visit)
+    return shapes
+
+
 def load(path, comm, expected: dict[str, tuple] | None = None, slices: dict[str, tuple] | None = None,
-         layout: list | None = None) -> tuple[dict, dict]:
+         layout: list | None = None, dtypes: dict | None = None) -> tuple[dict, dict]:
     """(arrays, attrs) of a checkpoint; CheckpointError on every rank if unusable.
 
-    `expected` maps array names to the shapes the job needs; the first missing
-    array or differing shape is named. `slices` maps flat arrays to the (start,
-    stop) this rank reads instead of the whole. `layout` ([name, shape] per
-    parameter) must equal the one a sharded checkpoint was written with.
+    `expected` maps array names to the shapes the job needs: only those are read, each checked
+    (kind, dtype from `dtypes`, length, recorded shape) before a byte of it, so that a file never
+    decides what is allocated; the first missing array or difference is named. Without
+    `expected` (a library user's own checkpoint), every array in the file is read. `slices` maps
+    flat arrays to the (start, stop) this rank reads instead of the whole. `layout` ([name,
+    shape] per parameter) must equal the one a sharded checkpoint was written with.
     """
     problem, arrays, attrs = None, {}, {}
-    slices = slices or {}
+    slices, dtypes = slices or {}, dtypes or {}
     try:
         with open_parallel(path, "r", comm) as f:
             if f.attrs.get("format") != FORMAT:
                 raise CheckpointError(f"{path}: not an hpc_train checkpoint (format {f.attrs.get('format')!r})")
+            attrs = _read_attributes(f, path)
             if layout is not None:
-                stored = json.loads(f.attrs["layout"]) if "layout" in f.attrs else None
-                mismatch = _first_layout_mismatch(path, stored, layout)
+                mismatch = _first_layout_mismatch(path, attrs.get("layout"), layout)
                 if mismatch:
                     raise CheckpointError(mismatch)
-            for name, shape in (expected or {}).items():
-                if name not in f:
-                    raise CheckpointError(f"{path}: array '{name}' is missing from the checkpoint")
-                stored = tuple(int(v) for v in f[name].attrs["shape"])
-                if stored != tuple(shape):
-                    raise CheckpointError(f"{path}: array '{name}' has shape {stored} in the checkpoint, "
-                                          f"{tuple(shape)} in the job")
-            attrs = {k: json.loads(v) for k, v in f.attrs.items() if k != "format"}
-
-            def collect(name, obj):
-                if not hasattr(obj, "shape"):  # datasets, not groups
-                    return
+            if expected is None:
+                expected = _recorded_shapes(f)
+            for name, shape in expected.items():
+                dset = _checked_dataset(f, path, name, shape, dtypes.get(name))
                 if name in slices:
-                    arrays[name] = obj[slices[name][0] : slices[name][1]]
+                    start, stop = slices[name]
+                    arrays[name] = dset[start:stop]
                 else:
-                    arrays[name] = obj[...].reshape(tuple(int(v) for v in obj.attrs["shape"]))
-
-            f.visititems(collect)
-    except (CheckpointError, DatasetError, OSError, KeyError, ValueError) as exc:
-        problem = str(exc) if isinstance(exc, CheckpointError) else f"{path}: unreadable checkpoint ({exc})"
+                    arrays[name] = dset[...].reshape(shape)
+    except (CheckpointError, DatasetError, OSError, KeyError, ValueError, TypeError, MemoryError,
+            RecursionError) as exc:
+        problem = str(exc) if isinstance(exc, CheckpointError) else f"{path}: unreadable checkpoint ({exc!r})"
     raise_if_any(comm, problem, CheckpointError)
     return arrays, attrs
 
@@ -162,7 +212,18 @@ def load_like(path, comm, current: dict, layout: list | None = None) -> tuple[di
     """`load` for a job whose own arrays are `current` (name -> array, or Slab: only its slice is read)."""
     expected = {k: (v.total,) if isinstance(v, Slab) else v.shape for k, v in current.items()}
     slices = {k: (v.start, v.start + v.data.size) for k, v in current.items() if isinstance(v, Slab)}
-    return load(path, comm, expected, slices=slices, layout=layout)
+    dtypes = {k: (v.data if isinstance(v, Slab) else v).dtype for k, v in current.items()}
+    return load(path, comm, expected, slices=slices, layout=layout, dtypes=dtypes)
+
+
+def require(attrs: dict, path, schema: dict) -> None:
+    """CheckpointError naming the file and attribute unless every key of `schema` is in `attrs`
+    with a value its check accepts (`schema`: key -> (check, what it must be))."""
+    for key, (check, must) in schema.items():
+        if key not in attrs:
+            raise CheckpointError(f"{path}: attribute '{key}' is missing")
+        if not check(attrs[key]):
+            raise CheckpointError(f"{path}: attribute '{key}' must be {must}, got {str(attrs[key])[:80]!r}")
 
 
 def prune(directory, keep_last: int, comm) -> None:

@@ -147,10 +147,7 @@ def validate(file, path) -> dict:
     """Check the layout; return {'layout', 'n', 'sample_shape', 'sample_dtype', 'classes'}. Raises DatasetError."""
     if layout_of(file) == "tokens":
         return validate_tokens(file, path)
-    for name in (IMAGES, LABELS):
-        if name not in file:
-            raise DatasetError(f"{path}: dataset '{name}' is missing (found: {sorted(file)})")
-    images, labels = file[IMAGES], file[LABELS]
+    images, labels = (_dataset(file, name, path) for name in (IMAGES, LABELS))
     if labels.ndim != 1:
         raise DatasetError(f"{path}: dataset 'labels' must be 1-D, has shape {labels.shape}")
     if images.ndim < 2:
@@ -165,11 +162,23 @@ def validate(file, path) -> dict:
     if images.shape[0] == 0:
         raise DatasetError(f"{path}: dataset 'images' is empty")
     return {"layout": "images", "n": images.shape[0], "sample_shape": images.shape[1:],
-            "sample_dtype": images.dtype, "classes": int(file.attrs["classes"]) if "classes" in file.attrs else None}
+            "sample_dtype": images.dtype, "classes": classes_attribute(file, path)}
+
+
+def _dataset(file, name: str, path):
+    """file[name], once it is there and is a dataset (not a group, not a link to nowhere)."""
+    import h5py
+
+    if name not in file:
+        raise DatasetError(f"{path}: dataset '{name}' is missing (found: {sorted(file)})")
+    found = file.get(name, getclass=True)
+    if found is not h5py.Dataset:
+        raise DatasetError(f"{path}: '{name}' must be a dataset, is a {getattr(found, '__name__', found)}")
+    return file[name]
 
 
 def validate_tokens(file, path) -> dict:
-    tokens = file[TOKENS]
+    tokens = _dataset(file, TOKENS, path)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise DatasetError(f"{path}: dataset 'tokens' must be (N, T + 1) windows with T >= 1, has shape "
                            f"{tokens.shape}")
@@ -177,13 +186,31 @@ def validate_tokens(file, path) -> dict:
         raise DatasetError(f"{path}: dataset 'tokens' must hold integers, has dtype {tokens.dtype}")
     if tokens.shape[0] == 0:
         raise DatasetError(f"{path}: dataset 'tokens' is empty")
-    if "classes" not in file.attrs:
+    classes = classes_attribute(file, path)
+    if classes is None:
         raise DatasetError(f"{path}: attribute 'classes' (the vocabulary size of dataset 'tokens') is missing")
     return {"layout": "tokens", "n": tokens.shape[0], "sample_shape": tokens.shape[1:],
-            "sample_dtype": tokens.dtype, "classes": int(file.attrs["classes"])}
+            "sample_dtype": tokens.dtype, "classes": classes}
+
+
+MAX_CLASSES = 1 << 24  # an output layer wider than this comes from a corrupt file, not from a data set
+
+
+def classes_attribute(file, path) -> int | None:
+    """The file's 'classes' attribute (None if absent), once it is a whole number in [1, MAX_CLASSES]."""
+    if "classes" not in file.attrs:
+        return None
+    value = np.asarray(file.attrs["classes"])
+    if value.shape != () or value.dtype.kind not in "iu" or not 1 <= int(value) <= MAX_CLASSES:
+        raise DatasetError(f"{path}: attribute 'classes' must be a whole number in [1, {MAX_CLASSES}], "
+                           f"got {str(value)[:80]!r} ({value.dtype})")
+    return int(value)
 
 
 def check_labels(labels: np.ndarray, classes: int | None, path) -> None:
+    if classes is None and len(labels) and labels.max() >= MAX_CLASSES:
+        raise DatasetError(f"{path}: dataset 'labels' holds {int(labels.max())} and there is no 'classes' "
+                           f"attribute: a model that wide ({MAX_CLASSES} outputs at most) is not what it asks for")
     if len(labels) and (labels.min() < 0 or (classes is not None and labels.max() >= classes)):
         bad = int(np.flatnonzero((labels < 0) | ((labels >= classes) if classes else False))[0])
         raise DatasetError(f"{path}: dataset 'labels' value {int(labels[bad])} at index {bad} is outside "

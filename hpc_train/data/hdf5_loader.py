@@ -15,6 +15,7 @@ first T tokens and its last T, integers as stored (no transform unless asked).
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import weakref
@@ -25,6 +26,8 @@ from ..comm.check import raise_if_any
 from ..io.hdf5 import LABELS, LAYOUTS, DatasetError, check_labels, check_tokens, open_parallel, validate
 from .loader import to_float
 from .sampler import DistributedSampler
+
+log = logging.getLogger("hpc_train")
 
 
 def runs(sorted_indices: np.ndarray) -> list[tuple[int, int]]:
@@ -81,8 +84,11 @@ class HDF5Loader:
         tokens = self.layout == "tokens"
         # what the model is given a sample: an image, or a window less its last token
         self.input_shape = (self.sample_shape[0] - 1,) if tokens else self.sample_shape
-        # output width the data needs: the vocabulary, or (as before) the largest label + 1
-        self.classes = meta["classes"] if tokens else int(self.labels.max()) + 1
+        # output width the data needs: the vocabulary or the file's 'classes', else the largest label + 1
+        self.classes = meta["classes"] or int(self.labels.max()) + 1
+        if meta["classes"] is None and self.comm.Get_rank() == 0:
+            log.warning("%s: no 'classes' attribute: the model's output width is the largest label + 1 = %d",
+                        path, self.classes)
         self.transform = transform or ((lambda inputs: inputs) if tokens else to_float)
         self.sampler = sampler or DistributedSampler(self.n, self.comm.Get_rank(), self.comm.Get_size(),
                                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
@@ -96,11 +102,14 @@ class HDF5Loader:
         self.max_batches: int | None = None  # batches per pass, if fewer than a whole epoch
 
     def _agree(self, check):
-        """Run check() on every rank; if any rank fails, every rank raises the first failure."""
+        """Run check() on every rank; if any rank fails, every rank raises the first failure
+        (a file the library itself cannot make sense of included, named as such)."""
         try:
             result, problem = check(), None
         except DatasetError as exc:
             result, problem = None, str(exc)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, MemoryError, RecursionError) as exc:
+            result, problem = None, f"{self.path}: unreadable data set ({exc!r})"
         raise_if_any(self.comm, problem, DatasetError)
         return result
 
@@ -145,7 +154,11 @@ class HDF5Loader:
         memory_space = h5s.create_simple((max(rows, 1), *tail))
         if rows == 0:
             memory_space.select_none()
-        self.samples.id.read(memory_space, file_space, buf if rows else self._buffer[:1], dxpl=self._xfer)
+        try:
+            self.samples.id.read(memory_space, file_space, buf if rows else self._buffer[:1], dxpl=self._xfer)
+        except (OSError, ValueError) as exc:  # a damaged chunk: named, then the abort hook ends the job
+            raise DatasetError(f"{self.path}: rank {self.comm.Get_rank()}: reading {rows} samples of dataset "
+                               f"'{self.samples.name.lstrip('/')}' (indices {unique[:4].tolist()}...) failed ({exc})") from None
         # duplicates (padding) read once, then every requested position filled in sampler order
         position_in_unique = np.repeat(np.arange(rows), np.diff(np.concatenate([first, [len(ordered)]])))
         samples = np.empty((len(indices), *tail), self.sample_dtype)

@@ -37,6 +37,22 @@ from .metrics import MetricsLog
 from .timeline import Timeline
 
 PHASES = ("data", "forward", "backward", "step")
+
+
+def _whole(minimum: int):
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+# What a resume takes from a checkpoint's attributes, checked before use (a file is not trusted).
+RESUME_ATTRIBUTES = {
+    "step": (_whole(0), "a whole number >= 0"), "epoch": (_whole(0), "a whole number >= 0"),
+    "next_batch": (_whole(0), "a whole number >= 0"), "optimizer_steps": (_whole(0), "a whole number >= 0"),
+    "world_size": (_whole(1), "a whole number >= 1"), "rng": (lambda v: isinstance(v, list), "a list of RNG states"),
+}
+OPTIONAL_RESUME_ATTRIBUTES = {  # absent from checkpoints of earlier releases
+    "epoch_sample": (_whole(0), "a whole number >= 0"), "attempt": (_whole(0), "a whole number >= 0"),
+    "run_id": (lambda v: isinstance(v, str) and 0 < len(v) <= 64, "a run id (text of at most 64 characters)"),
+}
 log = logging.getLogger("hpc_train")
 
 
@@ -114,8 +130,13 @@ class Trainer:
         current = self.strategy.checkpoint_arrays()
         started = time.perf_counter()
         arrays, attrs = checkpoint.load_like(path, self.comm, current, self.strategy.checkpoint_layout())
+        checkpoint.require(attrs, path, {**RESUME_ATTRIBUTES, **{k: v for k, v in OPTIONAL_RESUME_ATTRIBUTES.items()
+                                                                 if k in attrs}})
+        try:  # the same attributes on every rank: every rank fails alike, before any collective
+            self.model.set_rng_states(attrs["rng"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise checkpoint.CheckpointError(f"{path}: attribute 'rng' does not fit this model ({exc})") from None
         self.strategy.load_checkpoint(arrays, attrs["optimizer_steps"])
-        self.model.set_rng_states(attrs["rng"])
         self.start_epoch, self.start_batch, self.start_step = attrs["epoch"], attrs["next_batch"], attrs["step"]
         if "epoch_sample" in attrs:  # where in the epoch's sample order: any rank count continues there
             self.start_batch, rest = divmod(attrs["epoch_sample"], self.job.train.global_batch)
@@ -125,7 +146,7 @@ class Trainer:
                     f"multiple of train.global_batch = {self.job.train.global_batch}: resume with the global batch "
                     f"of the run that wrote it")
         if "run_id" in attrs:  # checkpoints written before runs had an identity start a new one
-            self.run_id, self.attempt = attrs["run_id"], attrs["attempt"] + 1
+            self.run_id, self.attempt = attrs["run_id"], attrs.get("attempt", 0) + 1
         seconds = time.perf_counter() - started
         nbytes = checkpoint.logical_bytes(current)
         return {"type": "resume", "path": str(path), "step": self.start_step, "saved_by_ranks": attrs["world_size"],
