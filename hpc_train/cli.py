@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     iob.add_argument("--output", metavar="PATH", help="write the report here instead of stdout")
     iob.add_argument("--overwrite", action="store_true",
                      help="allow writing files that hpc-train iobench did not create")
+    iob.add_argument("--section", action="append", default=[], metavar="NAME",
+                     help="run only the jobs of this [section] (repeatable), as fio's --section")
 
     info = sub.add_parser("info", help="MPI, node layout, CUDA-awareness, h5py, GPUs")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -340,10 +342,15 @@ def run_iobench(args) -> int:
         return 2
     try:  # before MPI starts, on every rank alike
         jobfile = fiojob.load(args.jobfile)
+        if args.section:
+            jobfile.select(args.section)
     except JobFileError as exc:
         print(f"hpc-train iobench: {exc}", file=sys.stderr)
         return 2
     comm = runtime.init().world
+    if comm.Get_rank() == 0:
+        for note in jobfile.ignored:
+            print(f"hpc-train iobench: {note}", file=sys.stderr)
     try:
         mine = iobench.assign(iobench.instances(jobfile.jobs), comm)
     except JobFileError as exc:  # every rank finds the same problem
@@ -363,6 +370,8 @@ def run_iobench(args) -> int:
         except (iobench.IOBenchError, OSError) as exc:
             problems = [str(exc)]
     gathered = comm.gather((results, problems), root=0)
+    comm.Barrier()  # every rank is done with the files
+    iobench.unlink_files(mine)
     if comm.Get_rank() != 0:
         return 0 if not problems else 1
     problems = sorted({p for _, ps in gathered for p in ps})

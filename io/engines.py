@@ -39,8 +39,8 @@ class PsyncEngine:
     def write(self, view, offset: int) -> int:
         return os.pwritev(self.fd, [view], offset)
 
-    def sync(self) -> None:
-        os.fsync(self.fd)
+    def sync(self, data_only: bool = False) -> None:
+        (os.fdatasync if data_only else os.fsync)(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -66,7 +66,7 @@ class MPIIOEngine:
         self._write(offset, [view, self.byte])
         return len(view)
 
-    def sync(self) -> None:
+    def sync(self, data_only: bool = False) -> None:  # MPI has one sync
         self.fh.Sync()
 
     def close(self) -> None:
@@ -103,7 +103,7 @@ class HDF5Engine:
         self.dset.write(memory_space, file_space, np.frombuffer(view, np.uint8), dxpl=self.xfer)
         return len(view)
 
-    def sync(self) -> None:
+    def sync(self, data_only: bool = False) -> None:  # HDF5 has one flush
         self.file.flush()
 
     def close(self) -> None:

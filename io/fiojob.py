@@ -1,12 +1,16 @@
-"""fio job files: INI sections, fio's option names, units and bare flags.
+"""fio job files: INI sections, fio's option names and aliases, units and bare flags,
+`${VAR}` expansion and `include FILE` lines.
 
 `[global]` options apply to the jobs defined after it (fio's rule; a later
-`[global]` adds to them). Unknown options and bad values raise JobFileError
-naming the file, the line and the option, as fio does.
+`[global]` adds to them). An option we do not implement and a bad value raise JobFileError
+naming the file, the line and the option (never ignored silently); options that only tune
+fio's own workings (IGNORED) are accepted and reported as ignored.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,14 +91,30 @@ OPTIONS = {
     "ramp_time": (parse_seconds, 0.0),
     "loops": (parse_int(1), 1),
     "fsync": (parse_int(0), 0),
+    "io_size": (parse_size, 0),  # bytes a loop transfers, passing over the region again as needed (0: size)
+    "number_ios": (parse_int(0), 0),  # stop after this many I/Os, if nothing ends the job before (0: no limit)
+    "fdatasync": (parse_int(0), 0),  # as fsync, with fdatasync (psync; MPI-IO and HDF5 have one sync)
+    "unlink": (parse_bool, False),  # remove the job's files when the run ends
     "percentile_list": (parse_percentiles, DEFAULT_PERCENTILES),
     "group_reporting": (parse_bool, False),
     "ioengine": (parse_engine, "psync"),
+    "name": (str.strip, ""),  # the job's name in reports (default: its section's)
+    "description": (str.strip, ""),
     # ours, for the engines fio does not have
     "collective": (parse_bool, False),  # mpiio / hdf5: the collective _all forms
     "hdf5_chunk": (parse_size, 0),  # hdf5: chunk size of the byte dataset; 0 = contiguous
 }
-ALIASES = {"readwrite": "rw"}  # fio accepts both names
+# fio's other spellings
+ALIASES = {"readwrite": "rw", "blocksize": "bs", "rwmixwrite": "rwmixread", "io_limit": "io_size"}
+COMPLEMENTS = {"rwmixwrite"}  # an alias whose value is the other share: rwmixwrite=30 is rwmixread=70
+# Options that tune fio's own workings and cannot change what is measured here, with why.
+IGNORED = {
+    "thread": "hpc-train iobench always runs a rank's jobs as threads",
+    "gtod_reduce": "timing calls are cheap here; every I/O is timed",
+    "clocksource": "latencies are taken with CLOCK_MONOTONIC",
+}
+MAX_INCLUDE_DEPTH = 16
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass
@@ -107,6 +127,7 @@ class Job:
     line: int
     source: str
     groupid: int = 0
+    section: str = ""  # the [section] that defined it (what --section selects)
 
 
 @dataclass
@@ -114,17 +135,62 @@ class JobFile:
     path: str
     global_raw: dict = field(default_factory=dict)  # every [global] option string ("global options")
     jobs: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)  # "file:line: option 'X' ...: ignored" notes
+
+    def select(self, sections: list[str]) -> None:
+        """Keep the jobs of these sections (fio's --section); JobFileError naming one that is not there."""
+        found = [job.section for job in self.jobs]
+        for wanted in sections:
+            if wanted not in found:
+                raise JobFileError(f"{self.path}: no job section [{wanted}] (sections: {', '.join(found)})")
+        self.jobs = [job for job in self.jobs if job.section in sections]
 
 
 def _parse_value(source: str, number: int, key: str, value: str):
-    key = ALIASES.get(key, key)
-    if key not in OPTIONS:
-        raise JobFileError(f"{source}:{number}: unknown option '{key}'")
-    parser = OPTIONS[key][0]
+    name = ALIASES.get(key, key)
+    if name not in OPTIONS:
+        known = sorted([*OPTIONS, *ALIASES, *IGNORED])
+        close = difflib.get_close_matches(key, known, n=1)
+        raise JobFileError(f"{source}:{number}: option '{key}' is not supported by hpc-train iobench"
+                           + (f" (did you mean '{close[0]}'?)" if close else "")
+                           + f"; supported: {', '.join(known)}")
     try:
-        return parser(value)
+        parsed = OPTIONS[name][0](value)
+        return 100 - parsed if key in COMPLEMENTS else parsed
     except ValueError as exc:
         raise JobFileError(f"{source}:{number}: bad value for option '{key}': {exc}") from None
+
+
+def _expand(line: str, source: str, number: int) -> str:
+    """fio's ${VAR}: the environment variable's value; an unset one is an error, not an empty string."""
+    def value(match):
+        if match.group(1) not in os.environ:
+            raise JobFileError(f"{source}:{number}: environment variable '{match.group(1)}' is not set")
+        return os.environ[match.group(1)]
+
+    return _VARIABLE.sub(value, line)
+
+
+def _lines(text: str, source: str, depth: int = 0):
+    """(source, line number, line) of the job file, ${VAR} expanded and `include FILE` lines
+    replaced by that file's (a relative name is taken from the including file's folder)."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = _expand(line, source, number)
+        words = line.split(None, 1)
+        if not words or words[0] != "include":
+            yield source, number, line
+            continue
+        if len(words) < 2:
+            raise JobFileError(f"{source}:{number}: include needs a file name")
+        if depth >= MAX_INCLUDE_DEPTH:
+            raise JobFileError(f"{source}:{number}: includes nested more than {MAX_INCLUDE_DEPTH} deep (a loop?)")
+        path = Path(words[1].strip())
+        path = path if path.is_absolute() else Path(source).parent / path
+        try:
+            included = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise JobFileError(f"{source}:{number}: cannot include {path} ({exc})") from None
+        yield from _lines(included, str(path), depth + 1)
 
 
 def parse(text: str, source: str = "<job file>") -> JobFile:
@@ -136,6 +202,7 @@ def parse(text: str, source: str = "<job file>") -> JobFile:
     def finish():
         if section is None or section == "global":
             return
+        source = section_source
         merged = {key: default for key, (_, default) in OPTIONS.items()}
         merged.update(global_values)
         merged.update(values)
@@ -157,25 +224,36 @@ def parse(text: str, source: str = "<job file>") -> JobFile:
         if merged["direct"] and merged["bs"] % 512:
             raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 needs bs a multiple of 512, "
                                f"got {merged['bs']}")
+        if 0 < merged["io_size"] < merged["bs"]:
+            raise JobFileError(f"{source}:{section_line}: job '{section}': io_size ({merged['io_size']}) must be at "
+                               f"least bs ({merged['bs']})")
+        if merged["fsync"] and merged["fdatasync"]:
+            raise JobFileError(f"{source}:{section_line}: job '{section}': set fsync= or fdatasync=, not both")
         if merged["time_based"] and not merged["runtime"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': time_based needs runtime=")
-        result.jobs.append(Job(section, merged, dict(raw), section_line, source, groupid=0))
+        result.jobs.append(Job(merged["name"] or section, merged, dict(raw), section_line, source, groupid=0,
+                               section=section))
 
-    for number, line in enumerate(text.splitlines(), start=1):
+    section_source = source
+    for line_source, number, line in _lines(text, source):
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
             continue
         if stripped.startswith("["):
             if not stripped.endswith("]") or len(stripped) < 3:
-                raise JobFileError(f"{source}:{number}: malformed section header {stripped!r}")
+                raise JobFileError(f"{line_source}:{number}: malformed section header {stripped!r}")
             finish()
             section, section_line, values, raw = stripped[1:-1].strip(), number, {}, {}
+            section_source = line_source
             continue
         if section is None:
-            raise JobFileError(f"{source}:{number}: option outside any section: {stripped!r}")
+            raise JobFileError(f"{line_source}:{number}: option outside any section: {stripped!r}")
         key, sep, value = stripped.partition("=")
         key, value = key.strip(), value.strip() if sep else ""
-        parsed = _parse_value(source, number, key, value)
+        if key in IGNORED:
+            result.ignored.append(f"{line_source}:{number}: option '{key}' ignored: {IGNORED[key]}")
+            continue
+        parsed = _parse_value(line_source, number, key, value)
         target = global_values if section == "global" else values
         target[ALIASES.get(key, key)] = parsed
         (result.global_raw if section == "global" else raw)[key] = value

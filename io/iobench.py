@@ -240,6 +240,17 @@ def _offsets(inst: Instance, rng: np.random.Generator) -> np.ndarray:
     return start_offset(inst) + order * o["bs"]
 
 
+def _loop_ios(inst: Instance, rng: np.random.Generator, mix: float):
+    """(offset, whether a read) of every I/O of one of fio's loops: passes over the region (each
+    block once, `_offsets`) until io_size bytes (default: size) are done, the last pass cut short."""
+    o = inst.job.options
+    left = (o["io_size"] or o["size"]) // o["bs"]
+    while left > 0:
+        offsets = _offsets(inst, rng)[:left]
+        left -= len(offsets)
+        yield from zip(offsets.tolist(), (rng.random(len(offsets)) < mix).tolist(), strict=True)
+
+
 def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     o = inst.job.options
     bs = o["bs"]
@@ -256,16 +267,19 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     mix = {"read": 1.0, "randread": 1.0, "write": 0.0, "randwrite": 0.0}.get(o["rw"], o["rwmixread"] / 100)
     kinds, lats, done, syncs = [], [], [], []
     deadline = (o["ramp_time"] + o["runtime"]) if o["runtime"] else None
-    writes_since_sync = 0
+    writes_since_sync, sync_every = 0, o["fsync"] or o["fdatasync"]
     usage_before = resource.getrusage(resource.RUSAGE_THREAD)
     start_barrier.wait()
     start = time.perf_counter()
-    loop, stop = 0, False
+    loop, stop, issued = 0, False, 0
     try:
         while not stop:
-            offsets = _offsets(inst, rng)
-            is_read = rng.random(len(offsets)) < mix
-            for offset, reading in zip(offsets.tolist(), is_read.tolist(), strict=True):
+            for offset, reading in _loop_ios(inst, rng, mix):
+                if sync_every and writes_since_sync == sync_every:  # as fio: before the I/O that follows
+                    s0 = time.perf_counter_ns()  # every Nth write, so none after the job's last write
+                    engine.sync(data_only=bool(o["fdatasync"]))
+                    syncs.append(time.perf_counter_ns() - s0)
+                    writes_since_sync = 0
                 t0 = time.perf_counter_ns()
                 n = engine.read(view, offset) if reading else engine.write(view, offset)
                 t1 = time.perf_counter_ns()
@@ -273,18 +287,13 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
                     raise IOBenchError(f"{inst.path}: short {'read' if reading else 'write'} at offset {offset}: "
                                        f"{n} of {bs} bytes")
                 now = t1 / 1e9 - start  # perf_counter and perf_counter_ns share one clock
-                if not reading and o["fsync"]:
-                    writes_since_sync += 1
-                    if writes_since_sync == o["fsync"]:
-                        s0 = time.perf_counter_ns()
-                        engine.sync()
-                        syncs.append(time.perf_counter_ns() - s0)
-                        writes_since_sync = 0
+                writes_since_sync += not reading
                 if now >= o["ramp_time"]:
                     kinds.append(READ if reading else WRITE)
                     lats.append(t1 - t0)
                     done.append(now - o["ramp_time"])
-                if deadline is not None and now >= deadline:
+                issued += 1
+                if (deadline is not None and now >= deadline) or issued == o["number_ios"]:
                     stop = True
                     break
             loop += 1
@@ -305,6 +314,15 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
                    + (usage_after.ru_nivcsw - usage_before.ru_nivcsw),
                    "majf": usage_after.ru_majflt - usage_before.ru_majflt,
                    "minf": usage_after.ru_minflt - usage_before.ru_minflt})
+
+
+def unlink_files(mine: list[Instance]) -> None:
+    """unlink=1: remove the files (and our markers) of this rank's instances once every rank is done;
+    a shared file (filename=) by its instance 0."""
+    for inst in mine:
+        if inst.job.options["unlink"] and not (inst.job.options["filename"] and inst.jobnum):
+            inst.path.unlink(missing_ok=True)
+            Path(str(inst.path) + MARKER_SUFFIX).unlink(missing_ok=True)
 
 
 def prepare(mine: list[Instance], overwrite: bool) -> None:
@@ -396,7 +414,8 @@ def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
         "read": direction_report(results, READ, percentile_list, runtime_ms, group_bytes[READ]),
         "write": direction_report(results, WRITE, percentile_list, runtime_ms, group_bytes[WRITE]),
         "trim": direction_report([], READ, percentile_list, 0, 0),
-        "sync": {"total_ios": len(sync), "lat_ns": summary(sync)},
+        # fio counts fsync calls in total_ios and fdatasync calls only in lat_ns (its N): so do we
+        "sync": {"total_ios": len(sync) if job.options["fdatasync"] == 0 else 0, "lat_ns": summary(sync)},
         "job_runtime": runtime_ms,
         "usr_cpu": float(100 * sum(r.rusage["usr"] for r in results) / cpu_s),
         "sys_cpu": float(100 * sum(r.rusage["sys"] for r in results) / cpu_s),

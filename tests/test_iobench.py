@@ -57,7 +57,12 @@ size=2MiB
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[a]\nsize=1m\nblocksize=4k\n", "x.fio:3: unknown option 'blocksize'"),
+    ("[a]\nsize=1m\niodepth=8\n", "x.fio:3: option 'iodepth' is not supported by hpc-train iobench; supported: "),
+    ("[a]\nsize=1m\nblocksise=4k\n", "x.fio:3: option 'blocksise' is not supported by hpc-train iobench (did you "
+                                      "mean 'blocksize'?)"),
+    ("[a]\nsize=1m\ndirectory=${HPC_TRAIN_UNSET_FOR_TEST}\n",
+     "x.fio:3: environment variable 'HPC_TRAIN_UNSET_FOR_TEST' is not set"),
+    ("[a]\nsize=1m\ninclude\n", "x.fio:3: include needs a file name"),
     ("[a]\nsize=1m\nbs=4q\n", "x.fio:3: bad value for option 'bs'"),
     ("[a]\nsize=1m\nrw=trim\n", "x.fio:3: bad value for option 'rw'"),
     ("[a]\nsize=1m\nioengine=libaio\n", "ioengine 'libaio' is not supported here"),
@@ -116,7 +121,8 @@ loops=2
     assert names == ["writer", "writer", "mixed"]  # numjobs copies reported one by one
     w = doc["jobs"][0]
     assert w["write"]["io_bytes"] == 256 << 10 and w["write"]["total_ios"] == 64 and w["read"]["total_ios"] == 0
-    assert w["sync"]["total_ios"] == 8 and set(w["write"]["clat_ns"]["percentile"]) == {"50.000000", "99.000000"}
+    # fsync=8 after 64 writes: 7, as fio counts (the sync comes before the I/O after every 8th write)
+    assert w["sync"]["total_ios"] == 7 and set(w["write"]["clat_ns"]["percentile"]) == {"50.000000", "99.000000"}
     m = doc["jobs"][2]
     assert m["read"]["total_ios"] + m["write"]["total_ios"] == 2 * 64 and m["read"]["total_ios"] > 10
     assert (tmp_path / "writer.0.0").stat().st_size == 256 << 10
@@ -141,7 +147,7 @@ def test_bad_job_file_fails_before_running(tmp_path):
     job = tmp_path / "bad.fio"
     job.write_text("[a]\nsize=1m\niodepth=4\n")
     proc = iobench(job)
-    assert proc.returncode == 2 and f"{job}:3: unknown option 'iodepth'" in proc.stderr
+    assert proc.returncode == 2 and f"{job}:3: option 'iodepth' is not supported by hpc-train iobench" in proc.stderr
 
 
 def test_numjobs_spread_over_ranks_with_group_reporting(tmp_path):
@@ -304,3 +310,98 @@ def test_a_layout_that_would_not_fit_is_refused_before_any_file_is_written(tmp_p
     fits = run(2, "24m")
     assert fits.returncode == 0, fits.stderr
     assert "files: r.0.0 r.0.0.hpc_train-iobench r.1.0 r.1.0.hpc_train-iobench" in fits.stdout
+
+
+FIO_SPELLINGS = """[global]
+size=64k
+include {include}
+[first]
+name=alpha
+description=fio's other spellings
+blocksize=4k
+readwrite=randrw
+rwmixwrite=30
+directory=${{HPC_TRAIN_TEST_DIR}}
+thread
+[second]
+rw=read
+"""
+
+
+def test_fios_spellings_includes_variables_and_sections(tmp_path, monkeypatch):
+    """A job file in fio's own syntax; the witness that it is fio's is fio itself (--parse-only)."""
+    (tmp_path / "common.fio").write_text("bs=8k\ngtod_reduce=1\n")
+    job = tmp_path / "spellings.fio"
+    job.write_text(FIO_SPELLINGS.format(include="common.fio"))
+    monkeypatch.setenv("HPC_TRAIN_TEST_DIR", str(tmp_path))
+    if shutil.which("fio"):
+        assert subprocess.run(["fio", "--parse-only", str(job)], capture_output=True).returncode == 0
+    parsed = fiojob.load(job)
+    first, second = parsed.jobs
+    assert (first.name, first.section, first.options["description"]) == ("alpha", "first", "fio's other spellings")
+    assert first.options["bs"] == 4096 and second.options["bs"] == 8192  # its own bs over the included one
+    assert first.options["rw"] == "randrw" and first.options["rwmixread"] == 70
+    assert first.options["directory"] == str(tmp_path) and second.name == "second"
+    assert parsed.ignored == [f"{tmp_path / 'common.fio'}:2: option 'gtod_reduce' ignored: timing calls are cheap "
+                              "here; every I/O is timed",
+                              f"{job}:11: option 'thread' ignored: hpc-train iobench always runs a rank's jobs as "
+                              "threads"]
+    parsed.select(["second"])
+    assert [j.name for j in parsed.jobs] == ["second"]
+    with pytest.raises(JobFileError, match=re.escape(f"{job}: no job section [third] (sections: second)")):
+        parsed.select(["third"])
+
+    proc = iobench(job, "--section", "first", "--output-format", "json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [j["jobname"] for j in json.loads(proc.stdout)["jobs"]] == ["alpha"]
+    assert "option 'thread' ignored" in proc.stderr
+
+
+def test_an_include_loop_is_an_error_not_a_recursion(tmp_path):
+    (tmp_path / "a.fio").write_text("[a]\nsize=1m\ninclude b.fio\n")
+    (tmp_path / "b.fio").write_text("include a.fio\n")
+    with pytest.raises(JobFileError, match="includes nested more than 16 deep"):
+        fiojob.load(tmp_path / "a.fio")
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
+def test_fdatasync_and_unlink_do_what_fios_do(tmp_path):
+    """64 writes with fdatasync=8: as many syncs as fio counts, and with unlink=1 no file is left."""
+    job = tmp_path / "sync.fio"
+    job.write_text(f"[global]\nbs=4k\nsize=256k\nrw=write\nfdatasync=8\nunlink=1\n"
+                   f"[w]\ndirectory={tmp_path / 'files'}\nnumjobs=2\n")
+    (tmp_path / "files").mkdir()
+    theirs = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert theirs.returncode == 0, theirs.stderr
+    fio_syncs = [(j["sync"]["total_ios"], j["sync"]["lat_ns"]["N"]) for j in json.loads(theirs.stdout)["jobs"]]
+    assert list((tmp_path / "files").iterdir()) == []  # fio's unlink
+    ours = run_mpi(2, python_cmd("-m", "hpc_train.cli", "iobench", str(job), "--output-format", "json"),
+                   cwd=tmp_path)
+    assert ours.returncode == 0, ours.stderr
+    # fio counts fdatasync calls in the latency's N only, and none after the last write: 7 of them
+    ours_syncs = [(j["sync"]["total_ios"], j["sync"]["lat_ns"]["N"]) for j in json.loads(ours.stdout)["jobs"]]
+    assert ours_syncs == fio_syncs == [(0, 7), (0, 7)]
+    assert list((tmp_path / "files").iterdir()) == []  # files and markers, on both ranks
+    with pytest.raises(JobFileError, match="set fsync= or fdatasync=, not both"):
+        fiojob.parse("[a]\nsize=1m\nfsync=2\nfdatasync=2\n", "x.fio")
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
+@pytest.mark.parametrize("limit", ["io_size=640k", "io_limit=96k", "number_ios=10", "io_size=1m\nnumber_ios=100"])
+def test_io_size_and_number_ios_give_fios_counts(tmp_path, limit):
+    """A 256 KiB region read at 4 KiB: io_size passes over it again (or stops short), number_ios stops
+    early; the I/Os and bytes must be fio's on the same file."""
+    job = tmp_path / "limit.fio"
+    job.write_text(f"[global]\nbs=4k\nsize=256k\nrw=randread\n{limit}\n[r]\nfilename={tmp_path / 'data'}\n")
+    theirs = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert theirs.returncode == 0, theirs.stderr
+    ours = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
+    assert ours.returncode == 0, ours.stderr
+
+    def counts(doc):
+        read = json.loads(doc)["jobs"][0]["read"]
+        return read["total_ios"], read["io_bytes"]
+
+    assert counts(ours.stdout) == counts(theirs.stdout)

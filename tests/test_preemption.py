@@ -200,8 +200,8 @@ def test_tensorboard_shows_a_crashed_and_resumed_run_as_one(tmp_path):
     metrics = tmp_path / "run.jsonl"
     crashed = run_and_signal(2, train, metrics, signal.SIGKILL, "job", after_steps=45)
     assert crashed.returncode != 0
-    logged = records(metrics)
-    assert logged[-1]["type"] == "step" and logged[-1]["step"] >= 45  # steps past the checkpoint of step 30
+    last = max(r["step"] for r in records(metrics) if r["type"] == "step")
+    assert 45 <= last < 120  # killed mid-run: past the checkpoint of step 30 (perhaps of 60), steps to redo
     resumed = run_mpi(2, [*train, "--set", "checkpoint.resume=auto"], timeout=180)
     assert resumed.returncode == 0, resumed.stderr
     assert run_mpi(2, python_cmd("-m", "hpc_train.cli", "train", str(reference)), timeout=180).returncode == 0
