@@ -124,10 +124,9 @@ def _publish(partial: Path, target: Path) -> None:
     """Link a finished file into place: complete or absent, never over a file in use."""
     try:
         os.link(partial, target)
-    except FileExistsError:
+    except FileExistsError:  # NFS: a retried link whose first reply was lost says so, yet it succeeded
         if not os.path.samefile(partial, target):
             raise
-    # NFS: a retried link whose first reply was lost reports EEXIST although it succeeded (samefile)
 
 
 def _try_lock(lock: Path, mine: Path) -> bool:
