@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,23 @@ def run_mpi(nranks: int, args: list[str], timeout: float = 120, env: dict | None
     full_env = {**clean_environment(), **(env or {})}
     return subprocess.run(["mpirun", "-n", str(nranks), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """The Python processes below a launcher, oldest first: Open MPI's mpirun starts the ranks
+    itself, MPICH's Hydra through a proxy process."""
+    found, parents = [], [launcher_pid]
+    while parents:
+        children = subprocess.run(["pgrep", "-P", ",".join(map(str, parents))], capture_output=True,
+                                  text=True).stdout.split()
+        parents = [int(c) for c in children]
+        found += [c for c in parents if "python" in Path(f"/proc/{c}/comm").read_text(errors="replace")]
+    return sorted(found)
+
+
+# What a launcher says when it ends a job because a rank died of SIGKILL (Open MPI's mpirun on
+# stderr, MPICH's Hydra on stdout)
+KILLED_RANK = re.compile(r"exited on signal 9|Killed \(signal 9\)")
 
 
 def python_cmd(*args: str) -> list[str]:

@@ -2,6 +2,7 @@
 # Run the MPI-marked tests on N ranks under mpirun, time-boxed so a hang fails fast.
 # Rank 0 prints to the terminal; other ranks log to files shown only on failure.
 # usage: tests/run_mpi.sh NRANKS [TIMEOUT_S] [pytest args...]
+# The launcher is the first mpirun on PATH (Open MPI's, or MPICH's Hydra for `make test-mpich`).
 set -uo pipefail
 nranks=$1; limit=${2:-900}; shift; shift || true
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,8 +12,9 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_mpi_yi
 export OMPI_MCA_rmaps_base_oversubscribe=true OMPI_MCA_btl_base_warn_component_unused=0
 echo "== MPI tests: $nranks ranks${HPC_TRAIN_RANKS_PER_NODE:+, pretended nodes of $HPC_TRAIN_RANKS_PER_NODE} (limit ${limit}s, other ranks' logs in $logs)"
 timeout -k 15 "$limit" mpirun -n "$nranks" bash -c '
-  if [ "${OMPI_COMM_WORLD_RANK:-0}" = 0 ]; then exec "$@"
-  else exec "$@" > "'"$logs"'/rank${OMPI_COMM_WORLD_RANK}.log" 2>&1; fi' _ \
+  rank=${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-0}}
+  if [ "$rank" = 0 ]; then exec "$@"
+  else exec "$@" > "'"$logs"'/rank$rank.log" 2>&1; fi' _ \
   "$python" -m pytest --with-mpi -m mpi -q --color=no -p no:cacheprovider "$@" "$here/tests"
 rc=$?
 if [ $rc -ne 0 ]; then

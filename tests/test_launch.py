@@ -39,8 +39,14 @@ def test_info_json():
     assert info["world_size"] == 2 and info["nodes"] == 1 and info["ranks_per_node"] == [2]
     assert info["thread_level"] == "multiple"
     assert info["h5py_parallel"] is True
-    assert info["cuda_aware"] is False and "ompi_info" in info["cuda_aware_how"]
-    assert info["mpi_library"].startswith("Open MPI")
+    # the witness: the launcher on PATH (Open MPI's mpirun, or MPICH's Hydra in `make test-mpich`)
+    hydra = "HYDRA" in subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout
+    if hydra:
+        assert info["cuda_aware"] is False and "MPIR_CVAR_ENABLE_GPU" in info["cuda_aware_how"]
+        assert info["mpi_library"].startswith("MPICH")
+    else:
+        assert info["cuda_aware"] is False and "ompi_info" in info["cuda_aware_how"]
+        assert info["mpi_library"].startswith("Open MPI")
 
 
 def test_info_table_with_pretended_nodes():

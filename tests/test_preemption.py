@@ -20,7 +20,7 @@ import pytest
 
 from hpc_train import checkpoint, preemption
 
-from .conftest import ROOT, clean_environment, python_cmd, run_mpi
+from .conftest import ROOT, clean_environment, python_cmd, rank_pids, run_mpi
 
 LONG_JOB = """
 [model]
@@ -74,9 +74,9 @@ def run_and_signal(nranks: int, args: list[str], metrics: Path, signum: int, tar
         elif target == "job":
             os.killpg(proc.pid, signum)
         else:
-            ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            ranks = rank_pids(proc.pid)
             assert len(ranks) == nranks, ranks
-            os.kill(int(ranks[-1]), signum)
+            os.kill(ranks[-1], signum)
         out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
@@ -162,8 +162,8 @@ def test_library_programs_agree_on_the_step_to_stop_at(tmp_path):
         while not ready.exists():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        os.kill(int(ranks[1]), signal.SIGUSR1)  # one rank of three
+        ranks = rank_pids(proc.pid)
+        os.kill(ranks[1], signal.SIGUSR1)  # one rank of three
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -74,10 +74,12 @@ class Handle:
 class ProgressBoard:
     """What each rank has reached, readable by any rank without its help.
 
-    A one-sided window of two counters per rank: collectives submitted to the engine,
-    and a heartbeat the training loop bumps every step. A stalled rank reads them
-    (passive target) to name the ranks that never joined, or that do not answer at
-    all because their node is unreachable.
+    Two counters per rank: collectives submitted to the engine, and a heartbeat the
+    training loop bumps every step. A stalled rank reads them to name the ranks that
+    never joined, or that do not answer at all because their node is unreachable.
+    Ranks on this rank's host are read from a node-shared segment (plain loads): MPICH's
+    passive-target Get waits until the target enters MPI, which a rank stuck in Python
+    never does. Ranks on other hosts are read through a one-sided window (passive target).
     """
 
     SUBMITTED, HEARTBEAT = 0, 1
@@ -89,12 +91,19 @@ class ProgressBoard:
         self.comm = comm
         self.win = MPI.Win.Allocate(16, 8, comm=comm)
         self.mine = np.frombuffer(self.win.tomemory(), np.int64, count=2)
+        self.host = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.shared = MPI.Win.Allocate_shared(16, 8, comm=self.host)
+        host_ranks = MPI.Group.Translate_ranks(self.host.Get_group(), list(range(self.host.Get_size())),
+                                               comm.Get_group())
+        self.on_host = {q: np.frombuffer(self.shared.Shared_query(i)[0], np.int64, count=2)
+                        for i, q in enumerate(host_ranks)}
         self.publish(0, self.SUBMITTED)
         self.publish(0, self.HEARTBEAT)
         comm.Barrier()
 
     def publish(self, count: int, slot: int = SUBMITTED) -> None:
         rank = self.comm.Get_rank()
+        self.on_host[rank][slot] = count
         self.win.Lock(rank, self._mpi.LOCK_EXCLUSIVE)
         self.mine[slot] = count
         self.win.Unlock(rank)
@@ -102,11 +111,13 @@ class ProgressBoard:
     def read_all(self, slot: int = SUBMITTED, timeout: float = 5.0) -> list[int | None]:
         """Every rank's counter; None for a rank that did not answer within timeout.
 
-        One reader thread per rank: a Get to a rank behind a cut link never returns,
-        and must not keep the others from being read.
+        One reader thread per rank on another host: a Get to a rank behind a cut link never
+        returns, and must not keep the others from being read.
         """
         size = self.comm.Get_size()
         counts: list[int | None] = [None] * size
+        for q, counters in self.on_host.items():
+            counts[q] = int(counters[slot])
 
         def read(q: int) -> None:
             value = np.zeros(2, np.int64)
@@ -124,13 +135,20 @@ class ProgressBoard:
             counts[q] = int(value[slot])
 
         readers = [threading.Thread(target=read, args=(q,), daemon=True, name=f"board-read-{q}")
-                   for q in range(size)]
+                   for q in range(size) if q not in self.on_host]
         for t in readers:
             t.start()
         deadline = time.monotonic() + timeout
         for t in readers:
             t.join(max(0.0, deadline - time.monotonic()))
         return counts
+
+    def free(self) -> None:
+        """Free the windows (collective)."""
+        self.on_host = {}
+        self.shared.Free()
+        self.host.Free()
+        self.win.Free()
 
 
 def open_board(comm) -> ProgressBoard | None:
@@ -215,8 +233,16 @@ class Engine:
                 handle._finish(error=exc)
 
     def stop(self) -> None:
+        """End the thread and free the window and the communicator (collective: at exit, every rank).
+
+        MPICH 4.0.2 over UCX aborts in MPI_Finalize (SIGABRT, a failed job) when a window
+        allocated with MPI_Win_allocate is still alive; Open MPI let it pass."""
         self._queue.put(None)
         self._thread.join()
+        if self.board is not None:
+            self.board.free()
+            self.board = None
+        self.comm.Free()
 
 
 def dump_forensics() -> None:
