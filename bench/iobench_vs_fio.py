@@ -2,11 +2,13 @@
 
     python bench/iobench_vs_fio.py [--repeats 3] [--dir results/iobench] [--json results/iobench_vs_fio.json]
 
-Cases: sequential 1 MiB direct reads (bandwidth), 4 KiB direct random reads (IOPS),
-a collective HDF5 read of a contiguous 1 GiB dataset against our psync engine
-reading the same number of bytes, and the training-I/O mode's accelerator
-utilization when compute per step exceeds read time. Files live under --dir, on
-the working tree's file system.
+Cases, each run by fio and by us on the same job file: sequential 1 MiB direct reads
+(bandwidth) with psync and at iodepth 8 with libaio and io_uring, 4 KiB direct random
+reads (IOPS) with psync and at iodepth 1, 8 and 32 with libaio and io_uring. Then a
+collective HDF5 read of a contiguous 1 GiB dataset against our psync engine reading
+the same number of bytes, and the training-I/O mode's accelerator utilization when
+compute per step exceeds read time. Files live under --dir, on the working tree's
+file system.
 """
 
 from __future__ import annotations
@@ -70,6 +72,17 @@ def main() -> int:
                              "size=1g\n")
     rand = job(d / "rand.fio", f"[global]\nioengine=psync\ndirect=1\nfilename={d}/rand.dat\n[rand]\nrw=randread\n"
                                "bs=4k\nsize=1g\nruntime=5\ntime_based\n")
+    # (label, job file, field): fio and ours run each, interleaved
+    paired = [("seqread 1M direct", seq, "bw_bytes"), ("randread 4k direct", rand, "iops")]
+    for engine in ("libaio", "io_uring"):
+        paired.append((f"seqread 1M direct {engine} iodepth 8", job(
+            d / f"seq-{engine}.fio", f"[global]\nioengine={engine}\niodepth=8\ndirect=1\nfilename={d}/seq.dat\n"
+                                     "[seq]\nrw=read\nbs=1m\nsize=1g\n"), "bw_bytes"))
+        for depth in (1, 8, 32):
+            paired.append((f"randread 4k direct {engine} iodepth {depth}", job(
+                d / f"rand-{engine}-{depth}.fio", f"[global]\nioengine={engine}\niodepth={depth}\ndirect=1\n"
+                                                  f"filename={d}/rand.dat\n[rand]\nrw=randread\nbs=4k\nsize=1g\n"
+                                                  "runtime=5\ntime_based\n"), "iops"))
     n = args.ranks
     h5 = job(d / "h5.fio", f"[global]\nbs=1m\nsize={1024 // n}m\noffset_increment={1024 // n}m\nnumjobs={n}\n"
                            f"[h5]\nioengine=hdf5\nrw=read\ncollective=1\nfilename={d}/h5.h5\n")
@@ -77,10 +90,10 @@ def main() -> int:
                              f"[raw]\nioengine=psync\nrw=read\nfilename={d}/raw.dat\n")
     rows: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # interleaved: each round runs every side once
-        rows.setdefault("seqread 1M direct: fio GB/s", []).append(total(fio(seq), "read", "bw_bytes") / 1e9)
-        rows.setdefault("seqread 1M direct: ours GB/s", []).append(total(ours(seq), "read", "bw_bytes") / 1e9)
-        rows.setdefault("randread 4k direct: fio IOPS", []).append(total(fio(rand), "read", "iops"))
-        rows.setdefault("randread 4k direct: ours IOPS", []).append(total(ours(rand), "read", "iops"))
+        for label, jobfile, field in paired:
+            unit, scale = ("GB/s", 1e9) if field == "bw_bytes" else ("IOPS", 1)
+            for side, run in (("fio", fio), ("ours", ours)):
+                rows.setdefault(f"{label}: {side} {unit}", []).append(total(run(jobfile), "read", field) / scale)
         rows.setdefault(f"hdf5 collective contiguous read, {n} ranks: GB/s", []).append(
             total(ours(h5, n), "read", "bw_bytes") / 1e9)
         rows.setdefault(f"psync read of the same bytes, {n} ranks: GB/s", []).append(
@@ -96,9 +109,9 @@ def main() -> int:
         rows.setdefault(f"training I/O, {n} ranks, 64 x 3 KiB samples, 10 ms compute: AU", []).append(
             doc["workload"]["aggregate"]["au_min"])
     medians = {k: statistics.median(v) for k, v in rows.items()}
-    ratios = {
-        "seqread ours/fio": medians["seqread 1M direct: ours GB/s"] / medians["seqread 1M direct: fio GB/s"],
-        "randread ours/fio": medians["randread 4k direct: ours IOPS"] / medians["randread 4k direct: fio IOPS"],
+    ratios = {f"{label} ours/fio": medians[f"{label}: ours {unit}"] / medians[f"{label}: fio {unit}"]
+              for label, _, field in paired for unit in ["GB/s" if field == "bw_bytes" else "IOPS"]}
+    ratios |= {
         "hdf5/psync": medians[f"hdf5 collective contiguous read, {n} ranks: GB/s"]
         / medians[f"psync read of the same bytes, {n} ranks: GB/s"],
     }

@@ -1,20 +1,65 @@
 """I/O engines of `hpc-train iobench`: how one job instance reads and writes its file.
 
 psync: os.preadv / os.pwritev on a file descriptor (O_DIRECT when direct=1), as
-fio's psync. mpiio: MPI.File read_at / write_at, or the collective read_at_all /
-write_at_all with collective=1. hdf5: h5py on the mpio driver, one 1-D byte
-dataset `data`, hyperslab reads and writes, independent or collective, contiguous
-or chunked (hdf5_chunk=). Every engine moves whole blocks through a buffer the
-runner owns.
+fio's psync. libaio, io_uring: the job's I/Os at its queue depth (`iodepth`), in C
+(io/aio.c, built on first use). mpiio: MPI.File read_at / write_at, or the collective
+read_at_all / write_at_all with collective=1. hdf5: h5py on the mpio driver, one 1-D
+byte dataset `data`, hyperslab reads and writes, independent or collective, contiguous
+or chunked (hdf5_chunk=).
+
+Every engine runs a list of I/Os with `run(offsets, reads, view, deadline_ns)` and
+returns their stamps (`Stamps`); the synchronous engines do it one I/O at a time
+through their `read`/`write`. `ENGINES` is the registry: a name, and what the runner
+and the job-file checks need to know of each (`on_fd`: a POSIX file descriptor, so
+direct=1 applies and instances run as threads; `queued`: iodepth applies).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
 DATASET = "data"
+
+
+@dataclass
+class Stamps:
+    """What a run of I/Os did, one entry per I/O issued (CLOCK_MONOTONIC ns): set up, issued
+    (the submit call returned: slat = issued - set_up), reaped (clat = reaped - issued), and the
+    bytes or -errno each returned; with the I/Os in flight at each one's commit and how many I/Os
+    each submit and each reap call carried (fio's iodepth tables)."""
+
+    set_up: np.ndarray
+    issued: np.ndarray
+    reaped: np.ndarray
+    result: np.ndarray
+    depth: np.ndarray
+    submit_calls: np.ndarray
+    complete_calls: np.ndarray
+
+
+class SyncEngine:
+    """One I/O at a time: fio's psync family; `slat` is not measured (no submission step)."""
+
+    on_fd = False
+    queued = False
+
+    def run(self, offsets: np.ndarray, reads: np.ndarray, view, deadline_ns: int) -> Stamps:
+        n = len(offsets)
+        set_up, reaped, result = (np.zeros(n, np.int64) for _ in range(3))
+        done = 0
+        for offset, reading in zip(offsets.tolist(), reads.tolist(), strict=True):
+            t0 = time.perf_counter_ns()  # CLOCK_MONOTONIC, as the C engines' stamps
+            if deadline_ns and t0 >= deadline_ns:
+                break
+            result[done] = self.read(view, offset) if reading else self.write(view, offset)
+            set_up[done], reaped[done] = t0, time.perf_counter_ns()
+            done += 1
+        ones = np.ones(done, np.int64)
+        return Stamps(set_up[:done], set_up[:done], reaped[:done], result[:done], ones, ones, ones)
 
 
 def drop_cache(path) -> None:
@@ -26,7 +71,9 @@ def drop_cache(path) -> None:
         os.close(fd)
 
 
-class PsyncEngine:
+class PsyncEngine(SyncEngine):
+    on_fd = True
+
     def __init__(self, path, options: dict, writable: bool, comm=None):
         flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_DIRECT if options["direct"] else 0)
         if options["invalidate"]:
@@ -46,7 +93,60 @@ class PsyncEngine:
         os.close(self.fd)
 
 
-class MPIIOEngine:
+class QueuedEngine:
+    """libaio or io_uring (io/aio.c): I/Os staged, committed every iodepth_batch_submit and reaped
+    as fio does, up to iodepth in flight; no Python between two I/Os (the GIL is released)."""
+
+    on_fd = True
+    queued = True
+    kind = ""
+
+    def __init__(self, path, options: dict, writable: bool, comm=None):
+        from .. import native
+
+        self.module = native.load("hpc_train.io", "aio.c", "_aio")
+        if self.module is None:
+            raise EngineUnavailable(f"ioengine={self.kind} needs its C module, which could not be built here "
+                                    "(see the warning above); use ioengine=psync")
+        self.options = options
+        self.fd = PsyncEngine(path, options, writable).fd
+
+    def run(self, offsets: np.ndarray, reads: np.ndarray, view, deadline_ns: int) -> Stamps:
+        o, n = self.options, len(offsets)
+        out = [np.zeros(n, np.int64) for _ in range(7)]
+        try:
+            issued, submits, reaps = self.module.run(
+                self.kind, self.fd, np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(reads, np.uint8),
+                len(view), view, o["iodepth"], o["iodepth_batch_submit"], o["iodepth_batch_complete_min"],
+                o["iodepth_batch_complete_max"], o["iodepth_low"], deadline_ns, *out)
+        except OSError as exc:
+            raise EngineUnavailable(f"ioengine={self.kind}: {exc.strerror or exc}, setting up or submitting to "
+                                    "the kernel's interface (kernel.io_uring_disabled can turn io_uring off; "
+                                    "libaio or psync may serve)") from None
+        set_up, stamped, reaped, result, submit_calls, complete_calls, depth = out
+        return Stamps(set_up[:issued], stamped[:issued], reaped[:issued], result[:issued], depth[:issued],
+                      submit_calls[:submits], complete_calls[:reaps])
+
+    def sync(self, data_only: bool = False) -> None:
+        (os.fdatasync if data_only else os.fsync)(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class LibaioEngine(QueuedEngine):
+    kind = "libaio"
+
+
+class IOUringEngine(QueuedEngine):
+    kind = "io_uring"
+
+
+class EngineUnavailable(OSError):
+    """An engine that cannot run here (its C module, or the kernel's interface), with what to use."""
+
+
+class MPIIOEngine(SyncEngine):
     def __init__(self, path, options: dict, writable: bool, comm):
         from mpi4py import MPI
 
@@ -73,7 +173,7 @@ class MPIIOEngine:
         self.fh.Close()
 
 
-class HDF5Engine:
+class HDF5Engine(SyncEngine):
     def __init__(self, path, options: dict, writable: bool, comm):
         from h5py import h5fd, h5p
 
@@ -110,7 +210,8 @@ class HDF5Engine:
         self.file.close()
 
 
-ENGINES = {"psync": PsyncEngine, "mpiio": MPIIOEngine, "hdf5": HDF5Engine}
+ENGINES = {"psync": PsyncEngine, "libaio": LibaioEngine, "io_uring": IOUringEngine, "mpiio": MPIIOEngine,
+           "hdf5": HDF5Engine}
 
 
 def create_hdf5_file(path, nbytes: int, chunk: int) -> None:

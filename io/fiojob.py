@@ -17,10 +17,10 @@ from pathlib import Path
 
 from ..errors import JobFileError
 from ..units import parse_size
+from .engines import ENGINES
 
 RW_MODES = {"read": "read", "write": "write", "randread": "randread", "randwrite": "randwrite",
             "rw": "rw", "readwrite": "rw", "randrw": "randrw"}
-ENGINES = ("psync", "mpiio", "hdf5")
 DEFAULT_PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9,
                        99.95, 99.99)
 _TIME = re.compile(r"^(\d+(?:\.\d+)?)\s*(us|ms|s|m|h|d)?$", re.IGNORECASE)
@@ -98,6 +98,12 @@ OPTIONS = {
     "percentile_list": (parse_percentiles, DEFAULT_PERCENTILES),
     "group_reporting": (parse_bool, False),
     "ioengine": (parse_engine, "psync"),
+    # queue depth (libaio, io_uring; the synchronous engines run one I/O at a time, as fio's)
+    "iodepth": (parse_int(1, 65536), 1),
+    "iodepth_batch_submit": (parse_int(0), 1),  # commit every N staged I/Os (0: iodepth)
+    "iodepth_batch_complete_min": (parse_int(0), 1),  # reap at least N at a time (at least 1)
+    "iodepth_batch_complete_max": (parse_int(0), 0),  # and at most N (0: as many as the minimum)
+    "iodepth_low": (parse_int(0), 0),  # reap until no more than N are in flight (0: iodepth)
     "name": (str.strip, ""),  # the job's name in reports (default: its section's)
     "description": (str.strip, ""),
     # ours, for the engines fio does not have
@@ -105,7 +111,8 @@ OPTIONS = {
     "hdf5_chunk": (parse_size, 0),  # hdf5: chunk size of the byte dataset; 0 = contiguous
 }
 # fio's other spellings
-ALIASES = {"readwrite": "rw", "blocksize": "bs", "rwmixwrite": "rwmixread", "io_limit": "io_size"}
+ALIASES = {"readwrite": "rw", "blocksize": "bs", "rwmixwrite": "rwmixread", "io_limit": "io_size",
+           "iodepth_batch": "iodepth_batch_submit", "iodepth_batch_complete": "iodepth_batch_complete_min"}
 COMPLEMENTS = {"rwmixwrite"}  # an alias whose value is the other share: rwmixwrite=30 is rwmixread=70
 # Options that tune fio's own workings and cannot change what is measured here, with why.
 IGNORED = {
@@ -211,9 +218,11 @@ def parse(text: str, source: str = "<job file>") -> JobFile:
         if merged["bs"] <= 0 or merged["size"] < merged["bs"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': size ({merged['size']}) must be at least "
                                f"bs ({merged['bs']}), and bs positive")
-        if merged["direct"] and merged["ioengine"] != "psync":
-            raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 works with ioengine=psync only")
-        if merged["collective"] and merged["ioengine"] == "psync":
+        on_fd = [name for name, engine in ENGINES.items() if engine.on_fd]
+        if merged["direct"] and merged["ioengine"] not in on_fd:
+            raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 works with ioengine="
+                               f"{', '.join(on_fd)} only")
+        if merged["collective"] and merged["ioengine"] in on_fd:
             raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs ioengine=mpiio or hdf5")
         if merged["collective"] and not merged["filename"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs filename= "

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import ENGINES, create_hdf5_file
+from .engines import ENGINES, EngineUnavailable, Stamps, create_hdf5_file
 from .fiojob import Job
-from .iostats import latency_distribution, percentiles, summary, windowed_rates
+from .iostats import call_sizes, depth_levels, latency_distribution, percentiles, summary, windowed_rates
 
 MARKER_SUFFIX = ".hpc_train-iobench"
 READ, WRITE = 0, 1
@@ -46,16 +46,27 @@ class Instance:
 
 @dataclass
 class Result:
-    """One instance's I/Os: direction, latency (ns), completion time (s after start), bytes."""
+    """One instance's I/Os: direction, completion and submission latency (ns; slat empty where the
+    engine has no submission step), completion time (s after start), bytes; its syncs; the I/Os
+    in flight at each commit and the I/Os each submit and reap call carried."""
 
     instance: Instance
     kinds: np.ndarray
-    latency_ns: np.ndarray
+    clat_ns: np.ndarray
+    slat_ns: np.ndarray
     completed_s: np.ndarray
     sizes: np.ndarray
     sync_ns: np.ndarray
     runtime_s: float
     rusage: dict = field(default_factory=dict)
+    depth: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    submit_calls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    complete_calls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def lat_ns(self) -> np.ndarray:
+        """fio's lat: set up to reaped (clat alone where slat is not measured)."""
+        return self.clat_ns + self.slat_ns if len(self.slat_ns) else self.clat_ns
 
 
 def instances(jobs: list[Job]) -> list[Instance]:
@@ -90,7 +101,7 @@ def assign(all_instances: list[Instance], comm) -> list[Instance]:
             job_comms[inst.job.name] = comm.Dup()
     mine = all_instances[comm.Get_rank() :: size]
     for inst in mine:
-        if inst.job.options["ioengine"] != "psync":
+        if not ENGINES[inst.job.options["ioengine"]].on_fd:
             inst.comm = job_comms.get(inst.job.name, MPI.COMM_SELF)
     return mine
 
@@ -251,11 +262,48 @@ def _loop_ios(inst: Instance, rng: np.random.Generator, mix: float):
         yield from zip(offsets.tolist(), (rng.random(len(offsets)) < mix).tolist(), strict=True)
 
 
+def _chunks(inst: Instance, rng: np.random.Generator, mix: float):
+    """The job's I/Os as (offsets, reads, sync_first) runs for an engine: a run ends where fio
+    syncs (before the I/O after every fsync=/fdatasync= Nth write), at number_ios, or at
+    CHUNK I/Os (so a time-based job checks its clock and memory stays bounded)."""
+    o = inst.job.options
+    sync_every, left = o["fsync"] or o["fdatasync"], o["number_ios"] or -1
+    writes_since_sync, sync_first = 0, False
+    offsets, reads = [], []
+    loop = 0
+    while True:
+        for offset, reading in _loop_ios(inst, rng, mix):
+            if (sync_every and writes_since_sync == sync_every) or len(offsets) == CHUNK:
+                if offsets:
+                    yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
+                    offsets, reads = [], []
+                sync_first = bool(sync_every and writes_since_sync == sync_every)
+                if sync_first:
+                    writes_since_sync = 0
+            offsets.append(offset)
+            reads.append(reading)
+            writes_since_sync += not reading
+            left -= 1
+            if left == 0:
+                yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
+                return
+        loop += 1
+        if not o["time_based"] and loop >= o["loops"]:
+            if offsets:
+                yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
+            return
+
+
+CHUNK = 4096
+
+
 def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     o = inst.job.options
     bs = o["bs"]
     try:
         engine = ENGINES[o["ioengine"]](inst.path, o, writes(inst.job), inst.comm)
+    except EngineUnavailable as exc:
+        raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': {exc}") from None
     except OSError as exc:
         raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': cannot open "
                            f"{inst.path}: {exc.strerror or exc}") from None
@@ -265,55 +313,50 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     # collective jobs must issue the same offsets on every rank in the same order
     rng = np.random.default_rng([sum(inst.job.name.encode()), 0 if o["collective"] else inst.jobnum])
     mix = {"read": 1.0, "randread": 1.0, "write": 0.0, "randwrite": 0.0}.get(o["rw"], o["rwmixread"] / 100)
-    kinds, lats, done, syncs = [], [], [], []
-    deadline = (o["ramp_time"] + o["runtime"]) if o["runtime"] else None
-    writes_since_sync, sync_every = 0, o["fsync"] or o["fdatasync"]
+    runs, kinds, syncs = [], [], []
     usage_before = resource.getrusage(resource.RUSAGE_THREAD)
     start_barrier.wait()
-    start = time.perf_counter()
-    loop, stop, issued = 0, False, 0
+    start = time.perf_counter_ns()
+    deadline = start + int(1e9 * (o["ramp_time"] + o["runtime"])) if o["runtime"] else 0
     try:
-        while not stop:
-            for offset, reading in _loop_ios(inst, rng, mix):
-                if sync_every and writes_since_sync == sync_every:  # as fio: before the I/O that follows
-                    s0 = time.perf_counter_ns()  # every Nth write, so none after the job's last write
-                    engine.sync(data_only=bool(o["fdatasync"]))
-                    syncs.append(time.perf_counter_ns() - s0)
-                    writes_since_sync = 0
-                t0 = time.perf_counter_ns()
-                n = engine.read(view, offset) if reading else engine.write(view, offset)
-                t1 = time.perf_counter_ns()
-                if n != bs:
-                    raise IOBenchError(f"{inst.path}: short {'read' if reading else 'write'} at offset {offset}: "
-                                       f"{n} of {bs} bytes")
-                now = t1 / 1e9 - start  # perf_counter and perf_counter_ns share one clock
-                writes_since_sync += not reading
-                if now >= o["ramp_time"]:
-                    kinds.append(READ if reading else WRITE)
-                    lats.append(t1 - t0)
-                    done.append(now - o["ramp_time"])
-                issued += 1
-                if (deadline is not None and now >= deadline) or issued == o["number_ios"]:
-                    stop = True
-                    break
-            loop += 1
-            if not o["time_based"] and loop >= o["loops"]:
-                stop = True
+        for offsets, reads, sync_first in _chunks(inst, rng, mix):
+            if sync_first:
+                s0 = time.perf_counter_ns()
+                engine.sync(data_only=bool(o["fdatasync"]))
+                syncs.append(time.perf_counter_ns() - s0)
+            stamps = engine.run(offsets, reads, view, deadline)
+            failed = np.nonzero(stamps.result != bs)[0]
+            if len(failed):
+                k, res = failed[0], int(stamps.result[failed[0]])
+                what = "read" if reads[k] else "write"
+                raise IOBenchError(f"{inst.path}: {what} at offset {offsets[k]} failed: "
+                                   + (os.strerror(-res) if res < 0 else f"short, {res} of {bs} bytes"))
+            runs.append(stamps)
+            kinds.append(np.where(reads[: len(stamps.set_up)], READ, WRITE).astype(np.int8))
+            if len(stamps.set_up) < len(offsets) or (deadline and time.perf_counter_ns() >= deadline):
+                break
     finally:
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter_ns() - start
         usage_after = resource.getrusage(resource.RUSAGE_THREAD)
         engine.close()
         view.release()
         buffer.close()
-    runtime = max(elapsed - o["ramp_time"], 1e-9)
-    return Result(inst, np.array(kinds, np.int8), np.array(lats, np.int64), np.array(done),
-                  np.full(len(kinds), bs, np.int64), np.array(syncs, np.int64), runtime,
+    stamps = Stamps(*(np.concatenate([getattr(r, f) for r in runs]) if runs else np.zeros(0, np.int64)
+                      for f in Stamps.__dataclass_fields__))
+    kind = np.concatenate(kinds) if kinds else np.zeros(0, np.int8)
+    counted = stamps.reaped - start >= int(1e9 * o["ramp_time"])  # what ends after the ramp is measured
+    runtime = max(elapsed / 1e9 - o["ramp_time"], 1e-9)
+    return Result(inst, kind[counted], (stamps.reaped - stamps.issued)[counted],
+                  (stamps.issued - stamps.set_up)[counted] if engine.queued else np.zeros(0, np.int64),
+                  (stamps.reaped[counted] - start) / 1e9 - o["ramp_time"], np.full(int(counted.sum()), bs, np.int64),
+                  np.array(syncs, np.int64), runtime,
                   {"usr": usage_after.ru_utime - usage_before.ru_utime,
                    "sys": usage_after.ru_stime - usage_before.ru_stime,
                    "ctx": (usage_after.ru_nvcsw - usage_before.ru_nvcsw)
                    + (usage_after.ru_nivcsw - usage_before.ru_nivcsw),
                    "majf": usage_after.ru_majflt - usage_before.ru_majflt,
-                   "minf": usage_after.ru_minflt - usage_before.ru_minflt})
+                   "minf": usage_after.ru_minflt - usage_before.ru_minflt},
+                  stamps.depth[counted], stamps.submit_calls, stamps.complete_calls)
 
 
 def unlink_files(mine: list[Instance]) -> None:
@@ -336,13 +379,14 @@ def prepare(mine: list[Instance], overwrite: bool) -> None:
 def run_local(mine: list[Instance]) -> list[Result]:
     """Run this rank's prepared instances, started together.
 
-    psync instances run as concurrent threads, as fio runs jobs. mpiio and hdf5
+    Instances of the file-descriptor engines (psync, libaio, io_uring) run as concurrent
+    threads, as fio runs jobs (as `thread` asks; fio forks a process per job otherwise). mpiio and hdf5
     instances run one after another on one thread, in the same order on every rank:
     MPI-IO and HDF5 calls from several threads of a rank can deadlock against the
     other ranks' collectives (HDF5 is not thread-safe; h5py serializes every call).
     """
-    concurrent = [k for k, inst in enumerate(mine) if inst.job.options["ioengine"] == "psync"]
-    serial = [k for k, inst in enumerate(mine) if inst.job.options["ioengine"] != "psync"]
+    concurrent = [k for k, inst in enumerate(mine) if ENGINES[inst.job.options["ioengine"]].on_fd]
+    serial = [k for k, inst in enumerate(mine) if not ENGINES[inst.job.options["ioengine"]].on_fd]
     lanes = [[k] for k in concurrent] + ([serial] if serial else [])
     start = threading.Barrier(len(lanes)) if lanes else None
     results: list = [None] * len(mine)
@@ -368,22 +412,26 @@ def run_local(mine: list[Instance]) -> list[Result]:
 
 def direction_report(results: list[Result], kind: int, percentile_list, runtime_ms: int, group_bytes: int) -> dict:
     """fio's per-direction block (jobs[].read / .write) from one or more results."""
-    lat = np.concatenate([r.latency_ns[r.kinds == kind] for r in results]) if results else np.zeros(0, np.int64)
+    def joined(field: str) -> np.ndarray:
+        parts = [getattr(r, field)[r.kinds == kind] for r in results if len(getattr(r, field))]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    clat, slat, lat = joined("clat_ns"), joined("slat_ns"), joined("lat_ns")
     completed = np.concatenate([r.completed_s[r.kinds == kind] for r in results]) if results else np.zeros(0)
     sizes = np.concatenate([r.sizes[r.kinds == kind] for r in results]) if results else np.zeros(0, np.int64)
     io_bytes = int(sizes.sum())
-    ios = len(lat)
+    ios = len(clat)
     runtime_ms = runtime_ms if ios else 0
     bw_bytes = int(1000 * io_bytes / runtime_ms) if runtime_ms else 0
     bw_samples, iops_samples = windowed_rates(completed, sizes) if ios else (np.zeros(0), np.zeros(0))
-    clat = summary(lat)
+    clat_summary = summary(clat)
     if ios:
-        clat["percentile"] = percentiles(lat, percentile_list)
+        clat_summary["percentile"] = percentiles(clat, percentile_list)
     return {
         "io_bytes": io_bytes, "io_kbytes": io_bytes // 1024, "bw_bytes": bw_bytes, "bw": bw_bytes // 1024,
         "iops": float(1000 * ios / runtime_ms) if runtime_ms else 0.0, "runtime": int(runtime_ms),
         "total_ios": ios, "short_ios": 0, "drop_ios": 0,
-        "slat_ns": summary(np.zeros(0, np.int64)), "clat_ns": clat, "lat_ns": summary(lat),
+        "slat_ns": summary(slat), "clat_ns": clat_summary, "lat_ns": summary(lat),
         "bw_min": int(bw_samples.min()) if len(bw_samples) else 0,
         "bw_max": int(bw_samples.max()) if len(bw_samples) else 0,
         "bw_agg": float(100.0 * io_bytes / group_bytes) if group_bytes else 0.0,
@@ -402,8 +450,7 @@ def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
     """One entry of fio's "jobs" array for one instance, or for a whole group (group_reporting)."""
     job = results[0].instance.job
     runtime_ms = max(1, int(round(1000 * max(r.runtime_s for r in results))))  # fio's unit: whole ms
-    all_lat = np.concatenate([r.latency_ns for r in results])
-    lat_ns, lat_us, lat_ms = latency_distribution(all_lat)
+    lat_ns, lat_us, lat_ms = latency_distribution(np.concatenate([r.clat_ns for r in results]))  # fio: clat
     sync = np.concatenate([r.sync_ns for r in results])
     cpu_s = max(sum(r.runtime_s for r in results), 1e-9)
     percentile_list = job.options["percentile_list"]
@@ -422,11 +469,11 @@ def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
         "ctx": int(sum(r.rusage["ctx"] for r in results)),
         "majf": int(sum(r.rusage["majf"] for r in results)),
         "minf": int(sum(r.rusage["minf"] for r in results)),
-        "iodepth_level": {"1": 100.0, "2": 0.0, "4": 0.0, "8": 0.0, "16": 0.0, "32": 0.0, ">=64": 0.0},
-        "iodepth_submit": {"0": 0.0, "4": 100.0, "8": 0.0, "16": 0.0, "32": 0.0, "64": 0.0, ">=64": 0.0},
-        "iodepth_complete": {"0": 0.0, "4": 100.0, "8": 0.0, "16": 0.0, "32": 0.0, "64": 0.0, ">=64": 0.0},
+        "iodepth_level": depth_levels(np.concatenate([r.depth for r in results])),
+        "iodepth_submit": call_sizes(np.concatenate([r.submit_calls for r in results])),
+        "iodepth_complete": call_sizes(np.concatenate([r.complete_calls for r in results])),
         "latency_ns": lat_ns, "latency_us": lat_us, "latency_ms": lat_ms,
-        "latency_depth": 1, "latency_target": 0, "latency_percentile": 100.0, "latency_window": 0,
+        "latency_depth": job.options["iodepth"], "latency_target": 0, "latency_percentile": 100.0, "latency_window": 0,
     }
 
 
@@ -469,13 +516,16 @@ def text_report(doc: dict) -> str:
                 continue
             lines.append(f"  {name}: IOPS={d['iops']:.0f}, BW={_human_bytes(d['bw_bytes'])}/s "
                          f"({_human_bytes(d['bw_bytes'], False)}/s)({_human_bytes(d['io_bytes'])}/{d['runtime']}msec)")
+            for kind in ("slat", "clat", "lat") if d["slat_ns"]["N"] else ("clat",):  # as fio: slat where measured
+                c = d[f"{kind}_ns"]
+                lines.append(f"    {kind:>4} (usec): min={c['min'] / 1000:.0f}, max={c['max'] / 1000:.0f}, "
+                             f"avg={c['mean'] / 1000:.2f}, stdev={c['stddev'] / 1000:.2f}")
             c = d["clat_ns"]
-            lines.append(f"    clat (usec): min={c['min'] / 1000:.0f}, max={c['max'] / 1000:.0f}, "
-                         f"avg={c['mean'] / 1000:.2f}, stdev={c['stddev'] / 1000:.2f}")
             pct = ", ".join(f"{float(k):.2f}th=[{v / 1000:.0f}]" for k, v in c.get("percentile", {}).items())
             lines.append(f"     clat percentiles (usec): {pct}")
         lines.append(f"  cpu          : usr={job['usr_cpu']:.2f}%, sys={job['sys_cpu']:.2f}%, ctx={job['ctx']}, "
                      f"majf={job['majf']}, minf={job['minf']}")
+        lines.append("  IO depths    : " + ", ".join(f"{k}={v:.1f}%" for k, v in job["iodepth_level"].items()))
     lines.append("\nRun status group 0 (all jobs):")
     for name in ("read", "write"):
         active = [j[name] for j in doc["jobs"] if j[name]["total_ios"]]

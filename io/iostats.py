@@ -88,3 +88,23 @@ def windowed_rates(completions_s: np.ndarray, sizes: np.ndarray, window_s: float
     count = np.bincount(bins[full])
     nbytes = np.bincount(bins[full], weights=sizes[full])
     return nbytes / 1024.0 / window_s, count / window_s
+
+
+def _shares(values: np.ndarray, edges: list[int], labels: list[str]) -> dict:
+    """% of values per bucket (bucket k holds edges[k-1] < v <= edges[k]); fio shows a tiny
+    non-zero share as 0.1 rather than 0."""
+    values = np.asarray(values, np.int64)
+    counts = np.bincount(np.searchsorted(edges, values, side="left"), minlength=len(labels))[: len(labels)]
+    total = max(len(values), 1)
+    return {label: (max(0.1, 100.0 * c / total) if c else 0.0)
+            for label, c in zip(labels, counts.tolist(), strict=True)}
+
+
+def depth_levels(depths: np.ndarray) -> dict:
+    """fio's iodepth_level: % of I/Os by the I/Os in flight when they were committed (1, 2-3, 4-7 ... >=64)."""
+    return _shares(np.minimum(depths, 64), [1, 3, 7, 15, 31, 63, 64], ["1", "2", "4", "8", "16", "32", ">=64"])
+
+
+def call_sizes(calls: np.ndarray) -> dict:
+    """fio's iodepth_submit / iodepth_complete: % of calls by the I/Os each carried (0, 1-4, 5-8 ... >64)."""
+    return _shares(calls, [0, 4, 8, 16, 32, 64, 1 << 62], ["0", "4", "8", "16", "32", "64", ">=64"])

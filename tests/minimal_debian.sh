@@ -9,9 +9,11 @@
 # Needs root. The root lives in its own mount namespace (proc, sys, dev, a private /run and
 # /dev/shm): nothing is left mounted afterwards. It shares this host's network, so this host's
 # local Slurm and network-namespace rig are stopped first (the root starts its own on the same
-# ports). The host's pip configuration (an index or a proxy certificate, which a site may need)
-# is copied in, and the local folders it names are mounted read-only: PyTorch's CPU wheel comes
-# from wherever this host's pip gets it.
+# ports). The host's pip configuration and its local CA certificates (/usr/local/share/
+# ca-certificates: a site's proxy, which Debian's ca-certificates package adds to the bundle when
+# it is installed) are copied in, and the local folders pip's configuration names are mounted
+# read-only (a local index: its parent, which holds the files it links to): PyTorch's CPU wheel
+# comes from wherever this host's pip gets it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 root=${HPC_TRAIN_DEBIAN_ROOT:-/var/tmp/hpc_train-bookworm}
@@ -43,13 +45,19 @@ echo "debootstrap: $(( $(date +%s) - start )) s, $(chroot "$root" dpkg-query -W 
 mkdir -p "$root/root/hpc_train"
 (cd "$here" && git ls-files -z | tar --null -T - -cf -) | tar -xf - -C "$root/root/hpc_train"
 cp /etc/resolv.conf /etc/hosts "$root/etc/"
+if [ -d /usr/local/share/ca-certificates ]; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp -r /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
+fi
 pip_files=$(ls /etc/pip.conf "$HOME/.config/pip/pip.conf" "$HOME/.pip/pip.conf" 2>/dev/null || true)
 binds=()
 for f in $pip_files; do
   mkdir -p "$root$(dirname "${f/#$HOME//root}")"; cp "$f" "$root${f/#$HOME//root}"
   for path in $(grep -ohE '(file://)?/[^ ]+' "$f" | sed 's|^file://||'); do
     if [ -f "$path" ]; then mkdir -p "$root$(dirname "$path")"; cp "$path" "$root$path"
-    elif [ -d "$path" ]; then binds+=("$path"); fi
+    elif [ -d "$path" ]; then
+      case $path in */simple|*/simple/) binds+=("$(dirname "${path%/}")") ;; *) binds+=("$path") ;; esac
+    fi
   done
 done
 
@@ -77,4 +85,10 @@ unshare --mount --propagation private bash -euo pipefail -c '
   done
   inside "bash slurm/local-cluster.sh down; bash slurm/netns-nodes.sh down" >/dev/null 2>&1 || true
   exit $status
-'
+' || status=$?
+# Nothing started in the root outlives the run (a daemon would hold the namespace's mounts).
+for proc in /proc/[0-9]*; do
+  [ "$(readlink "$proc/root" 2>/dev/null)" = "$root" ] && kill -9 "${proc#/proc/}" 2>/dev/null
+done
+cat "$out/summary.txt"
+exit "${status:-0}"

@@ -57,7 +57,7 @@ size=2MiB
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[a]\nsize=1m\niodepth=8\n", "x.fio:3: option 'iodepth' is not supported by hpc-train iobench; supported: "),
+    ("[a]\nsize=1m\nbssplit=4k\n", "x.fio:3: option 'bssplit' is not supported by hpc-train iobench; supported: "),
     ("[a]\nsize=1m\nblocksise=4k\n", "x.fio:3: option 'blocksise' is not supported by hpc-train iobench (did you "
                                       "mean 'blocksize'?)"),
     ("[a]\nsize=1m\ndirectory=${HPC_TRAIN_UNSET_FOR_TEST}\n",
@@ -65,7 +65,7 @@ size=2MiB
     ("[a]\nsize=1m\ninclude\n", "x.fio:3: include needs a file name"),
     ("[a]\nsize=1m\nbs=4q\n", "x.fio:3: bad value for option 'bs'"),
     ("[a]\nsize=1m\nrw=trim\n", "x.fio:3: bad value for option 'rw'"),
-    ("[a]\nsize=1m\nioengine=libaio\n", "ioengine 'libaio' is not supported here"),
+    ("[a]\nsize=1m\nioengine=posixaio\n", "ioengine 'posixaio' is not supported here"),
     ("[a]\nsize=1m\nrwmixread=101\n", "x.fio:3: bad value for option 'rwmixread'"),
     ("[a]\nrw=read\n", "x.fio:1: job 'a' has no size"),
     ("[a]\nsize=1m\nbs=0\n", "size (1048576) must be at least bs (0), and bs positive"),
@@ -75,7 +75,7 @@ size=2MiB
     ("bs=4k\n[a]\n", "x.fio:1: option outside any section"),
     ("[a\nsize=1m\n", "x.fio:1: malformed section header"),
     ("[global]\nbs=4k\n", "no job sections"),
-    ("[a]\nsize=1m\nioengine=mpiio\ndirect=1\n", "direct=1 works with ioengine=psync only"),
+    ("[a]\nsize=1m\nioengine=mpiio\ndirect=1\n", "direct=1 works with ioengine=psync, libaio, io_uring only"),
     ("[a]\nsize=1m\ncollective=1\n", "collective=1 needs ioengine=mpiio or hdf5"),
     ("[a]\nsize=1m\nioengine=hdf5\ncollective=1\n", "collective=1 needs filename="),
     ("[a]\nsize=1m\nioengine=mpiio\ncollective=1\nfilename=f\nrw=randrw\n", "one direction (not rw/randrw)"),
@@ -145,9 +145,9 @@ def test_never_overwrites_a_foreign_file(tmp_path):
 
 def test_bad_job_file_fails_before_running(tmp_path):
     job = tmp_path / "bad.fio"
-    job.write_text("[a]\nsize=1m\niodepth=4\n")
+    job.write_text("[a]\nsize=1m\nstonewall\n")
     proc = iobench(job)
-    assert proc.returncode == 2 and f"{job}:3: option 'iodepth' is not supported by hpc-train iobench" in proc.stderr
+    assert proc.returncode == 2 and f"{job}:3: option 'stonewall' is not supported by hpc-train iobench" in proc.stderr
 
 
 def test_numjobs_spread_over_ranks_with_group_reporting(tmp_path):
@@ -405,3 +405,67 @@ def test_io_size_and_number_ios_give_fios_counts(tmp_path, limit):
         return read["total_ios"], read["io_bytes"]
 
     assert counts(ours.stdout) == counts(theirs.stdout)
+
+
+def fio_and_ours(tmp_path, job):
+    """fio's and our JSON documents of one job file, run on the same files."""
+    theirs = subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert theirs.returncode == 0, theirs.stderr
+    ours = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
+    assert ours.returncode == 0, ours.stderr
+    return json.loads(theirs.stdout), json.loads(ours.stdout)
+
+
+def busiest(shares: dict) -> str:
+    return max(shares, key=lambda k: shares[k])
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
+@pytest.mark.parametrize("engine", ["libaio", "io_uring"])
+@pytest.mark.parametrize("depth", [1, 8])
+def test_queued_engines_keep_fios_depth_and_counts(tmp_path, engine, depth):
+    """randread of 1 MiB at 4 KiB with O_DIRECT: fio's I/O count and bytes, slat measured (fio's
+    has one per I/O), and the depth tables in fio's busiest buckets, from fio's run of the same file."""
+    job = tmp_path / "depth.fio"
+    job.write_text(f"[global]\nioengine={engine}\niodepth={depth}\nbs=4k\nsize=1m\ndirect=1\nrw=randread\n"
+                   f"[q]\nfilename={tmp_path / 'data'}\n")
+    fio_doc, our_doc = fio_and_ours(tmp_path, job)
+    fio_job, our_job = fio_doc["jobs"][0], our_doc["jobs"][0]
+    fio_doc.pop("disk_util")
+    assert schema_gaps(fio_doc, our_doc) == []
+    for key in ("total_ios", "io_bytes"):
+        assert our_job["read"][key] == fio_job["read"][key]
+    assert our_job["read"]["slat_ns"]["N"] == fio_job["read"]["slat_ns"]["N"] == 256
+    assert our_job["read"]["slat_ns"]["mean"] > 0
+    for table in ("iodepth_level", "iodepth_submit", "iodepth_complete"):
+        assert busiest(our_job[table]) == busiest(fio_job[table]), (table, our_job[table], fio_job[table])
+    assert our_job["latency_depth"] == fio_job["latency_depth"] == depth
+
+
+@pytest.mark.parametrize("engine", ["libaio", "io_uring"])
+def test_queued_writes_land_where_they_were_aimed(tmp_path, engine):
+    """Every 4 KiB block of a file written at depth 16 holds the job's buffer (a write lost, doubled
+    or misplaced leaves the zeros written first), read back with plain Python."""
+    data = tmp_path / "data"
+    data.write_bytes(bytes(512 * 1024))
+    job = tmp_path / "w.fio"
+    job.write_text(f"[w]\nioengine={engine}\niodepth=16\niodepth_batch_submit=4\niodepth_batch_complete_min=2\n"
+                   f"bs=4k\nsize=512k\ndirect=1\nrw=randwrite\nfilename={data}\n")
+    proc = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["jobs"][0]["write"]["total_ios"] == 128
+    pattern = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()  # instance 0's buffer
+    blocks = data.read_bytes()
+    assert len(blocks) == 512 * 1024
+    assert all(blocks[k : k + 4096] == pattern for k in range(0, len(blocks), 4096))
+
+
+def test_sync_engines_report_no_slat_and_depth_one(tmp_path):
+    job = tmp_path / "p.fio"
+    job.write_text(f"[p]\nbs=4k\nsize=64k\nrw=read\nfilename={tmp_path / 'data'}\n")
+    proc = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads(proc.stdout)["jobs"][0]
+    assert entry["read"]["slat_ns"]["N"] == 0 and entry["read"]["clat_ns"]["N"] == 16
+    assert entry["iodepth_level"]["1"] == 100.0 and entry["iodepth_submit"]["4"] == 100.0

@@ -1,0 +1,395 @@
+/* Asynchronous I/O at a queue depth for `hpc-train iobench`: fio's libaio and io_uring engines.
+ *
+ * One call runs a whole list of I/Os (offsets, read or write) of one job on one file
+ * descriptor, keeping up to `depth` in flight as fio does: I/Os are staged, committed
+ * to the kernel every `batch_submit` (io_submit, or io_uring_enter), and reaped when
+ * the queue is full or nothing is left to stage, waiting for at least `complete_min`
+ * (at least 1), taking at most `complete_max` a call (as fio: at least complete_min), and
+ * going on while more than `depth_low` are in flight. Both engines
+ * use raw system calls (<linux/aio_abi.h>, <linux/io_uring.h>): no libaio or liburing
+ * to link. Every I/O gets three CLOCK_MONOTONIC stamps, as fio's: set up, issued (the
+ * submit call returned), reaped. The GIL is released for the whole run.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <linux/aio_abi.h>
+#include <linux/io_uring.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+typedef struct queue queue;
+struct queue {
+    int fd;
+    int depth;
+    size_t bs;
+    char *buffers; /* depth blocks of bs, page-aligned (O_DIRECT) */
+    /* libaio */
+    aio_context_t ctx;
+    struct iocb *iocbs;
+    struct iocb **staged_cbs;
+    struct io_event *events;
+    /* io_uring */
+    int ring;
+    char *sq, *cq;
+    size_t sq_len, cq_len, sqes_len;
+    struct io_uring_sqe *sqes;
+    struct io_uring_params params;
+    unsigned sq_tail;
+    /* both */
+    int staged;
+    int (*prep)(queue *, int slot, int reading, int64_t offset);
+    int (*commit)(queue *);                                          /* staged I/Os submitted, or -errno */
+    int (*reap)(queue *, int min, int max, int *slots, int64_t *res); /* completions, or -errno */
+};
+
+/* ---- libaio ---------------------------------------------------------------------------- */
+
+static int aio_prep(queue *q, int slot, int reading, int64_t offset) {
+    struct iocb *cb = &q->iocbs[slot];
+    memset(cb, 0, sizeof *cb);
+    cb->aio_lio_opcode = reading ? IOCB_CMD_PREAD : IOCB_CMD_PWRITE;
+    cb->aio_fildes = (uint32_t)q->fd;
+    cb->aio_buf = (uint64_t)(uintptr_t)(q->buffers + (size_t)slot * q->bs);
+    cb->aio_nbytes = q->bs;
+    cb->aio_offset = offset;
+    cb->aio_data = (uint64_t)slot;
+    q->staged_cbs[q->staged++] = cb;
+    return 0;
+}
+
+static int aio_commit(queue *q) {
+    int done = 0;
+    while (done < q->staged) {
+        long r = syscall(__NR_io_submit, q->ctx, (long)(q->staged - done), q->staged_cbs + done);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        done += (int)r;
+    }
+    q->staged = 0;
+    return done;
+}
+
+static int aio_reap(queue *q, int min, int max, int *slots, int64_t *res) {
+    for (;;) {
+        long r = syscall(__NR_io_getevents, q->ctx, (long)min, (long)max, q->events, NULL);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        for (long i = 0; i < r; i++) {
+            slots[i] = (int)q->events[i].data;
+            res[i] = q->events[i].res;
+        }
+        return (int)r;
+    }
+}
+
+static int aio_open(queue *q) {
+    q->iocbs = calloc((size_t)q->depth, sizeof *q->iocbs);
+    q->staged_cbs = calloc((size_t)q->depth, sizeof *q->staged_cbs);
+    q->events = calloc((size_t)q->depth, sizeof *q->events);
+    if (!q->iocbs || !q->staged_cbs || !q->events) return -ENOMEM;
+    if (syscall(__NR_io_setup, q->depth, &q->ctx) < 0) return -errno;
+    q->prep = aio_prep;
+    q->commit = aio_commit;
+    q->reap = aio_reap;
+    return 0;
+}
+
+/* ---- io_uring -------------------------------------------------------------------------- */
+
+#define RING_U32(base, off) ((unsigned *)((base) + (off)))
+
+static int uring_prep(queue *q, int slot, int reading, int64_t offset) {
+    unsigned index = q->sq_tail & *RING_U32(q->sq, q->params.sq_off.ring_mask);
+    struct io_uring_sqe *e = &q->sqes[index];
+    memset(e, 0, sizeof *e);
+    e->opcode = reading ? IORING_OP_READ : IORING_OP_WRITE;
+    e->fd = q->fd;
+    e->addr = (uint64_t)(uintptr_t)(q->buffers + (size_t)slot * q->bs);
+    e->len = (uint32_t)q->bs;
+    e->off = (uint64_t)offset;
+    e->user_data = (uint64_t)slot;
+    RING_U32(q->sq, q->params.sq_off.array)[index] = index;
+    q->sq_tail++;
+    q->staged++;
+    return 0;
+}
+
+static int uring_commit(queue *q) {
+    __atomic_store_n(RING_U32(q->sq, q->params.sq_off.tail), q->sq_tail, __ATOMIC_RELEASE);
+    int done = 0;
+    while (done < q->staged) {
+        long r = syscall(__NR_io_uring_enter, q->ring, (unsigned)(q->staged - done), 0u, 0u, NULL, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        done += (int)r;
+    }
+    q->staged = 0;
+    return done;
+}
+
+static int uring_reap(queue *q, int min, int max, int *slots, int64_t *res) {
+    unsigned *head = RING_U32(q->cq, q->params.cq_off.head);
+    unsigned *tail = RING_U32(q->cq, q->params.cq_off.tail);
+    unsigned mask = *RING_U32(q->cq, q->params.cq_off.ring_mask);
+    struct io_uring_cqe *cqes = (struct io_uring_cqe *)(q->cq + q->params.cq_off.cqes);
+    int got = 0;
+    for (;;) {
+        unsigned h = *head, t = __atomic_load_n(tail, __ATOMIC_ACQUIRE);
+        while (h != t && got < max) {
+            struct io_uring_cqe *c = &cqes[h & mask];
+            slots[got] = (int)c->user_data;
+            res[got] = c->res;
+            got++;
+            h++;
+        }
+        __atomic_store_n(head, h, __ATOMIC_RELEASE);
+        if (got >= min) return got;
+        long r = syscall(__NR_io_uring_enter, q->ring, 0u, (unsigned)(min - got), IORING_ENTER_GETEVENTS, NULL, 0);
+        if (r < 0 && errno != EINTR) return -errno;
+    }
+}
+
+static int uring_open(queue *q) {
+    memset(&q->params, 0, sizeof q->params);
+    q->ring = (int)syscall(__NR_io_uring_setup, (unsigned)q->depth, &q->params);
+    if (q->ring < 0) return -errno;
+    struct io_uring_params *p = &q->params;
+    q->sq_len = p->sq_off.array + p->sq_entries * sizeof(unsigned);
+    q->cq_len = p->cq_off.cqes + p->cq_entries * sizeof(struct io_uring_cqe);
+    q->sqes_len = p->sq_entries * sizeof(struct io_uring_sqe);
+    int rw = PROT_READ | PROT_WRITE, flags = MAP_SHARED | MAP_POPULATE;
+    q->sq = mmap(NULL, q->sq_len, rw, flags, q->ring, IORING_OFF_SQ_RING);
+    q->cq = mmap(NULL, q->cq_len, rw, flags, q->ring, IORING_OFF_CQ_RING);
+    q->sqes = mmap(NULL, q->sqes_len, rw, flags, q->ring, IORING_OFF_SQES);
+    if (q->sq == MAP_FAILED || q->cq == MAP_FAILED || q->sqes == MAP_FAILED) return -errno;
+    q->sq_tail = *RING_U32(q->sq, p->sq_off.tail);
+    q->prep = uring_prep;
+    q->commit = uring_commit;
+    q->reap = uring_reap;
+    return 0;
+}
+
+/* ---- the run --------------------------------------------------------------------------- */
+
+static void queue_close(queue *q) {
+    if (q->ctx) syscall(__NR_io_destroy, q->ctx);
+    free(q->iocbs);
+    free(q->staged_cbs);
+    free(q->events);
+    if (q->sq && q->sq != MAP_FAILED) munmap(q->sq, q->sq_len);
+    if (q->cq && q->cq != MAP_FAILED) munmap(q->cq, q->cq_len);
+    if (q->sqes && (void *)q->sqes != MAP_FAILED) munmap(q->sqes, q->sqes_len);
+    if (q->ring > 0) close(q->ring);
+    free(q->buffers);
+}
+
+typedef struct {
+    const int64_t *offsets;
+    const uint8_t *reads;
+    int64_t n, deadline_ns;
+    int batch_submit, complete_min, complete_max, depth_low;
+    int64_t *set_up, *issued, *reaped, *res;
+    int64_t *submit_calls, *complete_calls; /* per call: how many I/Os it carried, as fio's histograms */
+    int64_t n_submit_calls, n_complete_calls;
+    int64_t *depth_at_commit;               /* in flight after each commit, one entry per I/O committed */
+} run_args;
+
+/* Returns how many I/Os were issued (all of them reaped), or -errno. */
+static int64_t run_queue(queue *q, run_args *a) {
+    int depth = q->depth, inflight = 0;
+    int *free_slots = malloc((size_t)depth * sizeof(int)), nfree = depth;
+    int64_t *slot_index = malloc((size_t)depth * sizeof(int64_t));
+    int *got_slots = malloc((size_t)depth * sizeof(int));
+    int64_t *got_res = malloc((size_t)depth * sizeof(int64_t));
+    int64_t *staged_index = malloc((size_t)depth * sizeof(int64_t));
+    int64_t next = 0, status = 0;
+    if (!free_slots || !slot_index || !got_slots || !got_res || !staged_index) {
+        status = -ENOMEM;
+        goto out;
+    }
+    for (int s = 0; s < depth; s++) free_slots[s] = depth - 1 - s;
+    int stopped = 0;
+    while ((next < a->n && !stopped) || inflight > 0 || q->staged > 0) {
+        /* stage while there is room, committing every batch_submit */
+        while (next < a->n && !stopped && nfree > 0) {
+            int64_t t = now_ns();
+            if (a->deadline_ns && t >= a->deadline_ns) {
+                stopped = 1;
+                break;
+            }
+            int slot = free_slots[--nfree];
+            slot_index[slot] = next;
+            a->set_up[next] = t;
+            staged_index[q->staged] = next;
+            q->prep(q, slot, a->reads[next], a->offsets[next]);
+            next++;
+            if (q->staged >= a->batch_submit) break;
+        }
+        if (q->staged > 0) {
+            int staged = q->staged;
+            int r = q->commit(q);
+            if (r < 0) {
+                status = r;
+                goto drain;
+            }
+            int64_t t = now_ns();
+            inflight += staged;
+            for (int i = 0; i < staged; i++) {
+                a->issued[staged_index[i]] = t;
+                a->depth_at_commit[staged_index[i]] = inflight;
+            }
+            a->submit_calls[a->n_submit_calls++] = staged;
+            if (nfree > 0 && next < a->n && !stopped) continue; /* room left: stage more first */
+        }
+        /* reap: the queue is full, or nothing is left to stage */
+        do {
+            if (inflight == 0) break;
+            int min = a->complete_min < 1 ? 1 : a->complete_min;
+            if (min > inflight) min = inflight;
+            int max = a->complete_max < min ? min : a->complete_max;
+            if (max > inflight) max = inflight;
+            int got = q->reap(q, min, max, got_slots, got_res);
+            if (got < 0) {
+                status = got;
+                goto drain;
+            }
+            int64_t t = now_ns();
+            for (int i = 0; i < got; i++) {
+                int slot = got_slots[i];
+                a->reaped[slot_index[slot]] = t;
+                a->res[slot_index[slot]] = got_res[i];
+                free_slots[nfree++] = slot;
+            }
+            inflight -= got;
+            a->complete_calls[a->n_complete_calls++] = got;
+        } while (inflight > a->depth_low);
+    }
+    status = next;
+    goto out;
+drain: /* an error: wait for what is in flight, so no buffer is freed under the kernel */
+    while (inflight > 0) {
+        int got = q->reap(q, 1, inflight, got_slots, got_res);
+        if (got < 0) break;
+        inflight -= got;
+    }
+out:
+    free(free_slots);
+    free(slot_index);
+    free(got_slots);
+    free(got_res);
+    free(staged_index);
+    return status;
+}
+
+static int writable_int64(Py_buffer *b, Py_ssize_t n, const char *name) {
+    if (b->len < n * (Py_ssize_t)sizeof(int64_t)) {
+        PyErr_Format(PyExc_ValueError, "%s: room for %zd int64 values needed", name, n);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *run(PyObject *self, PyObject *args) {
+    const char *engine;
+    int fd, depth, batch_submit, complete_min, complete_max, depth_low;
+    Py_ssize_t bs;
+    long long deadline_ns;
+    Py_buffer offsets, reads, data, set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit;
+    if (!PyArg_ParseTuple(args, "siy*y*ny*iiiiiLw*w*w*w*w*w*w*", &engine, &fd, &offsets, &reads, &bs, &data,
+                          &depth, &batch_submit, &complete_min, &complete_max, &depth_low, &deadline_ns, &set_up, &issued, &reaped, &res,
+                          &submit_calls, &complete_calls, &depth_at_commit))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int64_t);
+    queue q;
+    memset(&q, 0, sizeof q);
+    q.ring = -1;
+    if (reads.len < n || data.len < bs || depth < 1 || bs < 1) {
+        PyErr_SetString(PyExc_ValueError, "aio.run: reads shorter than offsets, data shorter than bs, or depth/bs < 1");
+        goto release;
+    }
+    if (!writable_int64(&set_up, n, "set_up") || !writable_int64(&issued, n, "issued") ||
+        !writable_int64(&reaped, n, "reaped") || !writable_int64(&res, n, "res") ||
+        !writable_int64(&submit_calls, n, "submit_calls") || !writable_int64(&complete_calls, n, "complete_calls") ||
+        !writable_int64(&depth_at_commit, n, "depth_at_commit"))
+        goto release;
+    q.fd = fd;
+    q.depth = depth;
+    q.bs = (size_t)bs;
+    int err = posix_memalign((void **)&q.buffers, 4096, (size_t)depth * (size_t)bs) ? -ENOMEM : 0;
+    if (!err) {
+        for (int s = 0; s < depth; s++) memcpy(q.buffers + (size_t)s * (size_t)bs, data.buf, (size_t)bs);
+        if (strcmp(engine, "libaio") == 0)
+            err = aio_open(&q);
+        else if (strcmp(engine, "io_uring") == 0)
+            err = uring_open(&q);
+        else {
+            PyErr_Format(PyExc_ValueError, "aio.run: unknown engine %s", engine);
+            queue_close(&q);
+            goto release;
+        }
+    }
+    if (err) {
+        errno = -err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        queue_close(&q);
+        goto release;
+    }
+    run_args a = {offsets.buf, reads.buf, n, deadline_ns, batch_submit < 1 ? depth : batch_submit, complete_min,
+                  complete_max, depth_low < 1 ? depth : depth_low, set_up.buf, issued.buf, reaped.buf, res.buf,
+                  submit_calls.buf, complete_calls.buf, 0, 0, depth_at_commit.buf};
+    if (a.batch_submit > depth) a.batch_submit = depth;
+    int64_t done;
+    Py_BEGIN_ALLOW_THREADS
+    done = run_queue(&q, &a);
+    Py_END_ALLOW_THREADS
+    queue_close(&q);
+    if (done < 0) {
+        errno = (int)-done;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else {
+        result = Py_BuildValue("LLL", (long long)done, (long long)a.n_submit_calls, (long long)a.n_complete_calls);
+    }
+release:
+    PyBuffer_Release(&offsets);
+    PyBuffer_Release(&reads);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&set_up);
+    PyBuffer_Release(&issued);
+    PyBuffer_Release(&reaped);
+    PyBuffer_Release(&res);
+    PyBuffer_Release(&submit_calls);
+    PyBuffer_Release(&complete_calls);
+    PyBuffer_Release(&depth_at_commit);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"run", run, METH_VARARGS,
+     "run(engine, fd, offsets, reads, bs, data, depth, batch_submit, complete_min, complete_max, depth_low, deadline_ns, "
+     "set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit) -> (issued, submits, reaps)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aio", "libaio and io_uring at a queue depth", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__aio(void) { return PyModule_Create(&module); }
