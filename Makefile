@@ -29,7 +29,7 @@ MPICH_VENV  ?= .venv-mpich
 MPICH_APT_PACKAGES := mpich libmpich-dev libhdf5-mpich-dev
 # Every mpirun is time-boxed: a hang fails fast instead of eating CI.
 MPI_TIMEOUT ?= 900
-RUFF_ARGS   := --line-length 120 --select E,F,W,B,I,UP,SIM --ignore SIM108 --target-version py311
+RUFF_ARGS   := --no-cache --line-length 120 --select E,F,W,B,I,UP,SIM --ignore SIM108 --target-version py311
 
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1

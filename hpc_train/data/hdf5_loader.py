@@ -158,7 +158,8 @@ class HDF5Loader:
             self.samples.id.read(memory_space, file_space, buf if rows else self._buffer[:1], dxpl=self._xfer)
         except (OSError, ValueError) as exc:  # a damaged chunk: named, then the abort hook ends the job
             raise DatasetError(f"{self.path}: rank {self.comm.Get_rank()}: reading {rows} samples of dataset "
-                               f"'{self.samples.name.lstrip('/')}' (indices {unique[:4].tolist()}...) failed ({exc})") from None
+                               f"'{self.samples.name.lstrip('/')}' (indices {unique[:4].tolist()}...) "
+                               f"failed ({exc})") from None
         # duplicates (padding) read once, then every requested position filled in sampler order
         position_in_unique = np.repeat(np.arange(rows), np.diff(np.concatenate([first, [len(ordered)]])))
         samples = np.empty((len(indices), *tail), self.sample_dtype)
