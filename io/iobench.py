@@ -262,6 +262,9 @@ def _loop_ios(inst: Instance, rng: np.random.Generator, mix: float):
         yield from zip(offsets.tolist(), (rng.random(len(offsets)) < mix).tolist(), strict=True)
 
 
+CHUNK = 4096  # I/Os handed to an engine at once
+
+
 def _chunks(inst: Instance, rng: np.random.Generator, mix: float):
     """The job's I/Os as (offsets, reads, sync_first) runs for an engine: a run ends where fio
     syncs (before the I/O after every fsync=/fdatasync= Nth write), at number_ios, or at
@@ -293,8 +296,6 @@ def _chunks(inst: Instance, rng: np.random.Generator, mix: float):
                 yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
             return
 
-
-CHUNK = 4096
 
 
 def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
