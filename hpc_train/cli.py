@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
 
-    iob = sub.add_parser("iobench", help="fio-compatible I/O benchmark: run a fio job file")
+    iob = sub.add_parser("iobench", help="fio-compatible I/O benchmark: run a fio job file", allow_abbrev=False,
+                         epilog="Jobs can also be given as fio takes them on its command line, instead of a job "
+                                "file: --name=NAME starts a job, --option=value sets its options (before the first "
+                                "--name: every job's).")
     iob.add_argument("jobfile", nargs="?", help="fio job file (not with --workload train)")
     iob.add_argument("--workload", choices=["train"], help="emulate training I/O instead of a job file")
     iob.add_argument("--data", help="--workload train: the HDF5 dataset to read")
@@ -333,15 +336,20 @@ def run_training_io(args) -> int:
 def run_iobench(args) -> int:
     from . import __version__, runtime
     from .errors import JobFileError
-    from .io import fiojob, iobench
+    from .io import fiojob, fiolog, iobench
 
     if args.workload == "train":
         return run_training_io(args)
-    if not args.jobfile:
-        print("hpc-train iobench: give a fio job file (or --workload train)", file=sys.stderr)
+    if args.jobfile and args.job_options:
+        print(f"hpc-train iobench: give a job file or jobs as fio options (--name=NAME --rw=...), not both "
+              f"({args.jobfile} and {' '.join(args.job_options)})", file=sys.stderr)
+        return 2
+    if not args.jobfile and not args.job_options:
+        print("hpc-train iobench: give a fio job file, jobs as fio options (--name=NAME --rw=... --size=...), "
+              "or --workload train", file=sys.stderr)
         return 2
     try:  # before MPI starts, on every rank alike
-        jobfile = fiojob.load(args.jobfile)
+        jobfile = fiojob.load(args.jobfile) if args.jobfile else fiojob.from_command_line(args.job_options)
         if args.section:
             jobfile.select(args.section)
     except JobFileError as exc:
@@ -356,29 +364,30 @@ def run_iobench(args) -> int:
     except JobFileError as exc:  # every rank finds the same problem
         print(f"hpc-train iobench: {exc}", file=sys.stderr)
         return 2
-    results, problem = None, None
+    results, problem = [], None
     try:
         iobench.check_space(mine, comm)  # collective: the same verdict on every rank
         iobench.prepare(mine, args.overwrite)
     except (iobench.IOBenchError, OSError) as exc:
         problem = str(exc)
     problems = [p for p in comm.allgather(problem) if p]
-    if not problems:  # everyone laid out: start together
-        comm.Barrier()
-        try:
-            results = iobench.run_local(mine)
-        except (iobench.IOBenchError, OSError) as exc:
-            problems = [str(exc)]
-    gathered = comm.gather((results, problems), root=0)
+    if not problems:  # everyone laid out: the levels start together on every rank
+        results, problems = iobench.run_levels(mine, sorted({job.level for job in jobfile.jobs}), comm)
+    gathered = comm.gather(results, root=0)
     comm.Barrier()  # every rank is done with the files
     iobench.unlink_files(mine)
     if comm.Get_rank() != 0:
         return 0 if not problems else 1
-    problems = sorted({p for _, ps in gathered for p in ps})
     if problems:
-        print("\n".join(f"hpc-train iobench: {p}" for p in problems), file=sys.stderr)
+        print("\n".join(f"hpc-train iobench: {p}" for p in sorted(set(problems))), file=sys.stderr)
         return 1
-    doc = iobench.report([r for rs, _ in gathered for r in rs], jobfile, f"hpc-train-iobench-{__version__}")
+    results = [r for rs in gathered for r in rs]
+    try:
+        fiolog.write_logs(results)
+    except OSError as exc:
+        print(f"hpc-train iobench: cannot write a log file: {exc}", file=sys.stderr)
+        return 1
+    doc = iobench.report(results, jobfile, f"hpc-train-iobench-{__version__}")
     text = json.dumps(doc, indent=2) if args.output_format == "json" else iobench.text_report(doc)
     if args.output:
         Path(args.output).write_text(text + "\n")
@@ -388,7 +397,11 @@ def run_iobench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "iobench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.job_options = extra
     if args.command == "iobench":
         return run_iobench(args)
     if args.command == "train":

@@ -1,17 +1,19 @@
 """I/O engines of `hpc-train iobench`: how one job instance reads and writes its file.
 
-psync: os.preadv / os.pwritev on a file descriptor (O_DIRECT when direct=1), as
-fio's psync. libaio, io_uring: the job's I/Os at its queue depth (`iodepth`), in C
-(io/aio.c, built on first use). mpiio: MPI.File read_at / write_at, or the collective
-read_at_all / write_at_all with collective=1. hdf5: h5py on the mpio driver, one 1-D
-byte dataset `data`, hyperslab reads and writes, independent or collective, contiguous
-or chunked (hdf5_chunk=).
+psync, pvsync: os.preadv / os.pwritev at the I/O's offset on a file descriptor (O_DIRECT
+when direct=1); sync: os.lseek then os.readv / os.writev at the file position, as fio's
+sync. null: no I/O at all (the engine and runner's own cost, as fio's null). libaio,
+io_uring: the job's I/Os at its queue depth (`iodepth`), in C (io/aio.c, built on first
+use). mpiio: MPI.File read_at / write_at, or the collective read_at_all / write_at_all with
+collective=1. hdf5: h5py on the mpio driver, one 1-D byte dataset `data`, hyperslab reads
+and writes, independent or collective, contiguous or chunked (hdf5_chunk=).
 
 Every engine runs a list of I/Os with `run(offsets, reads, view, deadline_ns)` and
 returns their stamps (`Stamps`); the synchronous engines do it one I/O at a time
 through their `read`/`write`. `ENGINES` is the registry: a name, and what the runner
 and the job-file checks need to know of each (`on_fd`: a POSIX file descriptor, so
-direct=1 applies and instances run as threads; `queued`: iodepth applies).
+direct=1 applies and instances run as threads; `queued`: iodepth applies; `needs_file`:
+the job's files are laid out, checked and unlinked).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class SyncEngine:
 
     on_fd = False
     queued = False
+    needs_file = True
 
     def run(self, offsets: np.ndarray, reads: np.ndarray, view, deadline_ns: int) -> Stamps:
         n = len(offsets)
@@ -93,12 +96,47 @@ class PsyncEngine(SyncEngine):
         os.close(self.fd)
 
 
+class SyncEngineAtPosition(PsyncEngine):
+    """fio's sync: the offset set with lseek, then read / write at the file position."""
+
+    def read(self, view, offset: int) -> int:
+        os.lseek(self.fd, offset, os.SEEK_SET)
+        return os.readv(self.fd, [view])
+
+    def write(self, view, offset: int) -> int:
+        os.lseek(self.fd, offset, os.SEEK_SET)
+        return os.writev(self.fd, [view])
+
+
+class NullEngine(SyncEngine):
+    """fio's null: every I/O completes at once without touching a file; runs as a thread as the
+    descriptor engines do (direct= has nothing to change)."""
+
+    on_fd = True
+    needs_file = False
+
+    def __init__(self, path, options: dict, writable: bool, comm=None):
+        pass
+
+    def read(self, view, offset: int) -> int:
+        return len(view)
+
+    write = read
+
+    def sync(self, data_only: bool = False) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class QueuedEngine:
     """libaio or io_uring (io/aio.c): I/Os staged, committed every iodepth_batch_submit and reaped
     as fio does, up to iodepth in flight; no Python between two I/Os (the GIL is released)."""
 
     on_fd = True
     queued = True
+    needs_file = True
     kind = ""
 
     def __init__(self, path, options: dict, writable: bool, comm=None):
@@ -210,8 +248,8 @@ class HDF5Engine(SyncEngine):
         self.file.close()
 
 
-ENGINES = {"psync": PsyncEngine, "libaio": LibaioEngine, "io_uring": IOUringEngine, "mpiio": MPIIOEngine,
-           "hdf5": HDF5Engine}
+ENGINES = {"psync": PsyncEngine, "pvsync": PsyncEngine, "sync": SyncEngineAtPosition, "null": NullEngine,
+           "libaio": LibaioEngine, "io_uring": IOUringEngine, "mpiio": MPIIOEngine, "hdf5": HDF5Engine}
 
 
 def create_hdf5_file(path, nbytes: int, chunk: int) -> None:

@@ -10,6 +10,7 @@ fio's own workings (IGNORED) are accepted and reported as ignored.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -54,10 +55,72 @@ def parse_int(low: int, high: int | None = None):
     return parse
 
 
-def parse_rw(text: str) -> str:
-    if text.strip() not in RW_MODES:
-        raise ValueError(f"{text!r}: expected one of {', '.join(RW_MODES)}")
-    return RW_MODES[text.strip()]
+def parse_rw(text: str) -> dict:
+    """rw=MODE[:N]: random modes take a new random offset every N I/Os (sequential in between),
+    sequential ones skip N bytes after every I/O (fio's holes)."""
+    mode, _, every = text.strip().partition(":")
+    if mode not in RW_MODES:
+        raise ValueError(f"{text!r}: expected one of {', '.join(RW_MODES)}, optionally :N")
+    return {"rw": RW_MODES[mode], "rw_every": parse_size(every) if every else 0}
+
+
+def parse_choice(*choices: str, aliases: dict | None = None):
+    def parse(text: str) -> str:
+        value = (aliases or {}).get(text.strip(), text.strip())
+        if value not in choices:
+            raise ValueError(f"{text!r}: expected one of {', '.join([*choices, *(aliases or {})])}")
+        return value
+
+    return parse
+
+
+def parse_pair(parse_one):
+    """fio's per-direction values: `a,b` for reads and writes, `a` for both, `,b` or `a,` for one."""
+    def parse(text: str) -> tuple:
+        parts = text.split(",")
+        if len(parts) > 2:
+            raise ValueError(f"{text!r}: give one value, or reads,writes (trim is not run here)")
+        if len(parts) == 1:
+            return (parse_one(parts[0]),) * 2
+        return tuple(parse_one(p) if p.strip() else 0 for p in parts)
+
+    return parse
+
+
+def parse_time_range(text: str) -> tuple[float, float]:
+    """startdelay=T or T1-T2 (a random delay in the range, per job copy)."""
+    low, _, high = text.partition("-")
+    bounds = (parse_seconds(low), parse_seconds(high) if high else parse_seconds(low))
+    if bounds[1] < bounds[0]:
+        raise ValueError(f"{text!r}: the range ends before it starts")
+    return bounds
+
+
+DISTRIBUTIONS = {  # name -> (check of the first value, what it is)
+    "random": None,
+    "zipf": (lambda v: v > 0 and v != 1, "theta > 0, not 1"),
+    "pareto": (lambda v: 0 < v < 1, "h in (0, 1)"),
+    "normal": (lambda v: 0 <= v <= 100, "a deviation of 0..100 (% of the region)"),
+}
+
+
+def parse_distribution(text: str) -> tuple[str, tuple[float, ...]]:
+    """random_distribution=random | zipf:THETA | pareto:H | normal:DEV (gauss too), each with an
+    optional :CENTRE in [0, 1] that shifts the hot spot."""
+    name, *values = text.strip().split(":")
+    name = {"gauss": "normal"}.get(name, name)
+    if name not in DISTRIBUTIONS:
+        raise ValueError(f"{text!r}: expected random, zipf:THETA, pareto:H or normal:DEV")
+    if name == "random":
+        return name, ()
+    if not 1 <= len(values) <= 2:
+        raise ValueError(f"{text!r}: {name} needs one value (and an optional centre), e.g. {name}:0.5")
+    numbers = tuple(float(v) for v in values)
+    check, meaning = DISTRIBUTIONS[name]
+    centre_ok = len(numbers) < 2 or 0 <= numbers[1] <= 1
+    if not all(math.isfinite(v) for v in numbers) or not check(numbers[0]) or not centre_ok:
+        raise ValueError(f"{text!r}: {name} needs {meaning}, and a centre in [0, 1]")
+    return name, numbers
 
 
 def parse_engine(text: str) -> str:
@@ -106,19 +169,49 @@ OPTIONS = {
     "iodepth_low": (parse_int(0), 0),  # reap until no more than N are in flight (0: iodepth)
     "name": (str.strip, ""),  # the job's name in reports (default: its section's)
     "description": (str.strip, ""),
+    # order: a stonewall job starts when every earlier one is done (and opens a reporting group),
+    # new_group opens one without waiting, wait_for=NAME waits for that earlier job
+    "stonewall": (parse_bool, False),
+    "new_group": (parse_bool, False),
+    "wait_for": (str.strip, ""),
+    "startdelay": (parse_time_range, (0.0, 0.0)),
+    # offsets
+    "norandommap": (parse_bool, False),
+    "randrepeat": (parse_bool, True),  # the same offsets on every run (0: a new seed each run)
+    "randseed": (parse_int(0), 0x89),  # fio's default seed
+    "random_distribution": (parse_distribution, ("random", ())),
+    # rates, per job copy: bytes/s and IOPS for reads,writes
+    "rate": (parse_pair(parse_size), (0, 0)),
+    "rate_iops": (parse_pair(parse_int(0)), (0, 0)),
+    "rate_process": (parse_choice("linear", "poisson"), "linear"),
+    # files
+    "end_fsync": (parse_bool, False),  # fsync the file when the job's I/O is done
+    "fallocate": (parse_choice("none", "posix", "keep", "native", "truncate", aliases={"0": "none", "1": "posix"}),
+                  "posix"),  # how a laid-out file is allocated before it is filled
+    # logs (fio's format): PREFIX_bw.N.log, PREFIX_lat/_clat/_slat.N.log, PREFIX_iops.N.log
+    "write_bw_log": (str.strip, None),  # a bare flag: the job's name as the prefix
+    "write_lat_log": (str.strip, None),
+    "write_iops_log": (str.strip, None),
+    "log_avg_msec": (parse_int(0), 0),  # one averaged row per window and direction (0: a row per I/O)
+    "log_offset": (parse_bool, False),  # add each I/O's offset (rows per I/O)
+    "per_job_logs": (parse_bool, True),  # 0: one file per prefix, without the job number
     # ours, for the engines fio does not have
     "collective": (parse_bool, False),  # mpiio / hdf5: the collective _all forms
     "hdf5_chunk": (parse_size, 0),  # hdf5: chunk size of the byte dataset; 0 = contiguous
 }
 # fio's other spellings
 ALIASES = {"readwrite": "rw", "blocksize": "bs", "rwmixwrite": "rwmixread", "io_limit": "io_size",
-           "iodepth_batch": "iodepth_batch_submit", "iodepth_batch_complete": "iodepth_batch_complete_min"}
-COMPLEMENTS = {"rwmixwrite"}  # an alias whose value is the other share: rwmixwrite=30 is rwmixread=70
+           "iodepth_batch": "iodepth_batch_submit", "iodepth_batch_complete": "iodepth_batch_complete_min",
+           "buffered": "direct"}
+# aliases that mean the opposite: rwmixwrite=30 is rwmixread=70, buffered=0 is direct=1
+COMPLEMENTS = {"rwmixwrite": lambda v: 100 - v, "buffered": lambda v: not v}
+DERIVED = {"rw_every": 0}  # set by another option's value (rw=randread:8), never by name
 # Options that tune fio's own workings and cannot change what is measured here, with why.
 IGNORED = {
     "thread": "hpc-train iobench always runs a rank's jobs as threads",
     "gtod_reduce": "timing calls are cheap here; every I/O is timed",
     "clocksource": "latencies are taken with CLOCK_MONOTONIC",
+    "create_on_open": "files are created when they are laid out, before the jobs start (fio's default)",
 }
 MAX_INCLUDE_DEPTH = 16
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -133,8 +226,10 @@ class Job:
     raw: dict  # the job section's own option strings, as fio echoes them in "job options"
     line: int
     source: str
-    groupid: int = 0
+    groupid: int = 0  # fio's reporting group: a new one at each stonewall or new_group
     section: str = ""  # the [section] that defined it (what --section selects)
+    level: int = 0  # when it starts: after every job of a lower level is done (stonewall, wait_for)
+    index: int = 0  # its place in the file (fio's job number, from 0)
 
 
 @dataclass
@@ -163,7 +258,8 @@ def _parse_value(source: str, number: int, key: str, value: str):
                            + f"; supported: {', '.join(known)}")
     try:
         parsed = OPTIONS[name][0](value)
-        return 100 - parsed if key in COMPLEMENTS else parsed
+        parsed = COMPLEMENTS[key](parsed) if key in COMPLEMENTS else parsed
+        return parsed if isinstance(parsed, dict) else {name: parsed}
     except ValueError as exc:
         raise JobFileError(f"{source}:{number}: bad value for option '{key}': {exc}") from None
 
@@ -178,10 +274,10 @@ def _expand(line: str, source: str, number: int) -> str:
     return _VARIABLE.sub(value, line)
 
 
-def _lines(text: str, source: str, depth: int = 0):
+def _lines(text: str, source: str, depth: int = 0, first: int = 1):
     """(source, line number, line) of the job file, ${VAR} expanded and `include FILE` lines
     replaced by that file's (a relative name is taken from the including file's folder)."""
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=first):
         line = _expand(line, source, number)
         words = line.split(None, 1)
         if not words or words[0] != "include":
@@ -200,9 +296,10 @@ def _lines(text: str, source: str, depth: int = 0):
         yield from _lines(included, str(path), depth + 1)
 
 
-def parse(text: str, source: str = "<job file>") -> JobFile:
+def parse(text: str, source: str = "<job file>", first_line: int = 1) -> JobFile:
     """Parse a job file's text; every mistake names source, line and option."""
     result = JobFile(source)
+    order = {"group": 0, "level": 0}  # the reporting group and start level of the jobs being defined
     global_values: dict = {}
     section, section_line, values, raw = None, 0, {}, {}
 
@@ -210,7 +307,7 @@ def parse(text: str, source: str = "<job file>") -> JobFile:
         if section is None or section == "global":
             return
         source = section_source
-        merged = {key: default for key, (_, default) in OPTIONS.items()}
+        merged = {key: default for key, (_, default) in OPTIONS.items()} | DERIVED
         merged.update(global_values)
         merged.update(values)
         if merged["size"] is None:
@@ -240,11 +337,27 @@ def parse(text: str, source: str = "<job file>") -> JobFile:
             raise JobFileError(f"{source}:{section_line}: job '{section}': set fsync= or fdatasync=, not both")
         if merged["time_based"] and not merged["runtime"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': time_based needs runtime=")
-        result.jobs.append(Job(merged["name"] or section, merged, dict(raw), section_line, source, groupid=0,
-                               section=section))
+        if merged["collective"] and not merged["randrepeat"]:
+            raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs the same offsets on "
+                               "every rank: randrepeat=0 would draw different ones")
+        earlier = result.jobs
+        if earlier and (merged["stonewall"] or merged["new_group"]):
+            order["group"] += 1
+        if earlier and merged["stonewall"]:
+            order["level"] = max(job.level for job in earlier) + 1
+        level = order["level"]
+        if merged["wait_for"]:
+            waited = [job.level for job in earlier if job.name == merged["wait_for"]]
+            if not waited:
+                names = ", ".join(job.name for job in earlier) or "none"
+                raise JobFileError(f"{source}:{section_line}: job '{section}': wait_for={merged['wait_for']}: no "
+                                   f"earlier job has that name (earlier: {names})")
+            level = max(level, max(waited) + 1)
+        result.jobs.append(Job(merged["name"] or section, merged, dict(raw), section_line, source,
+                               groupid=order["group"], section=section, level=level, index=len(earlier)))
 
     section_source = source
-    for line_source, number, line in _lines(text, source):
+    for line_source, number, line in _lines(text, source, first=first_line):
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
             continue
@@ -262,10 +375,10 @@ def parse(text: str, source: str = "<job file>") -> JobFile:
         if key in IGNORED:
             result.ignored.append(f"{line_source}:{number}: option '{key}' ignored: {IGNORED[key]}")
             continue
-        parsed = _parse_value(line_source, number, key, value)
         target = global_values if section == "global" else values
-        target[ALIASES.get(key, key)] = parsed
-        (result.global_raw if section == "global" else raw)[key] = value
+        target.update(_parse_value(line_source, number, key, value))
+        if sep:  # fio echoes options given a value, not bare flags
+            (result.global_raw if section == "global" else raw)[key] = value
     finish()
     if not result.jobs:
         raise JobFileError(f"{source}: no job sections (only [global] or nothing)")
@@ -280,3 +393,24 @@ def load(path) -> JobFile:
     except UnicodeDecodeError:
         raise JobFileError(f"{path}: not a text job file") from None
     return parse(text, str(path))
+
+
+COMMAND_LINE = "<command line>"
+
+
+def from_command_line(words: list[str]) -> JobFile:
+    """Jobs given as fio takes them on its command line: options before the first --name=NAME
+    are global, each --name=NAME starts a job; errors name the option by its place (the Nth)."""
+    lines = ["[global]"]  # line 0: what comes before the first option
+    for word in words:
+        key, sep, value = word.removeprefix("--").partition("=")
+        if not word.startswith("--") or not key or (key == "name" and not value):
+            raise JobFileError(f"{COMMAND_LINE}:{len(lines)}: {word!r}: job options are given as --option=value "
+                               "(a job starts at --name=NAME)")
+        lines.append(f"[{value}]" if key == "name" else f"{key}={value}" if sep else key)
+    if not any(line.startswith("[") for line in lines[1:]):
+        raise JobFileError(f"{COMMAND_LINE}: no job: start one with --name=NAME, then its options")
+    result = parse("\n".join(lines), COMMAND_LINE, first_line=0)
+    for job in result.jobs:  # fio echoes a command-line job's name among its options
+        job.raw = {"name": job.section, **job.raw}
+    return result

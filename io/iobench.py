@@ -9,6 +9,8 @@ marker beside it) is never written to without `--overwrite`.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import re
@@ -24,6 +26,7 @@ import numpy as np
 from .engines import ENGINES, EngineUnavailable, Stamps, create_hdf5_file
 from .fiojob import Job
 from .iostats import call_sizes, depth_levels, latency_distribution, percentiles, summary, windowed_rates
+from .pattern import CHUNK, Pacer, Pattern, chunks
 
 MARKER_SUFFIX = ".hpc_train-iobench"
 READ, WRITE = 0, 1
@@ -38,6 +41,7 @@ class Instance:
     job: Job
     jobnum: int
     path: Path
+    number: int = 1  # fio's job number (1, 2, ... over every copy of every job): names its log files
     comm: object = None  # mpiio / hdf5: the communicator the file is opened on
 
     def __getstate__(self):  # results travel to rank 0 without the (unpicklable) communicator
@@ -62,6 +66,7 @@ class Result:
     depth: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     submit_calls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     complete_calls: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def lat_ns(self) -> np.ndarray:
@@ -76,7 +81,7 @@ def instances(jobs: list[Job]) -> list[Instance]:
         o = job.options
         for k in range(o["numjobs"]):
             name = o["filename"] or f"{job.name}.{k}.0"
-            out.append(Instance(job, k, Path(o["directory"] or ".") / name))
+            out.append(Instance(job, k, Path(o["directory"] or ".") / name, number=len(out) + 1))
     return out
 
 
@@ -132,7 +137,7 @@ def _extent(o: dict) -> int:
 def layout_bytes(inst: Instance) -> int:
     """What layout() will add to the file system for this instance (0 for a file already there)."""
     o = inst.job.options
-    if o["filename"] and inst.jobnum != 0:
+    if (o["filename"] and inst.jobnum != 0) or not ENGINES[o["ioengine"]].needs_file:
         return 0
     if o["ioengine"] == "hdf5":
         return 0 if inst.path.exists() and _is_ours(inst.path) else _extent(o)
@@ -215,7 +220,7 @@ def layout(inst: Instance, overwrite: bool) -> None:
     """
     o = inst.job.options
     needed = _extent(o)
-    if o["filename"] and inst.jobnum != 0:
+    if (o["filename"] and inst.jobnum != 0) or not ENGINES[o["ioengine"]].needs_file:
         return
     if o["ioengine"] == "hdf5":
         if not inst.path.exists() or not _is_ours(inst.path):
@@ -231,6 +236,7 @@ def layout(inst: Instance, overwrite: bool) -> None:
     _claim(inst.path)
     block = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
     with open(inst.path, "r+b" if inst.path.exists() else "wb") as f:
+        allocate(f.fileno(), needed, o["fallocate"])
         f.seek(0, os.SEEK_END)
         while f.tell() < needed:
             f.write(block[: needed - f.tell()])
@@ -238,64 +244,39 @@ def layout(inst: Instance, overwrite: bool) -> None:
         os.fsync(f.fileno())
 
 
+FALLOC_FL_KEEP_SIZE = 1
+
+
+def allocate(fd: int, nbytes: int, mode: str) -> None:
+    """fio's fallocate= before a file is filled: posix_fallocate, fallocate(2) plain (native) or
+    keeping the size (keep), ftruncate (truncate), or nothing (none). Where the file system has
+    no fallocate(2) (EOPNOTSUPP), native and keep do nothing, as fio goes on without."""
+    if mode == "posix":
+        os.posix_fallocate(fd, 0, nbytes)
+    elif mode == "truncate":
+        os.ftruncate(fd, max(nbytes, os.fstat(fd).st_size))
+    elif mode in ("native", "keep"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        flags = FALLOC_FL_KEEP_SIZE if mode == "keep" else 0
+        if libc.fallocate(fd, flags, ctypes.c_long(0), ctypes.c_long(nbytes)) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EOPNOTSUPP:
+                raise OSError(err, os.strerror(err))
+
+
 def start_offset(inst: Instance) -> int:
     o = inst.job.options
     return o["offset"] + inst.jobnum * o["offset_increment"]
 
 
-def _offsets(inst: Instance, rng: np.random.Generator) -> np.ndarray:
-    """One pass over the instance's region: every block once, in order or shuffled (fio's random map)."""
+def seed(inst: Instance):
+    """The copy's random seed: randseed, the job and the copy (the same offsets on every run:
+    randrepeat=1); collective copies share one (every rank issues the same I/Os in the same
+    order); randrepeat=0 takes a fresh seed from the system."""
     o = inst.job.options
-    blocks = o["size"] // o["bs"]
-    order = rng.permutation(blocks) if o["rw"].startswith("rand") else np.arange(blocks)
-    return start_offset(inst) + order * o["bs"]
-
-
-def _loop_ios(inst: Instance, rng: np.random.Generator, mix: float):
-    """(offset, whether a read) of every I/O of one of fio's loops: passes over the region (each
-    block once, `_offsets`) until io_size bytes (default: size) are done, the last pass cut short."""
-    o = inst.job.options
-    left = (o["io_size"] or o["size"]) // o["bs"]
-    while left > 0:
-        offsets = _offsets(inst, rng)[:left]
-        left -= len(offsets)
-        yield from zip(offsets.tolist(), (rng.random(len(offsets)) < mix).tolist(), strict=True)
-
-
-CHUNK = 4096  # I/Os handed to an engine at once
-
-
-def _chunks(inst: Instance, rng: np.random.Generator, mix: float):
-    """The job's I/Os as (offsets, reads, sync_first) runs for an engine: a run ends where fio
-    syncs (before the I/O after every fsync=/fdatasync= Nth write), at number_ios, or at
-    CHUNK I/Os (so a time-based job checks its clock and memory stays bounded)."""
-    o = inst.job.options
-    sync_every, left = o["fsync"] or o["fdatasync"], o["number_ios"] or -1
-    writes_since_sync, sync_first = 0, False
-    offsets, reads = [], []
-    loop = 0
-    while True:
-        for offset, reading in _loop_ios(inst, rng, mix):
-            if (sync_every and writes_since_sync == sync_every) or len(offsets) == CHUNK:
-                if offsets:
-                    yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
-                    offsets, reads = [], []
-                sync_first = bool(sync_every and writes_since_sync == sync_every)
-                if sync_first:
-                    writes_since_sync = 0
-            offsets.append(offset)
-            reads.append(reading)
-            writes_since_sync += not reading
-            left -= 1
-            if left == 0:
-                yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
-                return
-        loop += 1
-        if not o["time_based"] and loop >= o["loops"]:
-            if offsets:
-                yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
-            return
-
+    if not o["randrepeat"]:
+        return None
+    return [o["randseed"], inst.job.index, 0 if o["collective"] else inst.jobnum]
 
 
 def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
@@ -311,16 +292,21 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     buffer = mmap.mmap(-1, bs)  # page-aligned, as O_DIRECT requires
     buffer.write(np.random.default_rng(inst.jobnum).integers(0, 256, bs, dtype=np.uint8).tobytes())
     view = memoryview(buffer)
-    # collective jobs must issue the same offsets on every rank in the same order
-    rng = np.random.default_rng([sum(inst.job.name.encode()), 0 if o["collective"] else inst.jobnum])
+    rng = np.random.default_rng(seed(inst))
     mix = {"read": 1.0, "randread": 1.0, "write": 0.0, "randwrite": 0.0}.get(o["rw"], o["rwmixread"] / 100)
-    runs, kinds, syncs = [], [], []
+    pacer = Pacer(o, rng)
+    runs, kinds, syncs, issued_at = [], [], [], []
     usage_before = resource.getrusage(resource.RUSAGE_THREAD)
     start_barrier.wait()
+    low, high = o["startdelay"]
+    time.sleep(rng.uniform(low, high) if high > low else low)
     start = time.perf_counter_ns()
     deadline = start + int(1e9 * (o["ramp_time"] + o["runtime"])) if o["runtime"] else 0
+    pattern = Pattern(o, start_offset(inst), rng)
     try:
-        for offsets, reads, sync_first in _chunks(inst, rng, mix):
+        for offsets, reads, sync_first in chunks(o, pattern, mix, pacer.chunk() if pacer.active else CHUNK):
+            if pacer.active:
+                pacer.wait(reads, start)
             if sync_first:
                 s0 = time.perf_counter_ns()
                 engine.sync(data_only=bool(o["fdatasync"]))
@@ -334,8 +320,11 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
                                    + (os.strerror(-res) if res < 0 else f"short, {res} of {bs} bytes"))
             runs.append(stamps)
             kinds.append(np.where(reads[: len(stamps.set_up)], READ, WRITE).astype(np.int8))
+            issued_at.append(offsets[: len(stamps.set_up)])
             if len(stamps.set_up) < len(offsets) or (deadline and time.perf_counter_ns() >= deadline):
                 break
+        if o["end_fsync"] and writes(inst.job):
+            engine.sync()
     finally:
         elapsed = time.perf_counter_ns() - start
         usage_after = resource.getrusage(resource.RUSAGE_THREAD)
@@ -345,6 +334,7 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     stamps = Stamps(*(np.concatenate([getattr(r, f) for r in runs]) if runs else np.zeros(0, np.int64)
                       for f in Stamps.__dataclass_fields__))
     kind = np.concatenate(kinds) if kinds else np.zeros(0, np.int8)
+    offsets = np.concatenate(issued_at) if issued_at else np.zeros(0, np.int64)
     counted = stamps.reaped - start >= int(1e9 * o["ramp_time"])  # what ends after the ramp is measured
     runtime = max(elapsed / 1e9 - o["ramp_time"], 1e-9)
     return Result(inst, kind[counted], (stamps.reaped - stamps.issued)[counted],
@@ -357,7 +347,7 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
                    + (usage_after.ru_nivcsw - usage_before.ru_nivcsw),
                    "majf": usage_after.ru_majflt - usage_before.ru_majflt,
                    "minf": usage_after.ru_minflt - usage_before.ru_minflt},
-                  stamps.depth[counted], stamps.submit_calls, stamps.complete_calls)
+                  stamps.depth[counted], stamps.submit_calls, stamps.complete_calls, offsets[counted])
 
 
 def unlink_files(mine: list[Instance]) -> None:
@@ -372,9 +362,26 @@ def unlink_files(mine: list[Instance]) -> None:
 def prepare(mine: list[Instance], overwrite: bool) -> None:
     """Check write permission and lay out every file this rank's instances use."""
     for inst in mine:
-        if writes(inst.job):
+        if writes(inst.job) and ENGINES[inst.job.options["ioengine"]].needs_file:
             check_writable(inst, overwrite)
         layout(inst, overwrite)
+
+
+def run_levels(mine: list[Instance], levels: list[int], comm) -> tuple[list[Result], list[str]]:
+    """Run the job levels one after another (stonewall, wait_for), each started together on every
+    rank once every rank is done with the one before; the problems of any rank end the run on all."""
+    results: list[Result] = []
+    for level in levels:
+        comm.Barrier()
+        try:
+            results.extend(run_local([inst for inst in mine if inst.job.level == level]))
+            problem = None
+        except (IOBenchError, OSError) as exc:
+            problem = str(exc)
+        problems = [p for p in comm.allgather(problem) if p]
+        if problems:
+            return results, problems
+    return results, []
 
 
 def run_local(mine: list[Instance]) -> list[Result]:
@@ -480,16 +487,21 @@ def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
 
 def report(results: list[Result], jobfile, version: str) -> dict:
     """fio's JSON document (--output-format=json) for every result of the run."""
-    group_bytes = {k: int(sum(r.sizes[r.kinds == k].sum() for r in results)) for k in (READ, WRITE)}
-    entries = []
-    by_job: dict[str, list[Result]] = {}
+    group_bytes: dict[int, dict] = {}
     for r in results:
-        by_job.setdefault(r.instance.job.name, []).append(r)
+        totals = group_bytes.setdefault(r.instance.job.groupid, {READ: 0, WRITE: 0})
+        for k in (READ, WRITE):
+            totals[k] += int(r.sizes[r.kinds == k].sum())
+    entries = []
+    by_job: dict[int, list[Result]] = {}
+    for r in sorted(results, key=lambda r: r.instance.number):
+        by_job.setdefault(r.instance.job.index, []).append(r)
     for rs in by_job.values():
-        if rs[0].instance.job.options["group_reporting"]:
-            entries.append(job_report(rs, 0, group_bytes))
+        job = rs[0].instance.job
+        if job.options["group_reporting"]:
+            entries.append(job_report(rs, job.groupid, group_bytes[job.groupid]))
         else:
-            entries.extend(job_report([r], 0, group_bytes) for r in sorted(rs, key=lambda r: r.instance.jobnum))
+            entries.extend(job_report([r], job.groupid, group_bytes[job.groupid]) for r in rs)
     now = time.time()
     return {"fio version": version, "timestamp": int(now), "timestamp_ms": int(now * 1000),
             "time": time.ctime(now), "global options": dict(jobfile.global_raw), "jobs": entries,
@@ -527,13 +539,14 @@ def text_report(doc: dict) -> str:
         lines.append(f"  cpu          : usr={job['usr_cpu']:.2f}%, sys={job['sys_cpu']:.2f}%, ctx={job['ctx']}, "
                      f"majf={job['majf']}, minf={job['minf']}")
         lines.append("  IO depths    : " + ", ".join(f"{k}={v:.1f}%" for k, v in job["iodepth_level"].items()))
-    lines.append("\nRun status group 0 (all jobs):")
-    for name in ("read", "write"):
-        active = [j[name] for j in doc["jobs"] if j[name]["total_ios"]]
-        if active:
-            total = sum(d["io_bytes"] for d in active)
-            longest = max(d["runtime"] for d in active)
-            bw = 1000 * total / longest if longest else 0
-            lines.append(f"  {name.upper():>5}: bw={_human_bytes(bw)}/s ({_human_bytes(bw, False)}/s), "
-                         f"io={_human_bytes(total)}, run={min(d['runtime'] for d in active)}-{longest}msec")
+    for group in sorted({job["groupid"] for job in doc["jobs"]}):
+        lines.append(f"\nRun status group {group} (all jobs):")
+        for name in ("read", "write"):
+            active = [j[name] for j in doc["jobs"] if j["groupid"] == group and j[name]["total_ios"]]
+            if active:
+                total = sum(d["io_bytes"] for d in active)
+                longest = max(d["runtime"] for d in active)
+                bw = 1000 * total / longest if longest else 0
+                lines.append(f"  {name.upper():>5}: bw={_human_bytes(bw)}/s ({_human_bytes(bw, False)}/s), "
+                             f"io={_human_bytes(total)}, run={min(d['runtime'] for d in active)}-{longest}msec")
     return "\n".join(lines)

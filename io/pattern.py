@@ -1,0 +1,193 @@
+"""Where and when a job's I/Os go: fio's offset patterns, random distributions and rate limits.
+
+Offsets (`Pattern`): sequential passes over the job's region (with fio's holes,
+`rw=read:4k`), or random ones: every block once per pass (fio's random map), or
+drawn independently (`norandommap`, and every non-uniform `random_distribution`:
+zipf, pareto and normal as fio's lib/zipf.c and lib/gauss.c compute them, the hot ranks
+scattered over the region as fio hashes them), with `rw=randread:N` taking N-1 sequential blocks after each
+random one. `randrepeat=1` (fio's default) makes the pattern the same on every run;
+`randseed` chooses another.
+
+Timing (`Pacer`): `rate`/`rate_iops` (per job copy, reads and writes apart) and
+`rate_process` (linear, or poisson gaps), enforced between the runs handed to an
+engine, which are cut to about a millisecond of I/O when a rate is set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+CHUNK = 4096  # I/Os handed to an engine at once
+ZIPF_MAX_TERMS = 10_000_000  # fio's ZIPF_MAX_GEN: the zeta sum stops there
+GOLDEN = 0.6180339887
+
+
+def _scramble(ranks: np.ndarray, blocks: int) -> np.ndarray:
+    """Spread the hot ranks of a skewed distribution over the region (fio hashes them): rank times
+    a multiplier prime to the block count, modulo it (a bijection; in int64 below 2^31 blocks)."""
+    multiplier = max(1, int(blocks * GOLDEN))
+    while math.gcd(multiplier, blocks) != 1:
+        multiplier += 1
+    if blocks < 1 << 31:
+        return ranks * multiplier % blocks
+    return np.array([r * multiplier % blocks for r in ranks.tolist()], np.int64)
+
+
+def _zeta(n: int, theta: float) -> float:
+    """sum of k^-theta for k = 1..n (at most fio's ZIPF_MAX_GEN terms), a MiB of terms at a time."""
+    n, step, total = min(n, ZIPF_MAX_TERMS), 1 << 17, 0.0
+    for lo in range(1, n + 1, step):
+        total += float(np.sum(np.arange(lo, min(n + 1, lo + step), dtype=np.float64) ** -theta))
+    return total
+
+
+def zipf_ranks(rng: np.random.Generator, n: int, blocks: int, theta: float) -> np.ndarray:
+    """n ranks in [0, blocks) with P(k) ~ (k+1)^-theta (Gray et al., as fio's zipf_next)."""
+    zetan, zeta2 = _zeta(blocks, theta), _zeta(2, theta)
+    alpha = 1.0 / (1.0 - theta)
+    eta = (1.0 - (2.0 / blocks) ** (1.0 - theta)) / (1.0 - zeta2 / zetan) if blocks > 2 else 1.0
+    u = rng.random(n)
+    uz = u * zetan
+    ranks = np.floor(blocks * np.power(np.maximum(eta * u - eta + 1.0, 0.0), alpha)).astype(np.int64)
+    ranks = np.where(uz < 1.0 + 0.5**theta, 1, ranks)
+    ranks = np.where(uz < 1.0, 0, ranks)
+    return np.clip(ranks, 0, blocks - 1)
+
+
+def pareto_ranks(rng: np.random.Generator, n: int, blocks: int, h: float) -> np.ndarray:
+    """fio's pareto_next: (blocks - 1) * u^(log h / log(1 - h))."""
+    power = math.log(h) / math.log(1.0 - h)
+    return np.clip(((blocks - 1) * np.power(rng.random(n), power)).astype(np.int64), 0, blocks - 1)
+
+
+def normal_ranks(rng: np.random.Generator, n: int, blocks: int, deviation: float) -> np.ndarray:
+    """fio's normal (lib/gauss.c): the mean of 12 uniform draws over [0, blocks], rounded up, moved
+    by a uniform jitter of width deviation % of the blocks (at most half of them), halved while it would
+    pass the end; the ranks are then scattered as zipf's and pareto's are."""
+    total = np.zeros(n, np.int64)
+    for _ in range(12):
+        total += rng.integers(0, blocks + 1, n)
+    ranks = -(-total // 12)
+    width = min(int(blocks * deviation / 100), blocks // 2)
+    jitter = np.floor(width * rng.random(n)).astype(np.int64) - width // 2
+    while (over := ranks + jitter >= blocks).any():
+        jitter[over] = np.trunc(jitter[over] / 2).astype(np.int64)
+    return (ranks + jitter) % blocks
+
+
+class Pattern:
+    """The offsets of one job copy, a pass over its region at a time."""
+
+    def __init__(self, options: dict, start: int, rng: np.random.Generator):
+        o = options
+        self.o, self.start, self.rng = o, start, rng
+        self.blocks = o["size"] // o["bs"]
+        self.random = o["rw"].startswith("rand")
+        self.every = o["rw_every"]  # rand: a new random offset every N I/Os; sequential: a hole of N bytes
+
+    def _random_blocks(self, n: int) -> np.ndarray:
+        name, values = self.o["random_distribution"]
+        blocks = self.blocks
+        if name == "random":
+            if self.o["norandommap"]:
+                return self.rng.integers(0, blocks, n)
+            return self.rng.permutation(blocks)[:n]
+        if name == "zipf":
+            picked = _scramble(zipf_ranks(self.rng, n, blocks, values[0]), blocks)
+        elif name == "pareto":
+            picked = _scramble(pareto_ranks(self.rng, n, blocks, values[0]), blocks)
+        else:
+            picked = _scramble(normal_ranks(self.rng, n, blocks, values[0]), blocks)
+        centre = values[1] if len(values) > 1 else 0.0
+        return (picked + int(centre * blocks)) % blocks
+
+    def one_pass(self) -> np.ndarray:
+        """Offsets of one pass: every block once (sequential, or the random map), or `blocks` draws."""
+        bs = self.o["bs"]
+        if not self.random:
+            return self.start + np.arange(0, self.blocks * bs - bs + 1, bs + self.every, dtype=np.int64)
+        if self.every <= 1:
+            return self.start + self._random_blocks(self.blocks) * bs
+        heads = self._random_blocks(-(-self.blocks // self.every))  # one random block per run of `every`
+        runs = (heads[:, None] + np.arange(self.every)[None, :]) % self.blocks
+        return self.start + runs.reshape(-1)[: self.blocks] * bs
+
+    def ios(self, mix: float):
+        """(offset, whether a read) of every I/O of one of fio's loops: passes until io_size bytes
+        (default: size) are done, the last pass cut short."""
+        left = (self.o["io_size"] or self.o["size"]) // self.o["bs"]
+        while left > 0:
+            offsets = self.one_pass()[:left]
+            left -= len(offsets)
+            yield from zip(offsets.tolist(), (self.rng.random(len(offsets)) < mix).tolist(), strict=True)
+
+
+def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
+    """The job's I/Os as (offsets, reads, sync_first) runs for an engine: a run ends where fio
+    syncs (before the I/O after every fsync=/fdatasync= Nth write), at number_ios, or at
+    `chunk` I/Os (so a time-based job checks its clock, a rate holds, and memory stays bounded)."""
+    o = options
+    sync_every, left = o["fsync"] or o["fdatasync"], o["number_ios"] or -1
+    writes_since_sync, sync_first = 0, False
+    offsets, reads = [], []
+    loop = 0
+    while True:
+        for offset, reading in pattern.ios(mix):
+            if (sync_every and writes_since_sync == sync_every) or len(offsets) == chunk:
+                if offsets:
+                    yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
+                    offsets, reads = [], []
+                sync_first = bool(sync_every and writes_since_sync == sync_every)
+                if sync_first:
+                    writes_since_sync = 0
+            offsets.append(offset)
+            reads.append(reading)
+            writes_since_sync += not reading
+            left -= 1
+            if left == 0:
+                yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
+                return
+        loop += 1
+        if not o["time_based"] and loop >= o["loops"]:
+            if offsets:
+                yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
+            return
+
+
+class Pacer:
+    """fio's rate limits for one job copy: bytes/s from `rate`, or IOPS x bs from `rate_iops`, for
+    reads and writes apart; linear (evenly spaced) or poisson (exponential gaps, fio's rate_process)."""
+
+    def __init__(self, options: dict, rng: np.random.Generator):
+        o, bs = options, options["bs"]
+        self.rates = [max(o["rate"][k], o["rate_iops"][k] * bs) for k in (0, 1)]  # reads, writes; 0: no limit
+        self.poisson = o["rate_process"] == "poisson"
+        self.bs, self.rng = bs, rng
+        self.due = [0.0, 0.0]  # seconds after the start when the next I/O of each direction may go
+
+    @property
+    def active(self) -> bool:
+        return any(self.rates)
+
+    def chunk(self) -> int:
+        """I/Os per run: about a millisecond's worth at the fastest limited rate (one for poisson)."""
+        if self.poisson:
+            return 1
+        fastest = max(self.rates) / self.bs
+        return int(min(CHUNK, max(1, fastest / 1000)))
+
+    def wait(self, reads: np.ndarray, start_ns: int) -> None:
+        """Sleep until this run may go, then book its I/Os."""
+        due = 0.0
+        for direction, count in ((0, int(reads.sum())), (1, int(len(reads) - reads.sum()))):
+            if not count or not self.rates[direction]:
+                continue
+            due = max(due, self.due[direction])
+            gap = self.bs / self.rates[direction]
+            self.due[direction] += float(self.rng.exponential(gap, count).sum()) if self.poisson else count * gap
+        delay = due - (time.perf_counter_ns() - start_ns) / 1e9
+        if delay > 0:
+            time.sleep(delay)

@@ -1,0 +1,232 @@
+"""fio's job ordering, offset patterns, distributions, rates, engines, logs and command-line jobs,
+each against fio 3.33 run on the same job file where fio can witness it."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import python_cmd, run_mpi
+from .test_iobench import fio_and_ours, iobench
+
+needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
+
+
+def log_rows(path) -> list[list[str]]:
+    """A log file's rows split as fio2gnuplot splits them (commas to blanks, then on blanks)."""
+    return [line.replace(",", " ").split() for line in path.read_text().splitlines()]
+
+
+def offsets_of(path, bs: int = 4096) -> list[int]:
+    """The block of every I/O in an iops log written with log_offset=1."""
+    return [int(row[4]) // bs for row in log_rows(path)]
+
+
+@needs_fio
+def test_stonewall_new_group_and_wait_for_give_fios_groups_and_counts(tmp_path):
+    job = tmp_path / "order.fio"
+    job.write_text(f"[global]\nbs=4k\nsize=128k\nfilename={tmp_path / 'data'}\n"
+                   "[a]\nrw=read\n[b]\nstonewall\nrw=randread:4\n[c]\nnew_group\nrw=read:4k\n"
+                   "[d]\nwait_for=a\nrw=read\n[e]\nrw=randread\n")
+    fio_doc, our_doc = fio_and_ours(tmp_path, job)
+
+    def groups(doc):
+        return [(j["jobname"], j["groupid"], j["read"]["total_ios"], j["read"]["io_bytes"]) for j in doc["jobs"]]
+
+    assert groups(our_doc) == groups(fio_doc)
+    assert [g for _, g, _, _ in groups(our_doc)] == [0, 1, 2, 2, 2]
+    text = iobench(job, "--overwrite", cwd=tmp_path).stdout
+    assert "Run status group 1 (all jobs)" in text and "Run status group 2 (all jobs)" in text
+
+
+def test_stonewall_waits_for_the_jobs_of_other_ranks(tmp_path):
+    """Two rate-limited jobs of ~1.5 s each, on two ranks: with stonewall the second starts when the
+    first (on the other rank) ends. Witness: the run's wall-clock time, against the same run without."""
+    def elapsed(stonewall: str) -> float:
+        job = tmp_path / f"wall{len(stonewall)}.fio"
+        job.write_text(f"[global]\ndirectory={tmp_path}\nbs=4k\nsize=384k\nrate=256k\nrw=read\n"
+                       f"[first]\n[second]\n{stonewall}")
+        start = time.monotonic()
+        proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "iobench", str(job), "--output-format", "json"),
+                       timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert [j["groupid"] for j in json.loads(proc.stdout)["jobs"]] == ([0, 1] if stonewall else [0, 0])
+        return time.monotonic() - start
+
+    together, in_turn = elapsed(""), elapsed("stonewall\n")
+    assert in_turn - together > 1.0, (together, in_turn)
+
+
+@pytest.mark.parametrize("limit, expected", [("rate=1m", 1 << 20), ("rate_iops=1000", 1000 * 4096),
+                                             ("rate_iops=1000\nrate_process=poisson", 1000 * 4096),
+                                             ("rw=write\nrate=,512k", 512 << 10)])
+def test_rates_hold_within_ten_percent_over_the_job(tmp_path, limit, expected):
+    """About a second of I/O at the limit: the job's bandwidth (its bytes over its runtime, as fio's
+    bw_bytes) within 10% of it; poisson gaps have the same mean."""
+    job = tmp_path / "rate.fio"
+    job.write_text(f"[r]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=8m\nrw=read\nnumber_ios={expected // 4096}\n"
+                   f"{limit}\n")
+    start = time.monotonic()
+    proc = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads(proc.stdout)["jobs"][0]
+    direction = entry["write"] if "write" in limit else entry["read"]
+    assert direction["total_ios"] == expected // 4096
+    assert abs(direction["bw_bytes"] - expected) < 0.1 * expected, direction["bw_bytes"]
+    assert time.monotonic() - start > 0.9  # the run really took the time: not a rate computed after the fact
+
+
+@needs_fio
+def test_sequential_holes_give_fios_offsets(tmp_path):
+    """rw=read:4k: every other block, wrapping to the start when the region ends (fio's own log of
+    the same job lists the same offsets in the same order)."""
+    job = tmp_path / "holes.fio"
+    job.write_text(f"[h]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=256k\nrw=read:4k\nlog_offset=1\n"
+                   f"write_iops_log={tmp_path / 'fio'}\n")
+    subprocess.run(["fio", "--output=/dev/null", str(job)], check=True, timeout=120, cwd=tmp_path)
+    job.write_text(job.read_text().replace(f"write_iops_log={tmp_path / 'fio'}", f"write_iops_log={tmp_path / 'our'}"))
+    proc = iobench(job, "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ours = offsets_of(tmp_path / "our_iops.1.log")
+    assert ours == offsets_of(tmp_path / "fio_iops.1.log")
+    assert ours[:3] == [0, 2, 4] and len(ours) == 64
+
+
+def test_random_runs_take_n_minus_1_sequential_blocks(tmp_path):
+    job = tmp_path / "runs.fio"
+    job.write_text(f"[r]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=256k\nrw=randread:4\nlog_offset=1\n"
+                   "write_iops_log=runs\n")
+    assert iobench(job, "--overwrite", cwd=tmp_path).returncode == 0
+    blocks = offsets_of(tmp_path / "runs_iops.1.log")
+    assert len(blocks) == 64
+    assert all(blocks[k] == (blocks[k - 1] + 1) % 64 for k in range(len(blocks)) if k % 4)
+    heads = [blocks[k] for k in range(0, 64, 4)]
+    assert len(set(heads)) == len(heads)  # the random heads come from the random map: never twice
+
+
+@needs_fio
+@pytest.mark.parametrize("distribution", ["random", "zipf:1.2", "pareto:0.3", "normal:10", "normal:50"])
+def test_random_distributions_skew_as_fios(tmp_path, distribution):
+    """16 passes' worth of 4 KiB reads over 256 blocks without a random map: the share of the
+    10 and 50 hottest blocks and the number of distinct blocks, from fio's log and ours, agree."""
+    def run(program: list[str], prefix: str) -> list[int]:
+        job = tmp_path / f"{prefix}.fio"
+        job.write_text(f"[d]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=1m\nio_size=16m\nrw=randread\n"
+                       f"norandommap\nrandom_distribution={distribution}\nlog_offset=1\nwrite_iops_log={prefix}\n")
+        subprocess.run([*program, str(job)], check=True, timeout=120, cwd=tmp_path, capture_output=True)
+        return offsets_of(tmp_path / f"{prefix}_iops.1.log")
+
+    def shape(blocks):
+        counts = sorted(collections.Counter(blocks).values(), reverse=True)
+        return sum(counts[:10]) / len(blocks), sum(counts[:50]) / len(blocks), len(counts)
+
+    theirs = shape(run(["fio", "--output=/dev/null"], "fio"))
+    ours = shape(run([sys.executable, "-m", "hpc_train.cli", "iobench", "--overwrite", "--output=/dev/null"], "our"))
+    for mine, fios in zip(ours, theirs, strict=True):
+        assert abs(mine - fios) <= 0.15 * fios, (ours, theirs)
+
+
+def test_random_map_reads_every_block_once_a_pass(tmp_path):
+    job = tmp_path / "map.fio"
+    job.write_text(f"[m]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=256k\nio_size=512k\nrw=randread\n"
+                   "log_offset=1\nwrite_iops_log=map\n")
+    assert iobench(job, "--overwrite", cwd=tmp_path).returncode == 0
+    blocks = offsets_of(tmp_path / "map_iops.1.log")
+    assert sorted(blocks[:64]) == sorted(blocks[64:]) == list(range(64)) and blocks[:64] != blocks[64:]
+
+
+def test_randrepeat_and_randseed_decide_the_offsets(tmp_path):
+    def blocks(extra: str, prefix: str) -> list[int]:
+        job = tmp_path / f"{prefix}.fio"
+        job.write_text(f"[s]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=256k\nrw=randread\nlog_offset=1\n"
+                       f"write_iops_log={prefix}\n{extra}")
+        assert iobench(job, "--overwrite", cwd=tmp_path).returncode == 0
+        return offsets_of(tmp_path / f"{prefix}_iops.1.log")
+
+    assert blocks("", "a") == blocks("", "b")  # randrepeat=1 (default): the same on every run
+    assert blocks("randseed=7", "c") == blocks("randseed=7", "d") != blocks("", "e")
+    assert blocks("randrepeat=0", "f") != blocks("randrepeat=0", "g")
+
+
+@needs_fio
+@pytest.mark.parametrize("engine", ["sync", "pvsync", "null"])
+def test_engines_give_fios_counts(tmp_path, engine):
+    job = tmp_path / "e.fio"
+    job.write_text(f"[e]\nioengine={engine}\nfilename={tmp_path / 'data'}\nbs=4k\nsize=512k\nrw=randrw\n"
+                   "end_fsync=1\nfallocate=keep\n")
+    fio_doc, our_doc = fio_and_ours(tmp_path, job)
+    mine, fios = our_doc["jobs"][0], fio_doc["jobs"][0]
+
+    def ios(entry):
+        return entry["read"]["total_ios"] + entry["write"]["total_ios"]
+
+    assert ios(mine) == ios(fios) == 128
+    assert mine["read"]["total_ios"] > 0 and mine["write"]["total_ios"] > 0
+
+
+def test_null_engine_touches_no_file(tmp_path):
+    job = tmp_path / "n.fio"
+    job.write_text(f"[n]\nioengine=null\ndirectory={tmp_path / 'nowhere'}\nbs=4k\nsize=1m\nrw=write\n")
+    proc = iobench(job, "--output-format", "json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["jobs"][0]["write"]["total_ios"] == 256
+    assert not (tmp_path / "nowhere").exists()
+
+
+@needs_fio
+def test_log_files_are_named_and_shaped_as_fios(tmp_path):
+    """Per-I/O and averaged logs of two job copies: fio's file names and columns, fio2gnuplot's
+    parse of every row (time, value, direction, bs), a row per I/O, averaged bandwidth near the job's."""
+    text = ("[global]\nbs=4k\nsize=256k\nrw=randrw\nnumjobs=2\n[per_io]\nwrite_bw_log\nwrite_lat_log\n"
+            "write_iops_log\n[avg]\nstonewall\nrate=1m\ntime_based\nruntime=1\nlog_avg_msec=100\n"
+            "write_bw_log=avg\nwrite_iops_log=avg\n")
+    runs = {}
+    for who, program in (("fio", ["fio", "--output-format=json"]),
+                         ("ours", [sys.executable, "-m", "hpc_train.cli", "iobench", "--output-format=json"])):
+        folder = tmp_path / who
+        folder.mkdir()
+        (folder / "j.fio").write_text(text)
+        proc = subprocess.run([*program, "j.fio"], capture_output=True, text=True, timeout=120, cwd=folder)
+        assert proc.returncode == 0, proc.stderr
+        runs[who] = (json.loads(proc.stdout), sorted(p.name for p in folder.glob("*.log")))
+    (_, fio_logs), (our_doc, our_logs) = runs["fio"], runs["ours"]
+    assert our_logs == fio_logs
+    for name in our_logs:
+        rows = log_rows(tmp_path / "ours" / name)
+        fio_rows = log_rows(tmp_path / "fio" / name)
+        for time_ms, value, direction, bs in (row[:4] for row in rows):
+            float(time_ms), int(value), int(bs)
+            assert direction in ("0", "1")
+        if fio_rows:
+            assert {len(r) for r in rows} == {len(fio_rows[0])}
+        copy = int(name.split(".")[-2]) - 1
+        job = our_doc["jobs"][copy]
+        if name.startswith("per_io") and "slat" not in name:
+            assert len(rows) == job["read"]["total_ios"] + job["write"]["total_ios"]
+        if name.startswith("avg_bw"):
+            reads = [int(r[1]) for r in rows if r[2] == "0"]
+            assert abs(sum(reads) / len(reads) - job["read"]["bw"]) < 0.25 * job["read"]["bw"]
+    assert log_rows(tmp_path / "ours" / "per_io_slat.1.log") == []  # psync has no submission step
+
+
+@needs_fio
+def test_command_line_jobs_run_as_fios(tmp_path):
+    words = ["--bs=4k", "--size=256k", f"--filename={tmp_path / 'data'}", "--name=one", "--rw=randread",
+             "--name=two", "--rw=read:4k", "--stonewall"]
+    fio_doc = json.loads(subprocess.run(["fio", "--output-format=json", *words], capture_output=True, text=True,
+                                        check=True, timeout=120, cwd=tmp_path).stdout)
+    proc = iobench(*words, "--output-format=json", "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    def summary(doc):
+        return [(j["jobname"], j["groupid"], j["read"]["total_ios"], j["job options"]) for j in doc["jobs"]]
+
+    assert summary(json.loads(proc.stdout)) == summary(fio_doc)
+    bad = iobench("--name=x", "--size=1m", "--colour=red", cwd=tmp_path)
+    assert bad.returncode == 2 and "<command line>:3: option 'colour' is not supported" in bad.stderr
