@@ -64,6 +64,8 @@ done
 # One mount namespace for everything below: its mounts vanish with it.
 export root binds_list="${binds[*]}"
 unshare --mount --propagation private bash -euo pipefail -c '
+  # the root a mount point, as / is on a real machine (unshare --mount, which a test uses, needs it)
+  mount --bind "$root" "$root"
   mount -t proc proc "$root/proc"
   mount --rbind /sys "$root/sys"
   mount --rbind /dev "$root/dev"
