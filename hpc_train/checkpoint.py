@@ -202,7 +202,7 @@ def load(path, comm, expected: dict[str, tuple] | None = None, slices: dict[str,
                 else:
                     arrays[name] = dset[...].reshape(shape)
     except (CheckpointError, DatasetError, OSError, KeyError, ValueError, TypeError, MemoryError,
-            RecursionError) as exc:
+            RecursionError, RuntimeError) as exc:  # RuntimeError: h5py's for some damaged metadata
         problem = str(exc) if isinstance(exc, CheckpointError) else f"{path}: unreadable checkpoint ({exc!r})"
     raise_if_any(comm, problem, CheckpointError)
     return arrays, attrs

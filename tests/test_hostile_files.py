@@ -141,6 +141,7 @@ FUZZ = settings(max_examples=10, deadline=None, suppress_health_check=[HealthChe
 @example(mutation=("file_attribute", "rng", "abc"))
 @example(mutation=("dataset_attribute", "", [10 ** 9]))
 @example(mutation=("retype", "", "f8"))
+@example(mutation=("flip", [0.8147591374754346]))  # h5py's RuntimeError "bad symbol table node signature"
 def test_a_damaged_checkpoint_resumes_or_is_refused_by_name(originals, tmp_path, mutation):
     damaged = tmp_path / "ckpt-000000004.h5"
     shutil.copy(originals["checkpoint"], damaged)

@@ -108,7 +108,8 @@ class HDF5Loader:
             result, problem = check(), None
         except DatasetError as exc:
             result, problem = None, str(exc)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, MemoryError, RecursionError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, MemoryError, RecursionError,
+                RuntimeError) as exc:  # RuntimeError: h5py's for some damaged metadata
             result, problem = None, f"{self.path}: unreadable data set ({exc!r})"
         raise_if_any(self.comm, problem, DatasetError)
         return result
