@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     iob.add_argument("--compute-ms", type=float, default=10.0, help="--workload train: emulated compute per step")
     iob.add_argument("--epochs", type=int, default=1, help="--workload train: passes over the data")
     iob.add_argument("--independent", action="store_true", help="--workload train: independent, not collective")
-    iob.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    iob.add_argument("--output-format", choices=["normal", "json", "json+"], default="normal",
+                     help="fio's: normal text, json, or json+ (json with each latency histogram's bins)")
     iob.add_argument("--output", metavar="PATH", help="write the report here instead of stdout")
     iob.add_argument("--overwrite", action="store_true",
                      help="allow writing files that hpc-train iobench did not create")
@@ -336,7 +338,7 @@ def run_training_io(args) -> int:
 def run_iobench(args) -> int:
     from . import __version__, runtime
     from .errors import JobFileError
-    from .io import fiojob, fiolog, iobench
+    from .io import diskstats, fiojob, fiolog, iobench
 
     if args.workload == "train":
         return run_training_io(args)
@@ -364,7 +366,7 @@ def run_iobench(args) -> int:
     except JobFileError as exc:  # every rank finds the same problem
         print(f"hpc-train iobench: {exc}", file=sys.stderr)
         return 2
-    results, problem = [], None
+    results, problem, disks = [], None, []
     try:
         iobench.check_space(mine, comm)  # collective: the same verdict on every rank
         iobench.prepare(mine, args.overwrite)
@@ -372,8 +374,8 @@ def run_iobench(args) -> int:
         problem = str(exc)
     problems = [p for p in comm.allgather(problem) if p]
     if not problems:  # everyone laid out: the levels start together on every rank
-        results, problems = iobench.run_levels(mine, sorted({job.level for job in jobfile.jobs}), comm)
-    gathered = comm.gather(results, root=0)
+        results, problems, disks = iobench.run_watched(mine, sorted({job.level for job in jobfile.jobs}), comm)
+    gathered = comm.gather((results, socket.gethostname(), disks), root=0)
     comm.Barrier()  # every rank is done with the files
     iobench.unlink_files(mine)
     if comm.Get_rank() != 0:
@@ -381,14 +383,16 @@ def run_iobench(args) -> int:
     if problems:
         print("\n".join(f"hpc-train iobench: {p}" for p in sorted(set(problems))), file=sys.stderr)
         return 1
-    results = [r for rs in gathered for r in rs]
+    results = [r for rs, _, _ in gathered for r in rs]
     try:
         fiolog.write_logs(results)
     except OSError as exc:
         print(f"hpc-train iobench: cannot write a log file: {exc}", file=sys.stderr)
         return 1
-    doc = iobench.report(results, jobfile, f"hpc-train-iobench-{__version__}")
-    text = json.dumps(doc, indent=2) if args.output_format == "json" else iobench.text_report(doc)
+    doc = iobench.report(results, jobfile, f"hpc-train-iobench-{__version__}",
+                         diskstats.merge([(host, entries) for _, host, entries in gathered]),
+                         bins=args.output_format == "json+")
+    text = iobench.text_report(doc) if args.output_format == "normal" else json.dumps(doc, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")
     else:

@@ -9,6 +9,9 @@
  * use raw system calls (<linux/aio_abi.h>, <linux/io_uring.h>): no libaio or liburing
  * to link. Every I/O gets three CLOCK_MONOTONIC stamps, as fio's: set up, issued (the
  * submit call returned), reaped. The GIL is released for the whole run.
+ *
+ * `data` holds either one block, written by every write (reads land in a scratch slot), or
+ * one block per I/O (verify=): write i takes block i, read i delivers into block i.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -211,6 +214,8 @@ typedef struct {
     int64_t *submit_calls, *complete_calls; /* per call: how many I/Os it carried, as fio's histograms */
     int64_t n_submit_calls, n_complete_calls;
     int64_t *depth_at_commit;               /* in flight after each commit, one entry per I/O committed */
+    char *data;                             /* with per_io: block i of I/O i (written from, read into) */
+    int per_io;
 } run_args;
 
 /* Returns how many I/Os were issued (all of them reaped), or -errno. */
@@ -240,6 +245,8 @@ static int64_t run_queue(queue *q, run_args *a) {
             slot_index[slot] = next;
             a->set_up[next] = t;
             staged_index[q->staged] = next;
+            if (a->per_io && !a->reads[next])
+                memcpy(q->buffers + (size_t)slot * q->bs, a->data + (size_t)next * q->bs, q->bs);
             q->prep(q, slot, a->reads[next], a->offsets[next]);
             next++;
             if (q->staged >= a->batch_submit) break;
@@ -275,8 +282,11 @@ static int64_t run_queue(queue *q, run_args *a) {
             int64_t t = now_ns();
             for (int i = 0; i < got; i++) {
                 int slot = got_slots[i];
-                a->reaped[slot_index[slot]] = t;
-                a->res[slot_index[slot]] = got_res[i];
+                int64_t index = slot_index[slot];
+                a->reaped[index] = t;
+                a->res[index] = got_res[i];
+                if (a->per_io && a->reads[index])
+                    memcpy(a->data + (size_t)index * q->bs, q->buffers + (size_t)slot * q->bs, q->bs);
                 free_slots[nfree++] = slot;
             }
             inflight -= got;
@@ -314,7 +324,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     Py_ssize_t bs;
     long long deadline_ns;
     Py_buffer offsets, reads, data, set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit;
-    if (!PyArg_ParseTuple(args, "siy*y*ny*iiiiiLw*w*w*w*w*w*w*", &engine, &fd, &offsets, &reads, &bs, &data,
+    if (!PyArg_ParseTuple(args, "siy*y*nw*iiiiiLw*w*w*w*w*w*w*", &engine, &fd, &offsets, &reads, &bs, &data,
                           &depth, &batch_submit, &complete_min, &complete_max, &depth_low, &deadline_ns, &set_up, &issued, &reaped, &res,
                           &submit_calls, &complete_calls, &depth_at_commit))
         return NULL;
@@ -356,7 +366,8 @@ static PyObject *run(PyObject *self, PyObject *args) {
     }
     run_args a = {offsets.buf, reads.buf, n, deadline_ns, batch_submit < 1 ? depth : batch_submit, complete_min,
                   complete_max, depth_low < 1 ? depth : depth_low, set_up.buf, issued.buf, reaped.buf, res.buf,
-                  submit_calls.buf, complete_calls.buf, 0, 0, depth_at_commit.buf};
+                  submit_calls.buf, complete_calls.buf, 0, 0, depth_at_commit.buf, data.buf,
+                  data.len >= n * bs};
     if (a.batch_submit > depth) a.batch_submit = depth;
     int64_t done;
     Py_BEGIN_ALLOW_THREADS

@@ -8,8 +8,9 @@ use). mpiio: MPI.File read_at / write_at, or the collective read_at_all / write_
 collective=1. hdf5: h5py on the mpio driver, one 1-D byte dataset `data`, hyperslab reads
 and writes, independent or collective, contiguous or chunked (hdf5_chunk=).
 
-Every engine runs a list of I/Os with `run(offsets, reads, view, deadline_ns)` and
-returns their stamps (`Stamps`); the synchronous engines do it one I/O at a time
+Every engine runs a list of I/Os with `run(offsets, reads, view, bs, deadline_ns)` and
+returns their stamps (`Stamps`); `view` is one block that every I/O uses, or a block per
+I/O (what verify= writes and checks); the synchronous engines do it one I/O at a time
 through their `read`/`write`. `ENGINES` is the registry: a name, and what the runner
 and the job-file checks need to know of each (`on_fd`: a POSIX file descriptor, so
 direct=1 applies and instances run as threads; `queued`: iodepth applies; `needs_file`:
@@ -50,15 +51,17 @@ class SyncEngine:
     queued = False
     needs_file = True
 
-    def run(self, offsets: np.ndarray, reads: np.ndarray, view, deadline_ns: int) -> Stamps:
+    def run(self, offsets: np.ndarray, reads: np.ndarray, view, bs: int, deadline_ns: int) -> Stamps:
         n = len(offsets)
         set_up, reaped, result = (np.zeros(n, np.int64) for _ in range(3))
+        per_io = len(view) >= n * bs
         done = 0
         for offset, reading in zip(offsets.tolist(), reads.tolist(), strict=True):
             t0 = time.perf_counter_ns()  # CLOCK_MONOTONIC, as the C engines' stamps
             if deadline_ns and t0 >= deadline_ns:
                 break
-            result[done] = self.read(view, offset) if reading else self.write(view, offset)
+            block = view[done * bs : (done + 1) * bs] if per_io else view[:bs]
+            result[done] = self.read(block, offset) if reading else self.write(block, offset)
             set_up[done], reaped[done] = t0, time.perf_counter_ns()
             done += 1
         ones = np.ones(done, np.int64)
@@ -149,13 +152,13 @@ class QueuedEngine:
         self.options = options
         self.fd = PsyncEngine(path, options, writable).fd
 
-    def run(self, offsets: np.ndarray, reads: np.ndarray, view, deadline_ns: int) -> Stamps:
+    def run(self, offsets: np.ndarray, reads: np.ndarray, view, bs: int, deadline_ns: int) -> Stamps:
         o, n = self.options, len(offsets)
         out = [np.zeros(n, np.int64) for _ in range(7)]
         try:
             issued, submits, reaps = self.module.run(
                 self.kind, self.fd, np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(reads, np.uint8),
-                len(view), view, o["iodepth"], o["iodepth_batch_submit"], o["iodepth_batch_complete_min"],
+                bs, view, o["iodepth"], o["iodepth_batch_submit"], o["iodepth_batch_complete_min"],
                 o["iodepth_batch_complete_max"], o["iodepth_low"], deadline_ns, *out)
         except OSError as exc:
             raise EngineUnavailable(f"ioengine={self.kind}: {exc.strerror or exc}, setting up or submitting to "

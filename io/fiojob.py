@@ -184,6 +184,9 @@ OPTIONS = {
     "rate": (parse_pair(parse_size), (0, 0)),
     "rate_iops": (parse_pair(parse_int(0)), (0, 0)),
     "rate_process": (parse_choice("linear", "poisson"), "linear"),
+    # verify: a checksummed header in every block written, checked when read (io/verify.py)
+    "verify": (parse_choice("none", "crc32c", "md5", aliases={"0": "none", "crc32c-intel": "crc32c"}), "none"),
+    "do_verify": (parse_bool, True),  # a write job reads back and checks what it wrote
     # files
     "end_fsync": (parse_bool, False),  # fsync the file when the job's I/O is done
     "fallocate": (parse_choice("none", "posix", "keep", "native", "truncate", aliases={"0": "none", "1": "posix"}),
@@ -337,6 +340,11 @@ def parse(text: str, source: str = "<job file>", first_line: int = 1) -> JobFile
             raise JobFileError(f"{source}:{section_line}: job '{section}': set fsync= or fdatasync=, not both")
         if merged["time_based"] and not merged["runtime"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': time_based needs runtime=")
+        if merged["verify"] != "none" and (merged["rw"] in ("rw", "randrw") or merged["collective"]
+                                           or merged["bs"] < 48):
+            raise JobFileError(f"{source}:{section_line}: job '{section}': verify= works on a write job (checked "
+                               "as it reads back) or a read job (checking a file written with verify), without "
+                               "collective=1, with bs of at least 48 (its header)")
         if merged["collective"] and not merged["randrepeat"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs the same offsets on "
                                "every rank: randrepeat=0 would draw different ones")

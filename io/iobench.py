@@ -23,10 +23,20 @@ from pathlib import Path
 
 import numpy as np
 
+from . import diskstats
 from .engines import ENGINES, EngineUnavailable, Stamps, create_hdf5_file
 from .fiojob import Job
-from .iostats import call_sizes, depth_levels, latency_distribution, percentiles, summary, windowed_rates
+from .iostats import (
+    call_sizes,
+    depth_levels,
+    histogram_bins,
+    latency_distribution,
+    percentiles,
+    summary,
+    windowed_rates,
+)
 from .pattern import CHUNK, Pacer, Pattern, chunks
+from .verify import Verifier, VerifyUnavailable
 
 MARKER_SUFFIX = ".hpc_train-iobench"
 READ, WRITE = 0, 1
@@ -279,22 +289,58 @@ def seed(inst: Instance):
     return [o["randseed"], inst.job.index, 0 if o["collective"] else inst.jobnum]
 
 
+VERIFY_CHUNK_BYTES = 16 << 20  # verify keeps a block per I/O of a run: runs of at most this many bytes
+
+
+def _issue(engine, inst: Instance, offsets: np.ndarray, reads: np.ndarray, view, deadline: int) -> Stamps:
+    """One run of I/Os on the engine; IOBenchError naming file, offset and errno for a failed one."""
+    bs = inst.job.options["bs"]
+    stamps = engine.run(offsets, reads, view, bs, deadline)
+    failed = np.nonzero(stamps.result != bs)[0]
+    if len(failed):
+        k, res = failed[0], int(stamps.result[failed[0]])
+        raise IOBenchError(f"{inst.path}: {'read' if reads[k] else 'write'} at offset {offsets[k]} failed: "
+                           + (os.strerror(-res) if res < 0 else f"short, {res} of {bs} bytes"))
+    return stamps
+
+
+def _check(verifier: Verifier, inst: Instance, offsets, reads, view, generation) -> None:
+    bs = inst.job.options["bs"]
+    for k, (offset, reading) in enumerate(zip(offsets.tolist(), reads.tolist(), strict=False)):
+        if reading and (problem := verifier.check(view[k * bs : (k + 1) * bs], offset, inst.path, generation)):
+            raise IOBenchError(problem)
+
+
+def _written_once(offsets: list[np.ndarray]) -> np.ndarray:
+    """Every offset written, once, in the order of its last write (what a read-back must find)."""
+    every = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+    _, last = np.unique(every[::-1], return_index=True)
+    return every[::-1][np.sort(last)][::-1]
+
+
 def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
+    """Run one job copy: its I/Os in runs on its engine, paced and synced as asked, then (verify=
+    on a write job) the read-back of every block it wrote, counted as reads as fio counts them."""
     o = inst.job.options
     bs = o["bs"]
     try:
         engine = ENGINES[o["ioengine"]](inst.path, o, writes(inst.job), inst.comm)
-    except EngineUnavailable as exc:
+        verifier = Verifier(o["verify"], bs, int.from_bytes(os.urandom(8), "little")) if o["verify"] != "none" \
+            else None
+    except (EngineUnavailable, VerifyUnavailable) as exc:
         raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': {exc}") from None
     except OSError as exc:
         raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': cannot open "
                            f"{inst.path}: {exc.strerror or exc}") from None
-    buffer = mmap.mmap(-1, bs)  # page-aligned, as O_DIRECT requires
-    buffer.write(np.random.default_rng(inst.jobnum).integers(0, 256, bs, dtype=np.uint8).tobytes())
-    view = memoryview(buffer)
     rng = np.random.default_rng(seed(inst))
     mix = {"read": 1.0, "randread": 1.0, "write": 0.0, "randwrite": 0.0}.get(o["rw"], o["rwmixread"] / 100)
     pacer = Pacer(o, rng)
+    chunk = pacer.chunk() if pacer.active else CHUNK
+    chunk = min(chunk, max(1, VERIFY_CHUNK_BYTES // bs)) if verifier else chunk
+    blocks = chunk if verifier else 1  # verify: a block per I/O of a run, each with its own header
+    buffer = mmap.mmap(-1, blocks * bs)  # page-aligned, as O_DIRECT requires
+    buffer.write(np.random.default_rng(inst.jobnum).integers(0, 256, bs, dtype=np.uint8).tobytes() * blocks)
+    view = memoryview(buffer)
     runs, kinds, syncs, issued_at = [], [], [], []
     usage_before = resource.getrusage(resource.RUSAGE_THREAD)
     start_barrier.wait()
@@ -302,29 +348,38 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     time.sleep(rng.uniform(low, high) if high > low else low)
     start = time.perf_counter_ns()
     deadline = start + int(1e9 * (o["ramp_time"] + o["runtime"])) if o["runtime"] else 0
-    pattern = Pattern(o, start_offset(inst), rng)
+
+    def record(stamps: Stamps, offsets: np.ndarray, reads: np.ndarray) -> None:
+        runs.append(stamps)
+        kinds.append(np.where(reads[: len(stamps.set_up)], READ, WRITE).astype(np.int8))
+        issued_at.append(offsets[: len(stamps.set_up)])
+
     try:
-        for offsets, reads, sync_first in chunks(o, pattern, mix, pacer.chunk() if pacer.active else CHUNK):
+        for offsets, reads, sync_first in chunks(o, Pattern(o, start_offset(inst), rng), mix, chunk):
             if pacer.active:
                 pacer.wait(reads, start)
             if sync_first:
                 s0 = time.perf_counter_ns()
                 engine.sync(data_only=bool(o["fdatasync"]))
                 syncs.append(time.perf_counter_ns() - s0)
-            stamps = engine.run(offsets, reads, view, deadline)
-            failed = np.nonzero(stamps.result != bs)[0]
-            if len(failed):
-                k, res = failed[0], int(stamps.result[failed[0]])
-                what = "read" if reads[k] else "write"
-                raise IOBenchError(f"{inst.path}: {what} at offset {offsets[k]} failed: "
-                                   + (os.strerror(-res) if res < 0 else f"short, {res} of {bs} bytes"))
-            runs.append(stamps)
-            kinds.append(np.where(reads[: len(stamps.set_up)], READ, WRITE).astype(np.int8))
-            issued_at.append(offsets[: len(stamps.set_up)])
+            if verifier:
+                for k in np.nonzero(~reads)[0].tolist():
+                    verifier.stamp(view[k * bs : (k + 1) * bs], int(offsets[k]))
+            stamps = _issue(engine, inst, offsets, reads, view, deadline)
+            if verifier:
+                _check(verifier, inst, offsets[: len(stamps.set_up)], reads, view, None)
+            record(stamps, offsets, reads)
             if len(stamps.set_up) < len(offsets) or (deadline and time.perf_counter_ns() >= deadline):
                 break
         if o["end_fsync"] and writes(inst.job):
             engine.sync()
+        if verifier and o["do_verify"] and writes(inst.job):
+            written = _written_once([off[kind == WRITE] for off, kind in zip(issued_at, kinds, strict=True)])
+            for lo in range(0, len(written), chunk):
+                offsets, reads = written[lo : lo + chunk], np.ones(len(written[lo : lo + chunk]), bool)
+                stamps = _issue(engine, inst, offsets, reads, view, 0)
+                _check(verifier, inst, offsets, reads, view, verifier.generation)
+                record(stamps, offsets, reads)
     finally:
         elapsed = time.perf_counter_ns() - start
         usage_after = resource.getrusage(resource.RUSAGE_THREAD)
@@ -365,6 +420,16 @@ def prepare(mine: list[Instance], overwrite: bool) -> None:
         if writes(inst.job) and ENGINES[inst.job.options["ioengine"]].needs_file:
             check_writable(inst, overwrite)
         layout(inst, overwrite)
+
+
+def run_watched(mine: list[Instance], levels: list[int], comm) -> tuple[list[Result], list[str], list[dict]]:
+    """run_levels, with fio's disk_util of the block devices under this rank's files over the run."""
+    devices = {device for inst in mine if ENGINES[inst.job.options["ioengine"]].needs_file
+               and (device := diskstats.device_of(inst.path))}
+    before, start = diskstats.snapshot(devices), time.monotonic()
+    results, problems = run_levels(mine, levels, comm)
+    return results, problems, diskstats.utilization(before, diskstats.snapshot(devices),
+                                                   1000 * (time.monotonic() - start))
 
 
 def run_levels(mine: list[Instance], levels: list[int], comm) -> tuple[list[Result], list[str]]:
@@ -418,8 +483,10 @@ def run_local(mine: list[Instance]) -> list[Result]:
     return results
 
 
-def direction_report(results: list[Result], kind: int, percentile_list, runtime_ms: int, group_bytes: int) -> dict:
-    """fio's per-direction block (jobs[].read / .write) from one or more results."""
+def direction_report(results: list[Result], kind: int, percentile_list, runtime_ms: int, group_bytes: int,
+                     bins: bool = False) -> dict:
+    """fio's per-direction block (jobs[].read / .write) from one or more results; `bins` adds
+    json+'s clat histogram (bucket value in ns -> I/Os)."""
     def joined(field: str) -> np.ndarray:
         parts = [getattr(r, field)[r.kinds == kind] for r in results if len(getattr(r, field))]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
@@ -435,6 +502,8 @@ def direction_report(results: list[Result], kind: int, percentile_list, runtime_
     clat_summary = summary(clat)
     if ios:
         clat_summary["percentile"] = percentiles(clat, percentile_list)
+        if bins:
+            clat_summary["bins"] = histogram_bins(clat)
     return {
         "io_bytes": io_bytes, "io_kbytes": io_bytes // 1024, "bw_bytes": bw_bytes, "bw": bw_bytes // 1024,
         "iops": float(1000 * ios / runtime_ms) if runtime_ms else 0.0, "runtime": int(runtime_ms),
@@ -454,7 +523,7 @@ def direction_report(results: list[Result], kind: int, percentile_list, runtime_
     }
 
 
-def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
+def job_report(results: list[Result], groupid: int, group_bytes: dict, bins: bool = False) -> dict:
     """One entry of fio's "jobs" array for one instance, or for a whole group (group_reporting)."""
     job = results[0].instance.job
     runtime_ms = max(1, int(round(1000 * max(r.runtime_s for r in results))))  # fio's unit: whole ms
@@ -466,8 +535,8 @@ def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
         "jobname": job.name, "groupid": groupid, "error": 0, "eta": 0,
         "elapsed": int(round(max(r.runtime_s for r in results) + job.options["ramp_time"])),
         "job options": dict(job.raw),
-        "read": direction_report(results, READ, percentile_list, runtime_ms, group_bytes[READ]),
-        "write": direction_report(results, WRITE, percentile_list, runtime_ms, group_bytes[WRITE]),
+        "read": direction_report(results, READ, percentile_list, runtime_ms, group_bytes[READ], bins),
+        "write": direction_report(results, WRITE, percentile_list, runtime_ms, group_bytes[WRITE], bins),
         "trim": direction_report([], READ, percentile_list, 0, 0),
         # fio counts fsync calls in total_ios and fdatasync calls only in lat_ns (its N): so do we
         "sync": {"total_ios": len(sync) if job.options["fdatasync"] == 0 else 0, "lat_ns": summary(sync)},
@@ -485,8 +554,8 @@ def job_report(results: list[Result], groupid: int, group_bytes: dict) -> dict:
     }
 
 
-def report(results: list[Result], jobfile, version: str) -> dict:
-    """fio's JSON document (--output-format=json) for every result of the run."""
+def report(results: list[Result], jobfile, version: str, disk_util: list[dict], bins: bool = False) -> dict:
+    """fio's JSON document (--output-format=json, or json+ with `bins`) for every result of the run."""
     group_bytes: dict[int, dict] = {}
     for r in results:
         totals = group_bytes.setdefault(r.instance.job.groupid, {READ: 0, WRITE: 0})
@@ -499,13 +568,13 @@ def report(results: list[Result], jobfile, version: str) -> dict:
     for rs in by_job.values():
         job = rs[0].instance.job
         if job.options["group_reporting"]:
-            entries.append(job_report(rs, job.groupid, group_bytes[job.groupid]))
+            entries.append(job_report(rs, job.groupid, group_bytes[job.groupid], bins))
         else:
-            entries.extend(job_report([r], job.groupid, group_bytes[job.groupid]) for r in rs)
+            entries.extend(job_report([r], job.groupid, group_bytes[job.groupid], bins) for r in rs)
     now = time.time()
     return {"fio version": version, "timestamp": int(now), "timestamp_ms": int(now * 1000),
             "time": time.ctime(now), "global options": dict(jobfile.global_raw), "jobs": entries,
-            "disk_util": []}
+            "disk_util": disk_util}
 
 
 def _human_bytes(n: float, binary: bool = True) -> str:

@@ -39,6 +39,12 @@ def bucket_value(index: np.ndarray) -> np.ndarray:
     return np.where(index < 2 * PLAT_VAL, index, mid.astype(np.int64))
 
 
+def histogram_bins(latencies_ns: np.ndarray) -> dict:
+    """json+'s bins: {"value of the bucket in ns": I/Os} for every bucket that has any."""
+    index, counts = np.unique(bucket_index(latencies_ns), return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(bucket_value(index), counts, strict=True)}
+
+
 def percentiles(latencies_ns: np.ndarray, wanted) -> dict:
     """{"99.000000": ns, ...} from the histogram, as fio prints them."""
     if len(latencies_ns) == 0:

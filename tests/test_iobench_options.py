@@ -11,9 +11,10 @@ import sys
 import time
 
 import pytest
+from hpc_train.io.iostats import bucket_value
 
 from .conftest import python_cmd, run_mpi
-from .test_iobench import fio_and_ours, iobench
+from .test_iobench import fio_and_ours, iobench, schema_gaps
 
 needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
 
@@ -230,3 +231,70 @@ def test_command_line_jobs_run_as_fios(tmp_path):
     assert summary(json.loads(proc.stdout)) == summary(fio_doc)
     bad = iobench("--name=x", "--size=1m", "--colour=red", cwd=tmp_path)
     assert bad.returncode == 2 and "<command line>:3: option 'colour' is not supported" in bad.stderr
+
+
+@needs_fio
+@pytest.mark.parametrize("engine", ["psync", "libaio", "io_uring"])
+def test_verify_reads_back_every_written_block_as_fio_counts(tmp_path, engine):
+    """A randwrite job with verify: every block written, then read back and checked; fio reports
+    its read-back as reads, and so do we (the same counts on the same job)."""
+    job = tmp_path / "v.fio"
+    depth = "iodepth=8\n" if engine != "psync" else ""  # fio notes on stdout that psync caps it at 1
+    job.write_text(f"[v]\nioengine={engine}\n{depth}direct=1\nfilename={tmp_path / 'data'}\nbs=4k\n"
+                   "size=256k\nrw=randwrite\nverify=crc32c\n")
+    fio_doc, our_doc = fio_and_ours(tmp_path, job)
+
+    def counts(doc):
+        return doc["jobs"][0]["write"]["total_ios"], doc["jobs"][0]["read"]["total_ios"]
+
+    assert counts(our_doc) == counts(fio_doc) == (64, 64)
+
+
+@pytest.mark.parametrize("kind", ["crc32c", "md5"])
+def test_verify_finds_a_corrupted_or_misplaced_block(tmp_path, kind):
+    """Blocks written with verify, then damaged behind the benchmark's back: a read job with verify
+    fails naming the block (a flipped byte: its checksums; two blocks swapped: where each belongs),
+    and leaves the file as it found it."""
+    data = tmp_path / "data"
+    write = tmp_path / "w.fio"
+    write.write_text(f"[w]\nfilename={data}\nbs=4k\nsize=256k\nrw=randwrite\nverify={kind}\n")
+    assert iobench(write, "--overwrite", cwd=tmp_path).returncode == 0
+    read = tmp_path / "r.fio"
+    read.write_text(f"[r]\nioengine=libaio\niodepth=4\nfilename={data}\nbs=4k\nsize=256k\nrw=read\nverify={kind}\n")
+    assert iobench(read, cwd=tmp_path).returncode == 0  # intact: every block checks
+
+    original = data.read_bytes()
+    flipped = bytearray(original)
+    flipped[9 * 4096 + 1000] ^= 0xFF
+    data.write_bytes(flipped)
+    proc = iobench(read, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert f"{data}: verify ({kind}) failed at offset {9 * 4096}, length 4096: expected checksum" in proc.stderr
+    assert data.read_bytes() == flipped
+
+    swapped = bytearray(original)
+    swapped[0:4096], swapped[4096:8192] = original[4096:8192], original[0:4096]
+    data.write_bytes(swapped)
+    proc = iobench(read, cwd=tmp_path)
+    assert proc.returncode == 1 and "the block there says it belongs at offset 4096" in proc.stderr
+
+
+@needs_fio
+def test_json_plus_bins_and_disk_util_as_fios(tmp_path):
+    """json+: fio's schema with clat bins that count every I/O at fio's bucket values; disk_util
+    names the device under the file, as fio's does, with counters that grew by real reads."""
+    job = tmp_path / "plus.fio"
+    job.write_text(f"[p]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=1m\nrw=randread\ndirect=1\n")
+    fio_doc = json.loads(subprocess.run(["fio", "--output-format=json+", str(job)], capture_output=True, text=True,
+                                        check=True, timeout=120, cwd=tmp_path).stdout)
+    proc = iobench(job, "--output-format=json+", "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    our_doc = json.loads(proc.stdout)
+    assert schema_gaps(fio_doc, our_doc) == []
+    clat = our_doc["jobs"][0]["read"]["clat_ns"]
+    assert sum(clat["bins"].values()) == clat["N"] == 256
+    assert set(map(int, clat["bins"])) <= {int(bucket_value(i)) for i in range(64 * 30)}
+    assert clat["min"] <= min(map(int, clat["bins"])) * 1.02 and max(map(int, clat["bins"])) <= clat["max"] * 1.02
+    assert [d["name"] for d in our_doc["disk_util"]] == [d["name"] for d in fio_doc["disk_util"]]
+    if our_doc["disk_util"]:  # direct reads reach the disk: its read counter moved
+        assert our_doc["disk_util"][0]["read_ios"] >= 1
