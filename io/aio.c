@@ -1,7 +1,8 @@
 /* Asynchronous I/O at a queue depth for `hpc-train iobench`: fio's libaio and io_uring engines.
  *
- * One call runs a whole list of I/Os (offsets, read or write) of one job on one file
- * descriptor, keeping up to `depth` in flight as fio does: I/Os are staged, committed
+ * A queue (`open`) holds one job copy's kernel context and buffers; each `run` on it
+ * takes a list of I/Os (offsets, read or write) on its file descriptor, keeping up to
+ * `depth` in flight as fio does: I/Os are staged, committed
  * to the kernel every `batch_submit` (io_submit, or io_uring_enter), and reaped when
  * the queue is full or nothing is left to stage, waiting for at least `complete_min`
  * (at least 1), taking at most `complete_max` a call (as fio: at least complete_min), and
@@ -318,23 +319,99 @@ static int writable_int64(Py_buffer *b, Py_ssize_t n, const char *name) {
     return 1;
 }
 
-static PyObject *run(PyObject *self, PyObject *args) {
+#define CAPSULE "hpc_train.io._aio.queue"
+
+typedef struct {
+    queue *q; /* NULL once closed */
+} handle;
+
+static void handle_close(handle *h) {
+    if (h->q) {
+        queue_close(h->q);
+        free(h->q);
+        h->q = NULL;
+    }
+}
+
+static void handle_free(PyObject *capsule) {
+    handle *h = PyCapsule_GetPointer(capsule, CAPSULE);
+    if (h) {
+        handle_close(h);
+        free(h);
+    }
+}
+
+/* open(engine, fd, depth, bs) -> queue: the kernel context and depth buffers of one job copy,
+ * set up once (io_destroy waits for an RCU grace period: milliseconds, too slow per run). */
+static PyObject *open_queue(PyObject *self, PyObject *args) {
     const char *engine;
-    int fd, depth, batch_submit, complete_min, complete_max, depth_low;
+    int fd, depth;
     Py_ssize_t bs;
+    if (!PyArg_ParseTuple(args, "siin", &engine, &fd, &depth, &bs)) return NULL;
+    if (depth < 1 || bs < 1) {
+        PyErr_SetString(PyExc_ValueError, "aio.open: depth and bs must be positive");
+        return NULL;
+    }
+    if (strcmp(engine, "libaio") != 0 && strcmp(engine, "io_uring") != 0) {
+        PyErr_Format(PyExc_ValueError, "aio.open: unknown engine %s", engine);
+        return NULL;
+    }
+    queue *q = calloc(1, sizeof *q);
+    handle *h = malloc(sizeof *h);
+    if (!q || !h) {
+        free(q);
+        free(h);
+        return PyErr_NoMemory();
+    }
+    h->q = q;
+    q->ring = -1;
+    q->fd = fd;
+    q->depth = depth;
+    q->bs = (size_t)bs;
+    int err = posix_memalign((void **)&q->buffers, 4096, (size_t)depth * (size_t)bs) ? -ENOMEM : 0;
+    if (!err) err = strcmp(engine, "libaio") == 0 ? aio_open(q) : uring_open(q);
+    if (err) {
+        handle_close(h);
+        free(h);
+        errno = -err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *capsule = PyCapsule_New(h, CAPSULE, handle_free);
+    if (!capsule) {
+        handle_close(h);
+        free(h);
+    }
+    return capsule;
+}
+
+static PyObject *close_queue(PyObject *self, PyObject *args) {
+    PyObject *capsule;
+    if (!PyArg_ParseTuple(args, "O", &capsule)) return NULL;
+    handle *h = PyCapsule_GetPointer(capsule, CAPSULE);
+    if (!h) return NULL;
+    handle_close(h);
+    Py_RETURN_NONE;
+}
+
+static PyObject *run(PyObject *self, PyObject *args) {
+    PyObject *capsule;
+    int batch_submit, complete_min, complete_max, depth_low;
     long long deadline_ns;
     Py_buffer offsets, reads, data, set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit;
-    if (!PyArg_ParseTuple(args, "siy*y*nw*iiiiiLw*w*w*w*w*w*w*", &engine, &fd, &offsets, &reads, &bs, &data,
-                          &depth, &batch_submit, &complete_min, &complete_max, &depth_low, &deadline_ns, &set_up, &issued, &reaped, &res,
+    if (!PyArg_ParseTuple(args, "Oy*y*w*iiiiLw*w*w*w*w*w*w*", &capsule, &offsets, &reads, &data, &batch_submit,
+                          &complete_min, &complete_max, &depth_low, &deadline_ns, &set_up, &issued, &reaped, &res,
                           &submit_calls, &complete_calls, &depth_at_commit))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int64_t);
-    queue q;
-    memset(&q, 0, sizeof q);
-    q.ring = -1;
-    if (reads.len < n || data.len < bs || depth < 1 || bs < 1) {
-        PyErr_SetString(PyExc_ValueError, "aio.run: reads shorter than offsets, data shorter than bs, or depth/bs < 1");
+    handle *h = PyCapsule_GetPointer(capsule, CAPSULE);
+    queue *q = h ? h->q : NULL;
+    Py_ssize_t n = offsets.len / (Py_ssize_t)sizeof(int64_t), bs = (Py_ssize_t)(q ? q->bs : 0);
+    if (!q) {
+        if (h) PyErr_SetString(PyExc_ValueError, "aio.run: the queue is closed");
+        goto release;
+    }
+    if (reads.len < n || data.len < bs) {
+        PyErr_SetString(PyExc_ValueError, "aio.run: reads shorter than offsets, or data shorter than bs");
         goto release;
     }
     if (!writable_int64(&set_up, n, "set_up") || !writable_int64(&issued, n, "issued") ||
@@ -342,38 +419,17 @@ static PyObject *run(PyObject *self, PyObject *args) {
         !writable_int64(&submit_calls, n, "submit_calls") || !writable_int64(&complete_calls, n, "complete_calls") ||
         !writable_int64(&depth_at_commit, n, "depth_at_commit"))
         goto release;
-    q.fd = fd;
-    q.depth = depth;
-    q.bs = (size_t)bs;
-    int err = posix_memalign((void **)&q.buffers, 4096, (size_t)depth * (size_t)bs) ? -ENOMEM : 0;
-    if (!err) {
-        for (int s = 0; s < depth; s++) memcpy(q.buffers + (size_t)s * (size_t)bs, data.buf, (size_t)bs);
-        if (strcmp(engine, "libaio") == 0)
-            err = aio_open(&q);
-        else if (strcmp(engine, "io_uring") == 0)
-            err = uring_open(&q);
-        else {
-            PyErr_Format(PyExc_ValueError, "aio.run: unknown engine %s", engine);
-            queue_close(&q);
-            goto release;
-        }
-    }
-    if (err) {
-        errno = -err;
-        PyErr_SetFromErrno(PyExc_OSError);
-        queue_close(&q);
-        goto release;
-    }
-    run_args a = {offsets.buf, reads.buf, n, deadline_ns, batch_submit < 1 ? depth : batch_submit, complete_min,
-                  complete_max, depth_low < 1 ? depth : depth_low, set_up.buf, issued.buf, reaped.buf, res.buf,
-                  submit_calls.buf, complete_calls.buf, 0, 0, depth_at_commit.buf, data.buf,
-                  data.len >= n * bs};
-    if (a.batch_submit > depth) a.batch_submit = depth;
+    int per_io = data.len >= n * bs;
+    if (!per_io) /* one block for every write: into every slot once */
+        for (int s = 0; s < q->depth; s++) memcpy(q->buffers + (size_t)s * q->bs, data.buf, q->bs);
+    run_args a = {offsets.buf, reads.buf, n, deadline_ns, batch_submit < 1 ? q->depth : batch_submit, complete_min,
+                  complete_max, depth_low < 1 ? q->depth : depth_low, set_up.buf, issued.buf, reaped.buf, res.buf,
+                  submit_calls.buf, complete_calls.buf, 0, 0, depth_at_commit.buf, data.buf, per_io};
+    if (a.batch_submit > q->depth) a.batch_submit = q->depth;
     int64_t done;
     Py_BEGIN_ALLOW_THREADS
-    done = run_queue(&q, &a);
+    done = run_queue(q, &a);
     Py_END_ALLOW_THREADS
-    queue_close(&q);
     if (done < 0) {
         errno = (int)-done;
         PyErr_SetFromErrno(PyExc_OSError);
@@ -395,8 +451,10 @@ release:
 }
 
 static PyMethodDef methods[] = {
+    {"open", open_queue, METH_VARARGS, "open(engine, fd, depth, bs) -> queue (libaio or io_uring)"},
+    {"close", close_queue, METH_VARARGS, "close(queue): release the kernel context and buffers now"},
     {"run", run, METH_VARARGS,
-     "run(engine, fd, offsets, reads, bs, data, depth, batch_submit, complete_min, complete_max, depth_low, deadline_ns, "
+     "run(queue, offsets, reads, data, batch_submit, complete_min, complete_max, depth_low, deadline_ns, "
      "set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit) -> (issued, submits, reaps)"},
     {NULL, NULL, 0, NULL}};
 

@@ -151,19 +151,27 @@ class QueuedEngine:
                                     "(see the warning above); use ioengine=psync")
         self.options = options
         self.fd = PsyncEngine(path, options, writable).fd
+        try:  # the kernel context once per job copy: tearing one down costs milliseconds
+            self.queue = self.module.open(self.kind, self.fd, options["iodepth"], options["bs"])
+        except OSError as exc:
+            os.close(self.fd)
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: OSError) -> EngineUnavailable:
+        return EngineUnavailable(f"ioengine={self.kind}: {exc.strerror or exc}, setting up or submitting to the "
+                                 "kernel's interface (kernel.io_uring_disabled can turn io_uring off; libaio or "
+                                 "psync may serve)")
 
     def run(self, offsets: np.ndarray, reads: np.ndarray, view, bs: int, deadline_ns: int) -> Stamps:
         o, n = self.options, len(offsets)
         out = [np.zeros(n, np.int64) for _ in range(7)]
         try:
             issued, submits, reaps = self.module.run(
-                self.kind, self.fd, np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(reads, np.uint8),
-                bs, view, o["iodepth"], o["iodepth_batch_submit"], o["iodepth_batch_complete_min"],
-                o["iodepth_batch_complete_max"], o["iodepth_low"], deadline_ns, *out)
+                self.queue, np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(reads, np.uint8), view,
+                o["iodepth_batch_submit"], o["iodepth_batch_complete_min"], o["iodepth_batch_complete_max"],
+                o["iodepth_low"], deadline_ns, *out)
         except OSError as exc:
-            raise EngineUnavailable(f"ioengine={self.kind}: {exc.strerror or exc}, setting up or submitting to "
-                                    "the kernel's interface (kernel.io_uring_disabled can turn io_uring off; "
-                                    "libaio or psync may serve)") from None
+            raise self._unavailable(exc) from None
         set_up, stamped, reaped, result, submit_calls, complete_calls, depth = out
         return Stamps(set_up[:issued], stamped[:issued], reaped[:issued], result[:issued], depth[:issued],
                       submit_calls[:submits], complete_calls[:reaps])
@@ -172,6 +180,7 @@ class QueuedEngine:
         (os.fdatasync if data_only else os.fsync)(self.fd)
 
     def close(self) -> None:
+        self.module.close(self.queue)
         os.close(self.fd)
 
 

@@ -115,14 +115,45 @@ class Pattern:
         runs = (heads[:, None] + np.arange(self.every)[None, :]) % self.blocks
         return self.start + runs.reshape(-1)[: self.blocks] * bs
 
-    def ios(self, mix: float):
-        """(offset, whether a read) of every I/O of one of fio's loops: passes until io_size bytes
-        (default: size) are done, the last pass cut short."""
+    def passes(self, mix: float):
+        """(offsets, reads) of every pass of one of fio's loops, until io_size bytes (default:
+        size) are done, the last pass cut short."""
         left = (self.o["io_size"] or self.o["size"]) // self.o["bs"]
         while left > 0:
             offsets = self.one_pass()[:left]
             left -= len(offsets)
-            yield from zip(offsets.tolist(), (self.rng.random(len(offsets)) < mix).tolist(), strict=True)
+            yield offsets, self.rng.random(len(offsets)) < mix
+
+
+class _Stream:
+    """The I/Os of every loop as one stream, taken a run at a time (runs may span passes)."""
+
+    def __init__(self, options: dict, pattern: Pattern, mix: float):
+        self.pieces = self._loops(options, pattern, mix)
+        self.offsets, self.reads = np.zeros(0, np.int64), np.zeros(0, bool)
+
+    @staticmethod
+    def _loops(o: dict, pattern: Pattern, mix: float):
+        loop = 0
+        while True:
+            yield from pattern.passes(mix)
+            loop += 1
+            if not o["time_based"] and loop >= o["loops"]:
+                return
+
+    def peek(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to n of the next I/Os (fewer only at the end), without taking them."""
+        parts_o, parts_r, have = [self.offsets], [self.reads], len(self.offsets)
+        while have < n and (piece := next(self.pieces, None)) is not None:
+            parts_o.append(piece[0])
+            parts_r.append(piece[1])
+            have += len(piece[0])
+        if len(parts_o) > 1:
+            self.offsets, self.reads = np.concatenate(parts_o), np.concatenate(parts_r)
+        return self.offsets[:n], self.reads[:n]
+
+    def take(self, n: int) -> None:
+        self.offsets, self.reads = self.offsets[n:], self.reads[n:]
 
 
 def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
@@ -131,30 +162,23 @@ def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
     `chunk` I/Os (so a time-based job checks its clock, a rate holds, and memory stays bounded)."""
     o = options
     sync_every, left = o["fsync"] or o["fdatasync"], o["number_ios"] or -1
+    stream = _Stream(o, pattern, mix)
     writes_since_sync, sync_first = 0, False
-    offsets, reads = [], []
-    loop = 0
-    while True:
-        for offset, reading in pattern.ios(mix):
-            if (sync_every and writes_since_sync == sync_every) or len(offsets) == chunk:
-                if offsets:
-                    yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
-                    offsets, reads = [], []
-                sync_first = bool(sync_every and writes_since_sync == sync_every)
-                if sync_first:
-                    writes_since_sync = 0
-            offsets.append(offset)
-            reads.append(reading)
-            writes_since_sync += not reading
-            left -= 1
-            if left == 0:
-                yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
-                return
-        loop += 1
-        if not o["time_based"] and loop >= o["loops"]:
-            if offsets:
-                yield np.array(offsets, np.int64), np.array(reads, bool), sync_first
+    while left != 0:
+        offsets, reads = stream.peek(chunk if left < 0 else min(chunk, left))
+        if not len(offsets):
             return
+        cut, synced = len(offsets), False
+        if sync_every:
+            writes = writes_since_sync + np.cumsum(~reads)
+            nth = np.flatnonzero(writes == sync_every)
+            if len(nth):  # the Nth write ends the run; the sync precedes the next I/O, if any
+                cut, synced = int(nth[0]) + 1, True
+            writes_since_sync = 0 if synced else int(writes[-1])
+        stream.take(cut)
+        yield offsets[:cut], reads[:cut], sync_first
+        sync_first = synced
+        left -= cut
 
 
 class Pacer:
