@@ -29,6 +29,15 @@ def offsets_of(path, bs: int = 4096) -> list[int]:
     return [int(row[4]) // bs for row in log_rows(path)]
 
 
+def logged_blocks(tmp_path, options: str, prefix: str) -> list[int]:
+    """Run a 4 KiB job with these options, its I/Os logged with their offsets: the blocks, in order."""
+    job = tmp_path / f"{prefix}.fio"
+    job.write_text(f"[{prefix}]\nfilename={tmp_path / 'data'}\nbs=4k\nlog_offset=1\nwrite_iops_log={prefix}\n{options}")
+    proc = iobench(job, "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return offsets_of(tmp_path / f"{prefix}_iops.1.log")
+
+
 @needs_fio
 def test_stonewall_new_group_and_wait_for_give_fios_groups_and_counts(tmp_path):
     job = tmp_path / "order.fio"
@@ -100,11 +109,7 @@ def test_sequential_holes_give_fios_offsets(tmp_path):
 
 
 def test_random_runs_take_n_minus_1_sequential_blocks(tmp_path):
-    job = tmp_path / "runs.fio"
-    job.write_text(f"[r]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=256k\nrw=randread:4\nlog_offset=1\n"
-                   "write_iops_log=runs\n")
-    assert iobench(job, "--overwrite", cwd=tmp_path).returncode == 0
-    blocks = offsets_of(tmp_path / "runs_iops.1.log")
+    blocks = logged_blocks(tmp_path, "size=256k\nrw=randread:4\n", "runs")
     assert len(blocks) == 64
     assert all(blocks[k] == (blocks[k - 1] + 1) % 64 for k in range(len(blocks)) if k % 4)
     heads = [blocks[k] for k in range(0, 64, 4)]
@@ -134,21 +139,13 @@ def test_random_distributions_skew_as_fios(tmp_path, distribution):
 
 
 def test_random_map_reads_every_block_once_a_pass(tmp_path):
-    job = tmp_path / "map.fio"
-    job.write_text(f"[m]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=256k\nio_size=512k\nrw=randread\n"
-                   "log_offset=1\nwrite_iops_log=map\n")
-    assert iobench(job, "--overwrite", cwd=tmp_path).returncode == 0
-    blocks = offsets_of(tmp_path / "map_iops.1.log")
+    blocks = logged_blocks(tmp_path, "size=256k\nio_size=512k\nrw=randread\n", "map")
     assert sorted(blocks[:64]) == sorted(blocks[64:]) == list(range(64)) and blocks[:64] != blocks[64:]
 
 
 def test_randrepeat_and_randseed_decide_the_offsets(tmp_path):
     def blocks(extra: str, prefix: str) -> list[int]:
-        job = tmp_path / f"{prefix}.fio"
-        job.write_text(f"[s]\nfilename={tmp_path / 'data'}\nbs=4k\nsize=256k\nrw=randread\nlog_offset=1\n"
-                       f"write_iops_log={prefix}\n{extra}")
-        assert iobench(job, "--overwrite", cwd=tmp_path).returncode == 0
-        return offsets_of(tmp_path / f"{prefix}_iops.1.log")
+        return logged_blocks(tmp_path, f"size=256k\nrw=randread\n{extra}", prefix)
 
     assert blocks("", "a") == blocks("", "b")  # randrepeat=1 (default): the same on every run
     assert blocks("randseed=7", "c") == blocks("randseed=7", "d") != blocks("", "e")
