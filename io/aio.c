@@ -54,20 +54,20 @@ struct queue {
     unsigned sq_tail;
     /* both */
     int staged;
-    int (*prep)(queue *, int slot, int reading, int64_t offset);
+    int (*prep)(queue *, int slot, int reading, int64_t offset, size_t len);
     int (*commit)(queue *);                                          /* staged I/Os submitted, or -errno */
     int (*reap)(queue *, int min, int max, int *slots, int64_t *res); /* completions, or -errno */
 };
 
 /* ---- libaio ---------------------------------------------------------------------------- */
 
-static int aio_prep(queue *q, int slot, int reading, int64_t offset) {
+static int aio_prep(queue *q, int slot, int reading, int64_t offset, size_t len) {
     struct iocb *cb = &q->iocbs[slot];
     memset(cb, 0, sizeof *cb);
     cb->aio_lio_opcode = reading ? IOCB_CMD_PREAD : IOCB_CMD_PWRITE;
     cb->aio_fildes = (uint32_t)q->fd;
     cb->aio_buf = (uint64_t)(uintptr_t)(q->buffers + (size_t)slot * q->bs);
-    cb->aio_nbytes = q->bs;
+    cb->aio_nbytes = len;
     cb->aio_offset = offset;
     cb->aio_data = (uint64_t)slot;
     q->staged_cbs[q->staged++] = cb;
@@ -119,14 +119,14 @@ static int aio_open(queue *q) {
 
 #define RING_U32(base, off) ((unsigned *)((base) + (off)))
 
-static int uring_prep(queue *q, int slot, int reading, int64_t offset) {
+static int uring_prep(queue *q, int slot, int reading, int64_t offset, size_t len) {
     unsigned index = q->sq_tail & *RING_U32(q->sq, q->params.sq_off.ring_mask);
     struct io_uring_sqe *e = &q->sqes[index];
     memset(e, 0, sizeof *e);
     e->opcode = reading ? IORING_OP_READ : IORING_OP_WRITE;
     e->fd = q->fd;
     e->addr = (uint64_t)(uintptr_t)(q->buffers + (size_t)slot * q->bs);
-    e->len = (uint32_t)q->bs;
+    e->len = (uint32_t)len;
     e->off = (uint64_t)offset;
     e->user_data = (uint64_t)slot;
     RING_U32(q->sq, q->params.sq_off.array)[index] = index;
@@ -209,6 +209,7 @@ static void queue_close(queue *q) {
 typedef struct {
     const int64_t *offsets;
     const uint8_t *reads;
+    const int64_t *sizes; /* each I/O's length, at most the queue's bs */
     int64_t n, deadline_ns;
     int batch_submit, complete_min, complete_max, depth_low;
     int64_t *set_up, *issued, *reaped, *res;
@@ -247,8 +248,8 @@ static int64_t run_queue(queue *q, run_args *a) {
             a->set_up[next] = t;
             staged_index[q->staged] = next;
             if (a->per_io && !a->reads[next])
-                memcpy(q->buffers + (size_t)slot * q->bs, a->data + (size_t)next * q->bs, q->bs);
-            q->prep(q, slot, a->reads[next], a->offsets[next]);
+                memcpy(q->buffers + (size_t)slot * q->bs, a->data + (size_t)next * q->bs, (size_t)a->sizes[next]);
+            q->prep(q, slot, a->reads[next], a->offsets[next], (size_t)a->sizes[next]);
             next++;
             if (q->staged >= a->batch_submit) break;
         }
@@ -287,7 +288,7 @@ static int64_t run_queue(queue *q, run_args *a) {
                 a->reaped[index] = t;
                 a->res[index] = got_res[i];
                 if (a->per_io && a->reads[index])
-                    memcpy(a->data + (size_t)index * q->bs, q->buffers + (size_t)slot * q->bs, q->bs);
+                    memcpy(a->data + (size_t)index * q->bs, q->buffers + (size_t)slot * q->bs, (size_t)a->sizes[index]);
                 free_slots[nfree++] = slot;
             }
             inflight -= got;
@@ -397,8 +398,9 @@ static PyObject *run(PyObject *self, PyObject *args) {
     PyObject *capsule;
     int batch_submit, complete_min, complete_max, depth_low;
     long long deadline_ns;
-    Py_buffer offsets, reads, data, set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit;
-    if (!PyArg_ParseTuple(args, "Oy*y*w*iiiiLw*w*w*w*w*w*w*", &capsule, &offsets, &reads, &data, &batch_submit,
+    Py_buffer offsets, reads, sizes, data, set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit;
+    if (!PyArg_ParseTuple(args, "Oy*y*y*w*iiiiLw*w*w*w*w*w*w*", &capsule, &offsets, &reads, &sizes, &data,
+                          &batch_submit,
                           &complete_min, &complete_max, &depth_low, &deadline_ns, &set_up, &issued, &reaped, &res,
                           &submit_calls, &complete_calls, &depth_at_commit))
         return NULL;
@@ -410,9 +412,17 @@ static PyObject *run(PyObject *self, PyObject *args) {
         if (h) PyErr_SetString(PyExc_ValueError, "aio.run: the queue is closed");
         goto release;
     }
-    if (reads.len < n || data.len < bs) {
-        PyErr_SetString(PyExc_ValueError, "aio.run: reads shorter than offsets, or data shorter than bs");
+    if (reads.len < n || sizes.len < n * (Py_ssize_t)sizeof(int64_t) || data.len < bs) {
+        PyErr_SetString(PyExc_ValueError, "aio.run: reads or sizes shorter than offsets, or data shorter than bs");
         goto release;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t len = ((const int64_t *)sizes.buf)[i];
+        if (len < 1 || len > bs) {
+            PyErr_Format(PyExc_ValueError, "aio.run: I/O %zd has size %lld, outside 1..%zd (the queue's block)", i,
+                         (long long)len, bs);
+            goto release;
+        }
     }
     if (!writable_int64(&set_up, n, "set_up") || !writable_int64(&issued, n, "issued") ||
         !writable_int64(&reaped, n, "reaped") || !writable_int64(&res, n, "res") ||
@@ -422,7 +432,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     int per_io = data.len >= n * bs;
     if (!per_io) /* one block for every write: into every slot once */
         for (int s = 0; s < q->depth; s++) memcpy(q->buffers + (size_t)s * q->bs, data.buf, q->bs);
-    run_args a = {offsets.buf, reads.buf, n, deadline_ns, batch_submit < 1 ? q->depth : batch_submit, complete_min,
+    run_args a = {offsets.buf, reads.buf, sizes.buf, n, deadline_ns, batch_submit < 1 ? q->depth : batch_submit, complete_min,
                   complete_max, depth_low < 1 ? q->depth : depth_low, set_up.buf, issued.buf, reaped.buf, res.buf,
                   submit_calls.buf, complete_calls.buf, 0, 0, depth_at_commit.buf, data.buf, per_io};
     if (a.batch_submit > q->depth) a.batch_submit = q->depth;
@@ -439,6 +449,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
 release:
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&reads);
+    PyBuffer_Release(&sizes);
     PyBuffer_Release(&data);
     PyBuffer_Release(&set_up);
     PyBuffer_Release(&issued);
@@ -454,7 +465,7 @@ static PyMethodDef methods[] = {
     {"open", open_queue, METH_VARARGS, "open(engine, fd, depth, bs) -> queue (libaio or io_uring)"},
     {"close", close_queue, METH_VARARGS, "close(queue): release the kernel context and buffers now"},
     {"run", run, METH_VARARGS,
-     "run(queue, offsets, reads, data, batch_submit, complete_min, complete_max, depth_low, deadline_ns, "
+     "run(queue, offsets, reads, sizes, data, batch_submit, complete_min, complete_max, depth_low, deadline_ns, "
      "set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit) -> (issued, submits, reaps)"},
     {NULL, NULL, 0, NULL}};
 

@@ -8,11 +8,11 @@ use). mpiio: MPI.File read_at / write_at, or the collective read_at_all / write_
 collective=1. hdf5: h5py on the mpio driver, one 1-D byte dataset `data`, hyperslab reads
 and writes, independent or collective, contiguous or chunked (hdf5_chunk=).
 
-Every engine runs a list of I/Os with `run(offsets, reads, view, bs, deadline_ns)` and
-returns their stamps (`Stamps`); `view` is one block that every I/O uses, or a block per
-I/O (what verify= writes and checks); the synchronous engines do it one I/O at a time
-through their `read`/`write`. `ENGINES` is the registry: a name, and what the runner
-and the job-file checks need to know of each (`on_fd`: a POSIX file descriptor, so
+Every engine runs a list of I/Os with `run(offsets, reads, sizes, view, stride, deadline_ns)`
+and returns their stamps (`Stamps`); `view` is one block that every I/O uses (its first `size`
+bytes), or a block per I/O every `stride` bytes (what verify= writes and checks); the
+synchronous engines do it one I/O at a time through their `read`/`write`. `ENGINES` is the
+registry: a name, and what the runner and the job-file checks need to know of each (`on_fd`: a POSIX file descriptor, so
 direct=1 applies and instances run as threads; `queued`: iodepth applies; `needs_file`:
 the job's files are laid out, checked and unlinked).
 """
@@ -51,16 +51,17 @@ class SyncEngine:
     queued = False
     needs_file = True
 
-    def run(self, offsets: np.ndarray, reads: np.ndarray, view, bs: int, deadline_ns: int) -> Stamps:
+    def run(self, offsets: np.ndarray, reads: np.ndarray, sizes: np.ndarray, view, stride: int,
+            deadline_ns: int) -> Stamps:
         n = len(offsets)
         set_up, reaped, result = (np.zeros(n, np.int64) for _ in range(3))
-        per_io = len(view) >= n * bs
+        per_io = len(view) >= n * stride
         done = 0
-        for offset, reading in zip(offsets.tolist(), reads.tolist(), strict=True):
+        for offset, reading, size in zip(offsets.tolist(), reads.tolist(), sizes.tolist(), strict=True):
             t0 = time.perf_counter_ns()  # CLOCK_MONOTONIC, as the C engines' stamps
             if deadline_ns and t0 >= deadline_ns:
                 break
-            block = view[done * bs : (done + 1) * bs] if per_io else view[:bs]
+            block = view[done * stride : done * stride + size] if per_io else view[:size]
             result[done] = self.read(block, offset) if reading else self.write(block, offset)
             set_up[done], reaped[done] = t0, time.perf_counter_ns()
             done += 1
@@ -152,7 +153,7 @@ class QueuedEngine:
         self.options = options
         self.fd = PsyncEngine(path, options, writable).fd
         try:  # the kernel context once per job copy: tearing one down costs milliseconds
-            self.queue = self.module.open(self.kind, self.fd, options["iodepth"], options["bs"])
+            self.queue = self.module.open(self.kind, self.fd, options["iodepth"], options["bs_max"])
         except OSError as exc:
             os.close(self.fd)
             raise self._unavailable(exc) from None
@@ -162,12 +163,14 @@ class QueuedEngine:
                                  "kernel's interface (kernel.io_uring_disabled can turn io_uring off; libaio or "
                                  "psync may serve)")
 
-    def run(self, offsets: np.ndarray, reads: np.ndarray, view, bs: int, deadline_ns: int) -> Stamps:
+    def run(self, offsets: np.ndarray, reads: np.ndarray, sizes: np.ndarray, view, stride: int,
+            deadline_ns: int) -> Stamps:
         o, n = self.options, len(offsets)
         out = [np.zeros(n, np.int64) for _ in range(7)]
-        try:
+        try:  # the queue's slots are `stride` (bs_max) bytes: the stride of a per-I/O buffer too
             issued, submits, reaps = self.module.run(
-                self.queue, np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(reads, np.uint8), view,
+                self.queue, np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(reads, np.uint8),
+                np.ascontiguousarray(sizes, np.int64), view,
                 o["iodepth_batch_submit"], o["iodepth_batch_complete_min"], o["iodepth_batch_complete_max"],
                 o["iodepth_low"], deadline_ns, *out)
         except OSError as exc:

@@ -96,6 +96,44 @@ def parse_time_range(text: str) -> tuple[float, float]:
     return bounds
 
 
+def parse_bsrange(text: str) -> tuple:
+    """bsrange=LOW-HIGH (or reads,writes): a size from LOW to HIGH in steps of LOW, uniformly."""
+    def one(part: str) -> tuple[int, int]:
+        low, sep, high = part.partition("-")
+        bounds = (parse_size(low), parse_size(high) if sep else parse_size(low))
+        if not 0 < bounds[0] <= bounds[1]:
+            raise ValueError(f"{part!r}: expected LOW-HIGH with 0 < LOW <= HIGH")
+        return bounds
+
+    return parse_pair(lambda part: one(part) if part.strip() else None)(text)
+
+
+MAX_SPLIT_ENTRIES = 64  # fio's BSSPLIT_MAX
+
+
+def parse_bssplit(text: str) -> tuple:
+    """bssplit=SIZE/PERCENT:SIZE/PERCENT... (or reads,writes): sizes by share; a blank share takes
+    an even part of what the others leave, as fio's; the shares make 100."""
+    def one(part: str) -> tuple[tuple[int, float], ...] | None:
+        if not part.strip():
+            return None
+        entries = []
+        for entry in part.split(":"):
+            size, _, share = entry.partition("/")
+            entries.append((parse_size(size), float(share) if share.strip() else None))
+        if len(entries) > MAX_SPLIT_ENTRIES or any(size <= 0 for size, _ in entries):
+            raise ValueError(f"{part!r}: at most {MAX_SPLIT_ENTRIES} entries of positive sizes")
+        given = sum(share for _, share in entries if share is not None)
+        blank = sum(share is None for _, share in entries)
+        if any(share is not None and not 0 <= share <= 100 for _, share in entries) or given > 100 or \
+                (not blank and abs(given - 100) > 1e-6):
+            raise ValueError(f"{part!r}: the shares must be percentages that make 100")
+        fill = (100 - given) / blank if blank else 0.0
+        return tuple((size, fill if share is None else share) for size, share in entries)
+
+    return parse_pair(one)(text)
+
+
 DISTRIBUTIONS = {  # name -> (check of the first value, what it is)
     "random": None,
     "zipf": (lambda v: v > 0 and v != 1, "theta > 0, not 1"),
@@ -141,6 +179,8 @@ OPTIONS = {
     "rw": (parse_rw, "read"),
     "rwmixread": (parse_int(0, 100), 50),
     "bs": (parse_size, 4096),
+    "bsrange": (parse_bsrange, (None, None)),  # per direction: sizes from LOW to HIGH
+    "bssplit": (parse_bssplit, (None, None)),  # per direction: sizes by share
     "size": (parse_size, None),
     "offset": (parse_size, 0),
     "offset_increment": (parse_size, 0),  # job copy k starts at offset + k * offset_increment
@@ -208,7 +248,9 @@ ALIASES = {"readwrite": "rw", "blocksize": "bs", "rwmixwrite": "rwmixread", "io_
            "buffered": "direct"}
 # aliases that mean the opposite: rwmixwrite=30 is rwmixread=70, buffered=0 is direct=1
 COMPLEMENTS = {"rwmixwrite": lambda v: 100 - v, "buffered": lambda v: not v}
-DERIVED = {"rw_every": 0}  # set by another option's value (rw=randread:8), never by name
+# set by other options, never by name: rw=randread:8's N; the sizes and shares an I/O's size is drawn
+# from, per direction, and the largest (bs is the smallest: offsets are aligned to it, as fio's)
+DERIVED = {"rw_every": 0, "block_sizes": None, "bs_max": 0}
 # Options that tune fio's own workings and cannot change what is measured here, with why.
 IGNORED = {
     "thread": "hpc-train iobench always runs a rank's jobs as threads",
@@ -299,6 +341,22 @@ def _lines(text: str, source: str, depth: int = 0, first: int = 1):
         yield from _lines(included, str(path), depth + 1)
 
 
+def block_sizes(options: dict) -> tuple:
+    """Per direction (reads, writes): the block sizes an I/O's size is drawn from and their shares:
+    bssplit's, bsrange's (LOW, 2 x LOW, ... HIGH, evenly), or bs alone."""
+    out = []
+    for direction in (0, 1):
+        split, size_range = options["bssplit"][direction], options["bsrange"][direction]
+        if split:
+            out.append((tuple(size for size, _ in split), tuple(share / 100 for _, share in split)))
+        elif size_range:
+            sizes = tuple(range(size_range[0], size_range[1] + 1, size_range[0]))
+            out.append((sizes, (1 / len(sizes),) * len(sizes)))
+        else:
+            out.append(((options["bs"],), (1.0,)))
+    return tuple(out)
+
+
 def parse(text: str, source: str = "<job file>", first_line: int = 1) -> JobFile:
     """Parse a job file's text; every mistake names source, line and option."""
     result = JobFile(source)
@@ -315,9 +373,14 @@ def parse(text: str, source: str = "<job file>", first_line: int = 1) -> JobFile
         merged.update(values)
         if merged["size"] is None:
             raise JobFileError(f"{source}:{section_line}: job '{section}' has no size (set size=, e.g. size=1g)")
-        if merged["bs"] <= 0 or merged["size"] < merged["bs"]:
+        if merged["bssplit"] != (None, None) and merged["bsrange"] != (None, None):
+            raise JobFileError(f"{source}:{section_line}: job '{section}': set bssplit= or bsrange=, not both")
+        merged["block_sizes"] = block_sizes(merged)
+        every = [size for sizes, _ in merged["block_sizes"] for size in sizes]
+        merged["bs"], merged["bs_max"] = min(every), max(every)
+        if merged["bs"] <= 0 or merged["size"] < merged["bs_max"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': size ({merged['size']}) must be at least "
-                               f"bs ({merged['bs']}), and bs positive")
+                               f"the largest block size ({merged['bs_max']}), and block sizes positive")
         on_fd = [name for name, engine in ENGINES.items() if engine.on_fd]
         if merged["direct"] and merged["ioengine"] not in on_fd:
             raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 works with ioengine="
@@ -330,9 +393,12 @@ def parse(text: str, source: str = "<job file>", first_line: int = 1) -> JobFile
         if merged["collective"] and (merged["rw"] in ("rw", "randrw") or merged["time_based"]):
             raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs the same calls on every "
                                "rank: one direction (not rw/randrw) and no time_based")
-        if merged["direct"] and merged["bs"] % 512:
-            raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 needs bs a multiple of 512, "
-                               f"got {merged['bs']}")
+        if merged["bs_max"] != merged["bs"] and merged["rw"].startswith("rand") and merged["rw_every"] > 1:
+            raise JobFileError(f"{source}:{section_line}: job '{section}': rw={merged['rw']}:N is not supported "
+                               "with several block sizes (bssplit, bsrange)")
+        if merged["direct"] and any(size % 512 for size in every):
+            raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 needs every block size a "
+                               f"multiple of 512, got {', '.join(map(str, sorted(set(every))))}")
         if 0 < merged["io_size"] < merged["bs"]:
             raise JobFileError(f"{source}:{section_line}: job '{section}': io_size ({merged['io_size']}) must be at "
                                f"least bs ({merged['bs']})")

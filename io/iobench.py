@@ -292,40 +292,71 @@ def seed(inst: Instance):
 VERIFY_CHUNK_BYTES = 16 << 20  # verify keeps a block per I/O of a run: runs of at most this many bytes
 
 
-def _issue(engine, inst: Instance, offsets: np.ndarray, reads: np.ndarray, view, deadline: int) -> Stamps:
-    """One run of I/Os on the engine; IOBenchError naming file, offset and errno for a failed one."""
-    bs = inst.job.options["bs"]
-    stamps = engine.run(offsets, reads, view, bs, deadline)
-    failed = np.nonzero(stamps.result != bs)[0]
+def _issue(engine, inst: Instance, run: tuple, view, deadline: int) -> Stamps:
+    """One run (offsets, reads, sizes) on the engine; IOBenchError naming file, offset and errno
+    for a failed I/O."""
+    offsets, reads, sizes = run
+    stamps = engine.run(offsets, reads, sizes, view, inst.job.options["bs_max"], deadline)
+    failed = np.nonzero(stamps.result != sizes[: len(stamps.result)])[0]
     if len(failed):
         k, res = failed[0], int(stamps.result[failed[0]])
         raise IOBenchError(f"{inst.path}: {'read' if reads[k] else 'write'} at offset {offsets[k]} failed: "
-                           + (os.strerror(-res) if res < 0 else f"short, {res} of {bs} bytes"))
+                           + (os.strerror(-res) if res < 0 else f"short, {res} of {sizes[k]} bytes"))
     return stamps
 
 
-def _check(verifier: Verifier, inst: Instance, offsets, reads, view, generation) -> None:
-    bs = inst.job.options["bs"]
-    for k, (offset, reading) in enumerate(zip(offsets.tolist(), reads.tolist(), strict=False)):
-        if reading and (problem := verifier.check(view[k * bs : (k + 1) * bs], offset, inst.path, generation)):
+def _blocks(run: tuple, view, stride: int, reading: bool):
+    """(block, offset) of a run's reads or writes, each I/O's block at its place in the buffer."""
+    offsets, reads, sizes = run
+    for k in np.flatnonzero(reads if reading else ~reads).tolist():
+        yield view[k * stride : k * stride + int(sizes[k])], int(offsets[k])
+
+
+def _check(verifier: Verifier, inst: Instance, run: tuple, view, generation) -> None:
+    for block, offset in _blocks(run, view, inst.job.options["bs_max"], reading=True):
+        with block:
+            problem = verifier.check(block, offset, inst.path, generation)
+        if problem:
             raise IOBenchError(problem)
 
 
-def _written_once(offsets: list[np.ndarray]) -> np.ndarray:
-    """Every offset written, once, in the order of its last write (what a read-back must find)."""
-    every = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
-    _, last = np.unique(every[::-1], return_index=True)
-    return every[::-1][np.sort(last)][::-1]
+def _written_once(offsets: np.ndarray, sizes: np.ndarray) -> tuple:
+    """Every offset written, once, in the order of its last write, with that write's size (what a
+    read-back must find)."""
+    _, last = np.unique(offsets[::-1], return_index=True)
+    keep = np.sort(len(offsets) - 1 - last)
+    return offsets[keep], np.ones(len(keep), bool), sizes[keep]
+
+
+@dataclass
+class _Record:
+    """What a job copy's runs did, in order: their stamps, directions, offsets and sizes."""
+
+    stamps: list = field(default_factory=list)
+    kinds: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
+    sizes: list = field(default_factory=list)
+
+    def add(self, stamps: Stamps, run: tuple) -> None:
+        offsets, reads, sizes = (column[: len(stamps.set_up)] for column in run)
+        self.stamps.append(stamps)
+        self.kinds.append(np.where(reads, READ, WRITE).astype(np.int8))
+        self.offsets.append(offsets)
+        self.sizes.append(sizes)
+
+    def joined(self, name: str, dtype=np.int64) -> np.ndarray:
+        parts = getattr(self, name)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     """Run one job copy: its I/Os in runs on its engine, paced and synced as asked, then (verify=
     on a write job) the read-back of every block it wrote, counted as reads as fio counts them."""
     o = inst.job.options
-    bs = o["bs"]
+    stride = o["bs_max"]  # a buffer of one block, or (verify) of a block per I/O of a run
     try:
         engine = ENGINES[o["ioengine"]](inst.path, o, writes(inst.job), inst.comm)
-        verifier = Verifier(o["verify"], bs, int.from_bytes(os.urandom(8), "little")) if o["verify"] != "none" \
+        verifier = Verifier(o["verify"], int.from_bytes(os.urandom(8), "little")) if o["verify"] != "none" \
             else None
     except (EngineUnavailable, VerifyUnavailable) as exc:
         raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': {exc}") from None
@@ -336,65 +367,58 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     mix = {"read": 1.0, "randread": 1.0, "write": 0.0, "randwrite": 0.0}.get(o["rw"], o["rwmixread"] / 100)
     pacer = Pacer(o, rng)
     chunk = pacer.chunk() if pacer.active else CHUNK
-    chunk = min(chunk, max(1, VERIFY_CHUNK_BYTES // bs)) if verifier else chunk
-    blocks = chunk if verifier else 1  # verify: a block per I/O of a run, each with its own header
-    buffer = mmap.mmap(-1, blocks * bs)  # page-aligned, as O_DIRECT requires
-    buffer.write(np.random.default_rng(inst.jobnum).integers(0, 256, bs, dtype=np.uint8).tobytes() * blocks)
+    chunk = min(chunk, max(1, VERIFY_CHUNK_BYTES // stride)) if verifier else chunk
+    blocks = chunk if verifier else 1
+    buffer = mmap.mmap(-1, blocks * stride)  # page-aligned, as O_DIRECT requires
+    buffer.write(np.random.default_rng(inst.jobnum).integers(0, 256, stride, dtype=np.uint8).tobytes() * blocks)
     view = memoryview(buffer)
-    runs, kinds, syncs, issued_at = [], [], [], []
+    record, syncs = _Record(), []
     usage_before = resource.getrusage(resource.RUSAGE_THREAD)
     start_barrier.wait()
     low, high = o["startdelay"]
     time.sleep(rng.uniform(low, high) if high > low else low)
     start = time.perf_counter_ns()
     deadline = start + int(1e9 * (o["ramp_time"] + o["runtime"])) if o["runtime"] else 0
-
-    def record(stamps: Stamps, offsets: np.ndarray, reads: np.ndarray) -> None:
-        runs.append(stamps)
-        kinds.append(np.where(reads[: len(stamps.set_up)], READ, WRITE).astype(np.int8))
-        issued_at.append(offsets[: len(stamps.set_up)])
-
     try:
-        for offsets, reads, sync_first in chunks(o, Pattern(o, start_offset(inst), rng), mix, chunk):
+        for *run, sync_first in chunks(o, Pattern(o, start_offset(inst), rng), mix, chunk):
             if pacer.active:
-                pacer.wait(reads, start)
+                pacer.wait(run[1], run[2], start)
             if sync_first:
                 s0 = time.perf_counter_ns()
                 engine.sync(data_only=bool(o["fdatasync"]))
                 syncs.append(time.perf_counter_ns() - s0)
             if verifier:
-                for k in np.nonzero(~reads)[0].tolist():
-                    verifier.stamp(view[k * bs : (k + 1) * bs], int(offsets[k]))
-            stamps = _issue(engine, inst, offsets, reads, view, deadline)
+                for block, offset in _blocks(run, view, stride, reading=False):
+                    with block:  # released now: the buffer is closed at the end
+                        verifier.stamp(block, offset)
+            stamps = _issue(engine, inst, run, view, deadline)
             if verifier:
-                _check(verifier, inst, offsets[: len(stamps.set_up)], reads, view, None)
-            record(stamps, offsets, reads)
-            if len(stamps.set_up) < len(offsets) or (deadline and time.perf_counter_ns() >= deadline):
+                _check(verifier, inst, tuple(column[: len(stamps.set_up)] for column in run), view, None)
+            record.add(stamps, run)
+            if len(stamps.set_up) < len(run[0]) or (deadline and time.perf_counter_ns() >= deadline):
                 break
         if o["end_fsync"] and writes(inst.job):
             engine.sync()
         if verifier and o["do_verify"] and writes(inst.job):
-            written = _written_once([off[kind == WRITE] for off, kind in zip(issued_at, kinds, strict=True)])
-            for lo in range(0, len(written), chunk):
-                offsets, reads = written[lo : lo + chunk], np.ones(len(written[lo : lo + chunk]), bool)
-                stamps = _issue(engine, inst, offsets, reads, view, 0)
-                _check(verifier, inst, offsets, reads, view, verifier.generation)
-                record(stamps, offsets, reads)
+            written = _written_once(record.joined("offsets"), record.joined("sizes"))
+            for lo in range(0, len(written[0]), chunk):
+                run = tuple(column[lo : lo + chunk] for column in written)
+                stamps = _issue(engine, inst, run, view, 0)
+                _check(verifier, inst, run, view, verifier.generation)
+                record.add(stamps, run)
     finally:
         elapsed = time.perf_counter_ns() - start
         usage_after = resource.getrusage(resource.RUSAGE_THREAD)
         engine.close()
         view.release()
         buffer.close()
-    stamps = Stamps(*(np.concatenate([getattr(r, f) for r in runs]) if runs else np.zeros(0, np.int64)
-                      for f in Stamps.__dataclass_fields__))
-    kind = np.concatenate(kinds) if kinds else np.zeros(0, np.int8)
-    offsets = np.concatenate(issued_at) if issued_at else np.zeros(0, np.int64)
+    stamps = Stamps(*(np.concatenate([getattr(r, f) for r in record.stamps]) if record.stamps
+                      else np.zeros(0, np.int64) for f in Stamps.__dataclass_fields__))
     counted = stamps.reaped - start >= int(1e9 * o["ramp_time"])  # what ends after the ramp is measured
     runtime = max(elapsed / 1e9 - o["ramp_time"], 1e-9)
-    return Result(inst, kind[counted], (stamps.reaped - stamps.issued)[counted],
+    return Result(inst, record.joined("kinds", np.int8)[counted], (stamps.reaped - stamps.issued)[counted],
                   (stamps.issued - stamps.set_up)[counted] if engine.queued else np.zeros(0, np.int64),
-                  (stamps.reaped[counted] - start) / 1e9 - o["ramp_time"], np.full(int(counted.sum()), bs, np.int64),
+                  (stamps.reaped[counted] - start) / 1e9 - o["ramp_time"], record.joined("sizes")[counted],
                   np.array(syncs, np.int64), runtime,
                   {"usr": usage_after.ru_utime - usage_before.ru_utime,
                    "sys": usage_after.ru_stime - usage_before.ru_stime,
@@ -402,7 +426,8 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
                    + (usage_after.ru_nivcsw - usage_before.ru_nivcsw),
                    "majf": usage_after.ru_majflt - usage_before.ru_majflt,
                    "minf": usage_after.ru_minflt - usage_before.ru_minflt},
-                  stamps.depth[counted], stamps.submit_calls, stamps.complete_calls, offsets[counted])
+                  stamps.depth[counted], stamps.submit_calls, stamps.complete_calls,
+                  record.joined("offsets")[counted])
 
 
 def unlink_files(mine: list[Instance]) -> None:

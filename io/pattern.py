@@ -79,20 +79,31 @@ def normal_ranks(rng: np.random.Generator, n: int, blocks: int, deviation: float
 
 
 class Pattern:
-    """The offsets of one job copy, a pass over its region at a time."""
+    """The offsets and sizes of one job copy's I/Os, a pass over its region at a time.
+
+    One block size: every block once a pass (sequential, or the random map), or `blocks` draws.
+    Several (bssplit, bsrange): each I/O's size drawn by its direction's shares, offsets aligned
+    to the smallest size (fio's default blockalign); a pass covers the region's bytes once:
+    sequential I/Os back to back (the last cut at the end), the random map handing out free
+    blocks and cutting an I/O where the next block is taken (as fio's map does), independent
+    draws placed so they end inside the region.
+    """
 
     def __init__(self, options: dict, start: int, rng: np.random.Generator):
         o = options
         self.o, self.start, self.rng = o, start, rng
-        self.blocks = o["size"] // o["bs"]
+        self.unit = o["bs"]  # the smallest block size: offsets are multiples of it
+        self.blocks = o["size"] // self.unit
         self.random = o["rw"].startswith("rand")
         self.every = o["rw_every"]  # rand: a new random offset every N I/Os; sequential: a hole of N bytes
+        self.variable = o["bs_max"] != o["bs"] or any(len(sizes) > 1 for sizes, _ in o["block_sizes"])
+        self.mapped = self.random and not o["norandommap"] and o["random_distribution"][0] == "random"
 
     def _random_blocks(self, n: int) -> np.ndarray:
         name, values = self.o["random_distribution"]
         blocks = self.blocks
         if name == "random":
-            if self.o["norandommap"]:
+            if not self.mapped:
                 return self.rng.integers(0, blocks, n)
             return self.rng.permutation(blocks)[:n]
         if name == "zipf":
@@ -105,8 +116,9 @@ class Pattern:
         return (picked + int(centre * blocks)) % blocks
 
     def one_pass(self) -> np.ndarray:
-        """Offsets of one pass: every block once (sequential, or the random map), or `blocks` draws."""
-        bs = self.o["bs"]
+        """Offsets of one pass of a one-size job: every block once (sequential, or the random map),
+        or `blocks` draws."""
+        bs = self.unit
         if not self.random:
             return self.start + np.arange(0, self.blocks * bs - bs + 1, bs + self.every, dtype=np.int64)
         if self.every <= 1:
@@ -115,14 +127,102 @@ class Pattern:
         runs = (heads[:, None] + np.arange(self.every)[None, :]) % self.blocks
         return self.start + runs.reshape(-1)[: self.blocks] * bs
 
+    def _sizes(self, reads: np.ndarray) -> np.ndarray:
+        """Each I/O's size, drawn from its direction's sizes by their shares."""
+        sizes = np.zeros(len(reads), np.int64)
+        for direction, pick in ((0, reads), (1, ~reads)):
+            choices, shares = self.o["block_sizes"][direction]
+            sizes[pick] = np.asarray(choices)[self.rng.choice(len(choices), int(pick.sum()), p=shares)]
+        return sizes
+
+    def _fit(self, reading: bool, room: int) -> int:
+        """A size for an I/O that must fit in `room` bytes: drawn by share among its direction's
+        sizes that fit (fio draws again until one does), or `room` itself where none does."""
+        choices, shares = self.o["block_sizes"][0 if reading else 1]
+        fitting = [k for k, size in enumerate(choices) if size <= room]
+        if not fitting:
+            return room
+        weights = np.asarray([shares[k] for k in fitting])
+        return int(choices[fitting[self.rng.choice(len(fitting), p=weights / weights.sum())]])
+
+    def _tail(self, position: int, region: int, reading: bool, mix: float) -> list[tuple[int, bool, int]]:
+        """I/Os from `position` (sequential: the offset; random: the bytes done) to the pass's end,
+        each sized to fit what is left."""
+        out = []
+        while position < region:
+            size = self._fit(reading, region - position)
+            if self.random:
+                offset = min(int(self._random_blocks(1)[0]), (region - size) // self.unit) * self.unit
+            else:
+                offset = position
+            out.append((offset, reading, size))
+            position += size + (0 if self.random else self.every)
+            reading = bool(self.rng.random() < mix)
+        return out
+
+    def _variable_pass(self, mix: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One pass of a several-size job: (offsets, reads, sizes) covering the region's bytes once."""
+        region, unit = self.blocks * self.unit, self.unit
+        reads = self.rng.random(self.blocks) < mix  # at most one I/O per block
+        sizes = self._sizes(reads)
+        if self.mapped:
+            offsets, sizes = self._mapped(sizes)
+            return self.start + offsets, reads[: len(offsets)], sizes
+        if not self.random:  # back to back (with holes)
+            offsets = np.concatenate([[0], np.cumsum(sizes + self.every)[:-1]])
+            ends = offsets + sizes
+        else:  # independent draws, each placed to end inside the region, until its bytes are done
+            room = np.maximum((region - sizes) // unit, 0)
+            offsets = np.minimum(self._random_blocks(len(sizes)), room) * unit
+            ends = np.cumsum(sizes)
+        n = int(np.searchsorted(ends, region, side="right"))  # those that fit whole; the rest drawn to fit
+        position = int(ends[n - 1] + (0 if self.random else self.every)) if n else 0
+        tail = self._tail(position, region, bool(reads[n]) if n < len(reads) else True, mix)
+        columns = (offsets[:n], reads[:n], sizes[:n])
+        if tail:
+            added = zip(*tail, strict=True)  # offsets, reads, sizes of the I/Os drawn to fit
+            columns = tuple(np.concatenate([column, np.asarray(values, column.dtype)])
+                            for column, values in zip(columns, added, strict=True))
+        return self.start + columns[0], columns[1], columns[2]
+
+    def _mapped(self, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """fio's random map with several sizes: a random free block, the I/O cut where a taken block
+        or the region's end comes first; until every block is taken."""
+        free = np.ones(self.blocks, bool)
+        order, position, offsets, cut = self.rng.permutation(self.blocks), 0, [], []
+        for size in sizes.tolist():
+            while position < self.blocks and not free[order[position]]:
+                position += 1
+            if position == self.blocks:
+                break
+            first = int(order[position])
+            want = -(-size // self.unit)
+            last = first
+            while last + 1 < min(self.blocks, first + want) and free[last + 1]:
+                last += 1
+            free[first : last + 1] = False
+            offsets.append(first * self.unit)
+            cut.append(min(size, (last + 1 - first) * self.unit))
+        return np.array(offsets, np.int64), np.array(cut, np.int64)
+
     def passes(self, mix: float):
-        """(offsets, reads) of every pass of one of fio's loops, until io_size bytes (default:
-        size) are done, the last pass cut short."""
-        left = (self.o["io_size"] or self.o["size"]) // self.o["bs"]
-        while left > 0:
-            offsets = self.one_pass()[:left]
-            left -= len(offsets)
-            yield offsets, self.rng.random(len(offsets)) < mix
+        """(offsets, reads, sizes) of every pass of one of fio's loops, until io_size bytes (default:
+        size) are done: whole I/Os of a one-size job (fio's count), the last one cut to a multiple
+        of the smallest size otherwise."""
+        left = self.o["io_size"] or self.o["size"]
+        while left >= self.unit:
+            if self.variable:
+                offsets, reads, sizes = self._variable_pass(mix)
+                done = np.cumsum(sizes)
+                n = min(len(sizes), int(np.searchsorted(done, left)) + 1)
+                offsets, reads, sizes = offsets[:n], reads[:n], sizes[:n].copy()
+                if done[n - 1] > left:  # the I/O that would pass io_size: a size that fits instead
+                    sizes[-1] = self._fit(bool(reads[-1]), left - int(done[n - 1] - sizes[-1]))
+            else:
+                offsets = self.one_pass()[: left // self.unit]
+                reads, sizes = self.rng.random(len(offsets)) < mix, np.full(len(offsets), self.unit, np.int64)
+            left -= int(sizes.sum())
+            yield offsets, reads, sizes
 
 
 class _Stream:
@@ -130,7 +230,7 @@ class _Stream:
 
     def __init__(self, options: dict, pattern: Pattern, mix: float):
         self.pieces = self._loops(options, pattern, mix)
-        self.offsets, self.reads = np.zeros(0, np.int64), np.zeros(0, bool)
+        self.columns = (np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.int64))  # offsets, reads, sizes
 
     @staticmethod
     def _loops(o: dict, pattern: Pattern, mix: float):
@@ -141,23 +241,22 @@ class _Stream:
             if not o["time_based"] and loop >= o["loops"]:
                 return
 
-    def peek(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Up to n of the next I/Os (fewer only at the end), without taking them."""
-        parts_o, parts_r, have = [self.offsets], [self.reads], len(self.offsets)
+    def peek(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Up to n of the next I/Os (fewer only at the end) as (offsets, reads, sizes), not taken."""
+        pieces, have = [self.columns], len(self.columns[0])
         while have < n and (piece := next(self.pieces, None)) is not None:
-            parts_o.append(piece[0])
-            parts_r.append(piece[1])
+            pieces.append(piece)
             have += len(piece[0])
-        if len(parts_o) > 1:
-            self.offsets, self.reads = np.concatenate(parts_o), np.concatenate(parts_r)
-        return self.offsets[:n], self.reads[:n]
+        if len(pieces) > 1:
+            self.columns = tuple(np.concatenate(column) for column in zip(*pieces, strict=True))
+        return tuple(column[:n] for column in self.columns)
 
     def take(self, n: int) -> None:
-        self.offsets, self.reads = self.offsets[n:], self.reads[n:]
+        self.columns = tuple(column[n:] for column in self.columns)
 
 
 def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
-    """The job's I/Os as (offsets, reads, sync_first) runs for an engine: a run ends where fio
+    """The job's I/Os as (offsets, reads, sizes, sync_first) runs for an engine: a run ends where fio
     syncs (before the I/O after every fsync=/fdatasync= Nth write), at number_ios, or at
     `chunk` I/Os (so a time-based job checks its clock, a rate holds, and memory stays bounded)."""
     o = options
@@ -165,7 +264,7 @@ def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
     stream = _Stream(o, pattern, mix)
     writes_since_sync, sync_first = 0, False
     while left != 0:
-        offsets, reads = stream.peek(chunk if left < 0 else min(chunk, left))
+        offsets, reads, sizes = stream.peek(chunk if left < 0 else min(chunk, left))
         if not len(offsets):
             return
         cut, synced = len(offsets), False
@@ -176,7 +275,7 @@ def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
                 cut, synced = int(nth[0]) + 1, True
             writes_since_sync = 0 if synced else int(writes[-1])
         stream.take(cut)
-        yield offsets[:cut], reads[:cut], sync_first
+        yield offsets[:cut], reads[:cut], sizes[:cut], sync_first
         sync_first = synced
         left -= cut
 
@@ -186,7 +285,7 @@ class Pacer:
     reads and writes apart; linear (evenly spaced) or poisson (exponential gaps, fio's rate_process)."""
 
     def __init__(self, options: dict, rng: np.random.Generator):
-        o, bs = options, options["bs"]
+        o, bs = options, options["bs"]  # rate_iops counts in the smallest block size, as fio's
         self.rates = [max(o["rate"][k], o["rate_iops"][k] * bs) for k in (0, 1)]  # reads, writes; 0: no limit
         self.poisson = o["rate_process"] == "poisson"
         self.bs, self.rng = bs, rng
@@ -203,15 +302,15 @@ class Pacer:
         fastest = max(self.rates) / self.bs
         return int(min(CHUNK, max(1, fastest / 1000)))
 
-    def wait(self, reads: np.ndarray, start_ns: int) -> None:
-        """Sleep until this run may go, then book its I/Os."""
+    def wait(self, reads: np.ndarray, sizes: np.ndarray, start_ns: int) -> None:
+        """Sleep until this run may go, then book its I/Os (each for its bytes at its direction's rate)."""
         due = 0.0
-        for direction, count in ((0, int(reads.sum())), (1, int(len(reads) - reads.sum()))):
-            if not count or not self.rates[direction]:
+        for direction, pick in ((0, reads), (1, ~reads)):
+            if not pick.any() or not self.rates[direction]:
                 continue
             due = max(due, self.due[direction])
-            gap = self.bs / self.rates[direction]
-            self.due[direction] += float(self.rng.exponential(gap, count).sum()) if self.poisson else count * gap
+            gaps = sizes[pick] / self.rates[direction]
+            self.due[direction] += float(self.rng.exponential(gaps).sum() if self.poisson else gaps.sum())
         delay = due - (time.perf_counter_ns() - start_ns) / 1e9
         if delay > 0:
             time.sleep(delay)

@@ -6,7 +6,7 @@ The header is ours (fio need not read it), the first 48 bytes of every block, li
     offset  size  field
     0       8     magic b"HTIOVRFY"
     8       8     the block's offset in the file
-    16      4     the block's length (bs)
+    16      4     the block's length (the I/O's size)
     20      2     checksum kind: 1 crc32c, 2 md5
     22      2     header length (48)
     24      8     generation: a token of the run that wrote it (a read-back of a write job
@@ -53,13 +53,13 @@ def checksummer(kind: str):
 class Verifier:
     """Stamps blocks before they are written and checks blocks read back, for one job copy."""
 
-    def __init__(self, kind: str, bs: int, generation: int):
-        self.kind, self.bs, self.generation = kind, bs, generation
+    def __init__(self, kind: str, generation: int):
+        self.kind, self.generation = kind, generation
         self.checksum = checksummer(kind)
 
     def stamp(self, block: memoryview, offset: int) -> None:
         """Write the header of the block at `offset` into it (the rest is already the job's data)."""
-        header = HEADER.pack(MAGIC, offset, self.bs, KINDS[self.kind], HEADER.size, self.generation, bytes(16))
+        header = HEADER.pack(MAGIC, offset, len(block), KINDS[self.kind], HEADER.size, self.generation, bytes(16))
         block[: HEADER.size] = header
         block[CHECKSUM_AT : HEADER.size] = self.checksum(block)
 
@@ -67,10 +67,10 @@ class Verifier:
         """Why the block read at `offset` fails verification, or None; `generation` None accepts
         any run's blocks (a read job checking a file written before)."""
         magic, at, length, kind, size, made_by, stored = HEADER.unpack(bytes(block[: HEADER.size]))
-        where = f"{path}: verify ({self.kind}) failed at offset {offset}, length {self.bs}"
+        where = f"{path}: verify ({self.kind}) failed at offset {offset}, length {len(block)}"
         if magic != MAGIC or size != HEADER.size:
             return f"{where}: no verify header there (magic {magic!r}); was it written with verify={self.kind}?"
-        if (at, length) != (offset, self.bs):
+        if (at, length) != (offset, len(block)):
             return f"{where}: the block there says it belongs at offset {at}, length {length} (misplaced write)"
         if kind != KINDS[self.kind]:
             return f"{where}: the block was written with another checksum kind ({kind})"

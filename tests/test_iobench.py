@@ -57,7 +57,7 @@ size=2MiB
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[a]\nsize=1m\nbssplit=4k\n", "x.fio:3: option 'bssplit' is not supported by hpc-train iobench; supported: "),
+    ("[a]\nsize=1m\nnrfiles=2\n", "x.fio:3: option 'nrfiles' is not supported by hpc-train iobench; supported: "),
     ("[a]\nsize=1m\nblocksise=4k\n", "x.fio:3: option 'blocksise' is not supported by hpc-train iobench (did you "
                                       "mean 'blocksize'?)"),
     ("[a]\nsize=1m\ndirectory=${HPC_TRAIN_UNSET_FOR_TEST}\n",
@@ -68,9 +68,9 @@ size=2MiB
     ("[a]\nsize=1m\nioengine=posixaio\n", "ioengine 'posixaio' is not supported here"),
     ("[a]\nsize=1m\nrwmixread=101\n", "x.fio:3: bad value for option 'rwmixread'"),
     ("[a]\nrw=read\n", "x.fio:1: job 'a' has no size"),
-    ("[a]\nsize=1m\nbs=0\n", "size (1048576) must be at least bs (0), and bs positive"),
-    ("[a]\nsize=1k\nbs=4k\n", "size (1024) must be at least bs (4096)"),
-    ("[a]\nsize=1m\ndirect=1\nbs=1000\n", "direct=1 needs bs a multiple of 512"),
+    ("[a]\nsize=1m\nbs=0\n", "size (1048576) must be at least the largest block size (0), and block sizes positive"),
+    ("[a]\nsize=1k\nbs=4k\n", "size (1024) must be at least the largest block size (4096)"),
+    ("[a]\nsize=1m\ndirect=1\nbs=1000\n", "direct=1 needs every block size a multiple of 512, got 1000"),
     ("[a]\nsize=1m\ntime_based\n", "time_based needs runtime="),
     ("bs=4k\n[a]\n", "x.fio:1: option outside any section"),
     ("[a\nsize=1m\n", "x.fio:1: malformed section header"),
