@@ -320,11 +320,19 @@ def _check(verifier: Verifier, inst: Instance, run: tuple, view, generation) -> 
             raise IOBenchError(problem)
 
 
-def _written_once(offsets: np.ndarray, sizes: np.ndarray) -> tuple:
-    """Every offset written, once, in the order of its last write, with that write's size (what a
-    read-back must find)."""
-    _, last = np.unique(offsets[::-1], return_index=True)
-    keep = np.sort(len(offsets) - 1 - last)
+def _written_once(offsets: np.ndarray, sizes: np.ndarray, unit: int) -> tuple:
+    """The writes a read-back must find, in the order of their last write: each block's last
+    write, and no earlier write that a later one overlapped even in part (its block is no longer
+    whole: fio drops such pieces from its verify list too)."""
+    first = int(offsets.min()) if len(offsets) else 0
+    taken = np.zeros((int((offsets + sizes).max()) - first) // unit + 1 if len(offsets) else 0, bool)
+    keep = []
+    for k in range(len(offsets) - 1, -1, -1):  # latest first
+        lo, hi = (int(offsets[k]) - first) // unit, -(-(int(offsets[k] + sizes[k]) - first) // unit)
+        if not taken[lo:hi].any():
+            keep.append(k)
+        taken[lo:hi] = True
+    keep = np.array(keep[::-1], np.int64)
     return offsets[keep], np.ones(len(keep), bool), sizes[keep]
 
 
@@ -400,7 +408,7 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
         if o["end_fsync"] and writes(inst.job):
             engine.sync()
         if verifier and o["do_verify"] and writes(inst.job):
-            written = _written_once(record.joined("offsets"), record.joined("sizes"))
+            written = _written_once(record.joined("offsets"), record.joined("sizes"), o["bs"])
             for lo in range(0, len(written[0]), chunk):
                 run = tuple(column[lo : lo + chunk] for column in written)
                 stamps = _issue(engine, inst, run, view, 0)
