@@ -1,4 +1,4 @@
-/* Asynchronous I/O at a queue depth for `hpc-train iobench`: fio's libaio and io_uring engines.
+/* Asynchronous I/O at a queue depth for `hpc-train iobench`: fio's libaio, io_uring and posixaio engines.
  *
  * A queue (`open`) holds one job copy's kernel context and buffers; each `run` on it
  * takes a list of I/Os (offsets, read or write) on its file descriptor, keeping up to
@@ -6,9 +6,9 @@
  * to the kernel every `batch_submit` (io_submit, or io_uring_enter), and reaped when
  * the queue is full or nothing is left to stage, waiting for at least `complete_min`
  * (at least 1), taking at most `complete_max` a call (as fio: at least complete_min), and
- * going on while more than `depth_low` are in flight. Both engines
+ * going on while more than `depth_low` are in flight. libaio and io_uring
  * use raw system calls (<linux/aio_abi.h>, <linux/io_uring.h>): no libaio or liburing
- * to link. Every I/O gets three CLOCK_MONOTONIC stamps, as fio's: set up, issued (the
+ * to link; posixaio is glibc's aio_read/aio_write/aio_suspend (in libc since glibc 2.34). Every I/O gets three CLOCK_MONOTONIC stamps, as fio's: set up, issued (the
  * submit call returned), reaped. The GIL is released for the whole run.
  *
  * `data` holds either one block, written by every write (reads land in a scratch slot), or
@@ -17,6 +17,7 @@
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <aio.h>
 #include <errno.h>
 #include <linux/aio_abi.h>
 #include <linux/io_uring.h>
@@ -52,7 +53,11 @@ struct queue {
     struct io_uring_sqe *sqes;
     struct io_uring_params params;
     unsigned sq_tail;
-    /* both */
+    /* posixaio */
+    struct aiocb *aiocbs;
+    int *staged_slots;
+    char *busy; /* submitted, not yet reaped */
+    /* all */
     int staged;
     int (*prep)(queue *, int slot, int reading, int64_t offset, size_t len);
     int (*commit)(queue *);                                          /* staged I/Os submitted, or -errno */
@@ -112,6 +117,73 @@ static int aio_open(queue *q) {
     q->prep = aio_prep;
     q->commit = aio_commit;
     q->reap = aio_reap;
+    return 0;
+}
+
+/* ---- posixaio (glibc's POSIX AIO: its own threads do the I/O) --------------------------- */
+
+static int posix_prep(queue *q, int slot, int reading, int64_t offset, size_t len) {
+    struct aiocb *cb = &q->aiocbs[slot];
+    memset(cb, 0, sizeof *cb);
+    cb->aio_fildes = q->fd;
+    cb->aio_buf = q->buffers + (size_t)slot * q->bs;
+    cb->aio_nbytes = len;
+    cb->aio_offset = offset;
+    cb->aio_lio_opcode = reading ? LIO_READ : LIO_WRITE;
+    q->staged_slots[q->staged++] = slot;
+    return 0;
+}
+
+static int posix_commit(queue *q) {
+    int done = 0;
+    for (int i = 0; i < q->staged; i++) {
+        struct aiocb *cb = &q->aiocbs[q->staged_slots[i]];
+        while ((cb->aio_lio_opcode == LIO_READ ? aio_read(cb) : aio_write(cb)) != 0) {
+            if (errno != EAGAIN) return -errno;
+        }
+        q->busy[q->staged_slots[i]] = 1;
+        done++;
+    }
+    q->staged = 0;
+    return done;
+}
+
+static int posix_reap(queue *q, int min, int max, int *slots, int64_t *res) {
+    const struct aiocb **waiting = malloc((size_t)q->depth * sizeof *waiting);
+    if (!waiting) return -ENOMEM;
+    int got = 0;
+    for (;;) {
+        int n = 0;
+        for (int s = 0; s < q->depth && got < max; s++) {
+            if (!q->busy[s]) continue;
+            int e = aio_error(&q->aiocbs[s]);
+            if (e == EINPROGRESS) {
+                waiting[n++] = &q->aiocbs[s];
+                continue;
+            }
+            ssize_t r = aio_return(&q->aiocbs[s]);
+            q->busy[s] = 0;
+            slots[got] = s;
+            res[got++] = e ? -e : (int64_t)r;
+        }
+        if (got >= min || n == 0) break;
+        if (aio_suspend(waiting, n, NULL) != 0 && errno != EINTR && errno != EAGAIN) {
+            got = -errno;
+            break;
+        }
+    }
+    free(waiting);
+    return got;
+}
+
+static int posix_open(queue *q) {
+    q->aiocbs = calloc((size_t)q->depth, sizeof *q->aiocbs);
+    q->staged_slots = calloc((size_t)q->depth, sizeof *q->staged_slots);
+    q->busy = calloc((size_t)q->depth, 1);
+    if (!q->aiocbs || !q->staged_slots || !q->busy) return -ENOMEM;
+    q->prep = posix_prep;
+    q->commit = posix_commit;
+    q->reap = posix_reap;
     return 0;
 }
 
@@ -203,6 +275,9 @@ static void queue_close(queue *q) {
     if (q->cq && q->cq != MAP_FAILED) munmap(q->cq, q->cq_len);
     if (q->sqes && (void *)q->sqes != MAP_FAILED) munmap(q->sqes, q->sqes_len);
     if (q->ring > 0) close(q->ring);
+    free(q->aiocbs);
+    free(q->staged_slots);
+    free(q->busy);
     free(q->buffers);
 }
 
@@ -353,7 +428,11 @@ static PyObject *open_queue(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "aio.open: depth and bs must be positive");
         return NULL;
     }
-    if (strcmp(engine, "libaio") != 0 && strcmp(engine, "io_uring") != 0) {
+    int (*open_engine)(queue *) = strcmp(engine, "libaio") == 0     ? aio_open
+                                  : strcmp(engine, "io_uring") == 0 ? uring_open
+                                  : strcmp(engine, "posixaio") == 0 ? posix_open
+                                                                    : NULL;
+    if (!open_engine) {
         PyErr_Format(PyExc_ValueError, "aio.open: unknown engine %s", engine);
         return NULL;
     }
@@ -370,7 +449,7 @@ static PyObject *open_queue(PyObject *self, PyObject *args) {
     q->depth = depth;
     q->bs = (size_t)bs;
     int err = posix_memalign((void **)&q->buffers, 4096, (size_t)depth * (size_t)bs) ? -ENOMEM : 0;
-    if (!err) err = strcmp(engine, "libaio") == 0 ? aio_open(q) : uring_open(q);
+    if (!err) err = open_engine(q);
     if (err) {
         handle_close(h);
         free(h);
@@ -462,7 +541,7 @@ release:
 }
 
 static PyMethodDef methods[] = {
-    {"open", open_queue, METH_VARARGS, "open(engine, fd, depth, bs) -> queue (libaio or io_uring)"},
+    {"open", open_queue, METH_VARARGS, "open(engine, fd, depth, bs) -> queue (libaio, io_uring or posixaio)"},
     {"close", close_queue, METH_VARARGS, "close(queue): release the kernel context and buffers now"},
     {"run", run, METH_VARARGS,
      "run(queue, offsets, reads, sizes, data, batch_submit, complete_min, complete_max, depth_low, deadline_ns, "

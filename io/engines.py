@@ -3,8 +3,8 @@
 psync, pvsync: os.preadv / os.pwritev at the I/O's offset on a file descriptor (O_DIRECT
 when direct=1); sync: os.lseek then os.readv / os.writev at the file position, as fio's
 sync. null: no I/O at all (the engine and runner's own cost, as fio's null). libaio,
-io_uring: the job's I/Os at its queue depth (`iodepth`), in C (io/aio.c, built on first
-use). mpiio: MPI.File read_at / write_at, or the collective read_at_all / write_at_all with
+io_uring, posixaio: the job's I/Os at its queue depth (`iodepth`), in C (io/aio.c, built on
+first use). mpiio: MPI.File read_at / write_at, or the collective read_at_all / write_at_all with
 collective=1. hdf5: h5py on the mpio driver, one 1-D byte dataset `data`, hyperslab reads
 and writes, independent or collective, contiguous or chunked (hdf5_chunk=).
 
@@ -135,7 +135,7 @@ class NullEngine(SyncEngine):
 
 
 class QueuedEngine:
-    """libaio or io_uring (io/aio.c): I/Os staged, committed every iodepth_batch_submit and reaped
+    """libaio, io_uring or posixaio (io/aio.c): I/Os staged, committed every iodepth_batch_submit and reaped
     as fio does, up to iodepth in flight; no Python between two I/Os (the GIL is released)."""
 
     on_fd = True
@@ -193,6 +193,10 @@ class LibaioEngine(QueuedEngine):
 
 class IOUringEngine(QueuedEngine):
     kind = "io_uring"
+
+
+class PosixAIOEngine(QueuedEngine):
+    kind = "posixaio"
 
 
 class EngineUnavailable(OSError):
@@ -264,7 +268,8 @@ class HDF5Engine(SyncEngine):
 
 
 ENGINES = {"psync": PsyncEngine, "pvsync": PsyncEngine, "sync": SyncEngineAtPosition, "null": NullEngine,
-           "libaio": LibaioEngine, "io_uring": IOUringEngine, "mpiio": MPIIOEngine, "hdf5": HDF5Engine}
+           "libaio": LibaioEngine, "io_uring": IOUringEngine, "posixaio": PosixAIOEngine, "mpiio": MPIIOEngine,
+           "hdf5": HDF5Engine}
 
 
 def create_hdf5_file(path, nbytes: int, chunk: int) -> None:

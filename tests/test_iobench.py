@@ -65,7 +65,7 @@ size=2MiB
     ("[a]\nsize=1m\ninclude\n", "x.fio:3: include needs a file name"),
     ("[a]\nsize=1m\nbs=4q\n", "x.fio:3: bad value for option 'bs'"),
     ("[a]\nsize=1m\nrw=trim\n", "x.fio:3: bad value for option 'rw'"),
-    ("[a]\nsize=1m\nioengine=posixaio\n", "ioengine 'posixaio' is not supported here"),
+    ("[a]\nsize=1m\nioengine=spdk\n", "ioengine 'spdk' is not supported here"),
     ("[a]\nsize=1m\nrwmixread=101\n", "x.fio:3: bad value for option 'rwmixread'"),
     ("[a]\nrw=read\n", "x.fio:1: job 'a' has no size"),
     ("[a]\nsize=1m\nbs=0\n", "size (1048576) must be at least the largest block size (0), and block sizes positive"),
@@ -423,7 +423,7 @@ def busiest(shares: dict) -> str:
 
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
-@pytest.mark.parametrize("engine", ["libaio", "io_uring"])
+@pytest.mark.parametrize("engine", ["libaio", "io_uring", "posixaio"])
 @pytest.mark.parametrize("depth", [1, 8])
 def test_queued_engines_keep_fios_depth_and_counts(tmp_path, engine, depth):
     """randread of 1 MiB at 4 KiB with O_DIRECT: fio's I/O count and bytes, slat measured (fio's
@@ -443,7 +443,7 @@ def test_queued_engines_keep_fios_depth_and_counts(tmp_path, engine, depth):
     assert our_job["latency_depth"] == fio_job["latency_depth"] == depth
 
 
-@pytest.mark.parametrize("engine", ["libaio", "io_uring"])
+@pytest.mark.parametrize("engine", ["libaio", "io_uring", "posixaio"])
 def test_queued_writes_land_where_they_were_aimed(tmp_path, engine):
     """Every 4 KiB block of a file written at depth 16 holds the job's buffer (a write lost, doubled
     or misplaced leaves the zeros written first), read back with plain Python."""

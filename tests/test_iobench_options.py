@@ -231,7 +231,7 @@ def test_command_line_jobs_run_as_fios(tmp_path):
 
 
 @needs_fio
-@pytest.mark.parametrize("engine", ["psync", "libaio", "io_uring"])
+@pytest.mark.parametrize("engine", ["psync", "libaio", "io_uring", "posixaio"])
 def test_verify_reads_back_every_written_block_as_fio_counts(tmp_path, engine):
     """A randwrite job with verify: every block written, then read back and checked; fio reports
     its read-back as reads, and so do we (the same counts on the same job)."""
