@@ -11,9 +11,10 @@ import sys
 import time
 
 import pytest
+from hpc_train.io import fiojob
 from hpc_train.io.iostats import bucket_value
 
-from .conftest import python_cmd, run_mpi
+from .conftest import ROOT, python_cmd, run_mpi
 from .test_iobench import fio_and_ours, iobench, schema_gaps
 
 needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (apt-get install fio)")
@@ -365,3 +366,16 @@ def test_verify_reads_back_only_whole_blocks_when_writes_overlap(tmp_path):
     entry = json.loads(proc.stdout)["jobs"][0]
     assert entry["write"]["io_bytes"] == 1 << 20
     assert 0 < entry["read"]["io_bytes"] <= 256 << 10  # never more than the region: one check per place
+
+
+OUR_OPTIONS = ("ioengine=mpiio", "ioengine=hdf5", "collective", "hdf5_chunk")  # fio has no such engines
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "io").glob("*.fio")), ids=lambda p: p.name)
+def test_the_shipped_job_files_parse_here_and_in_fio(path):
+    """Every example job file is accepted by our parser, and by fio's where it uses only fio's options."""
+    jobfile = fiojob.load(path)
+    assert jobfile.jobs and not jobfile.ignored
+    if shutil.which("fio") and not any(option in path.read_text() for option in OUR_OPTIONS):
+        proc = subprocess.run(["fio", "--parse-only", str(path)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
