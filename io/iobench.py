@@ -485,8 +485,8 @@ def run_levels(mine: list[Instance], levels: list[int], comm) -> tuple[list[Resu
 def run_local(mine: list[Instance]) -> list[Result]:
     """Run this rank's prepared instances, started together.
 
-    Instances of the file-descriptor engines (psync, libaio, io_uring) run as concurrent
-    threads, as fio runs jobs (as `thread` asks; fio forks a process per job otherwise). mpiio and hdf5
+    Instances of the file-descriptor engines (and null) run as concurrent threads, as fio runs
+    jobs (as `thread` asks; fio forks a process per job otherwise). mpiio and hdf5
     instances run one after another on one thread, in the same order on every rank:
     MPI-IO and HDF5 calls from several threads of a rank can deadlock against the
     other ranks' collectives (HDF5 is not thread-safe; h5py serializes every call).

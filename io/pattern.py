@@ -4,9 +4,10 @@ Offsets (`Pattern`): sequential passes over the job's region (with fio's holes,
 `rw=read:4k`), or random ones: every block once per pass (fio's random map), or
 drawn independently (`norandommap`, and every non-uniform `random_distribution`:
 zipf, pareto and normal as fio's lib/zipf.c and lib/gauss.c compute them, the hot ranks
-scattered over the region as fio hashes them), with `rw=randread:N` taking N-1 sequential blocks after each
-random one. `randrepeat=1` (fio's default) makes the pattern the same on every run;
-`randseed` chooses another.
+scattered over the region as fio hashes them), with `rw=randread:N` taking N-1
+sequential blocks after each random one; sizes drawn per I/O where a job has several
+(bssplit, bsrange). `randrepeat=1` (fio's default) makes the pattern the same on every
+run; `randseed` chooses another.
 
 Timing (`Pacer`): `rate`/`rate_iops` (per job copy, reads and writes apart) and
 `rate_process` (linear, or poisson gaps), enforced between the runs handed to an
@@ -15,6 +16,7 @@ engine, which are cut to about a millisecond of I/O when a rate is set.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -36,6 +38,7 @@ def _scramble(ranks: np.ndarray, blocks: int) -> np.ndarray:
     return np.array([r * multiplier % blocks for r in ranks.tolist()], np.int64)
 
 
+@functools.lru_cache(maxsize=64)  # once per region and theta, not per pass
 def _zeta(n: int, theta: float) -> float:
     """sum of k^-theta for k = 1..n (at most fio's ZIPF_MAX_GEN terms), a MiB of terms at a time."""
     n, step, total = min(n, ZIPF_MAX_TERMS), 1 << 17, 0.0
