@@ -64,7 +64,8 @@ NodeName=$host CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
   chown munge:munge /run/munge
-  pgrep -x munged >/dev/null || munged --force
+  # by its socket, not its process: a munged of another root (a chroot's host) serves another /run
+  [ -S /run/munge/munge.socket.2 ] || munged --force
   pgrep -x slurmctld >/dev/null || slurmctld
   pgrep -x slurmd >/dev/null || slurmd
   for _ in $(seq 1 30); do  # idle within a few seconds when healthy
