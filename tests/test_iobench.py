@@ -76,7 +76,7 @@ size=2MiB
     ("[a\nsize=1m\n", "x.fio:1: malformed section header"),
     ("[global]\nbs=4k\n", "no job sections"),
     ("[a]\nsize=1m\nioengine=mpiio\ndirect=1\n",
-     "direct=1 works with ioengine=psync, pvsync, sync, null, libaio, io_uring only"),
+     "direct=1 works with ioengine=psync, pvsync, sync, null, libaio, io_uring, posixaio only"),
     ("[a]\nsize=1m\ncollective=1\n", "collective=1 needs ioengine=mpiio or hdf5"),
     ("[a]\nsize=1m\nioengine=hdf5\ncollective=1\n", "collective=1 needs filename="),
     ("[a]\nsize=1m\nioengine=mpiio\ncollective=1\nfilename=f\nrw=randrw\n", "one direction (not rw/randrw)"),
