@@ -79,10 +79,12 @@ static int aio_prep(queue *q, int slot, int reading, int64_t offset, size_t len)
     return 0;
 }
 
-static int aio_commit(queue *q) {
+/* Submit every staged I/O, `submit_from(q, done)` taking those from `done` on, again where a
+ * call takes only part or is interrupted; the count, or -errno. */
+static int submit_staged(queue *q, long (*submit_from)(queue *, int)) {
     int done = 0;
     while (done < q->staged) {
-        long r = syscall(__NR_io_submit, q->ctx, (long)(q->staged - done), q->staged_cbs + done);
+        long r = submit_from(q, done);
         if (r < 0) {
             if (errno == EINTR) continue;
             return -errno;
@@ -92,6 +94,12 @@ static int aio_commit(queue *q) {
     q->staged = 0;
     return done;
 }
+
+static long aio_submit_from(queue *q, int done) {
+    return syscall(__NR_io_submit, q->ctx, (long)(q->staged - done), q->staged_cbs + done);
+}
+
+static int aio_commit(queue *q) { return submit_staged(q, aio_submit_from); }
 
 static int aio_reap(queue *q, int min, int max, int *slots, int64_t *res) {
     for (;;) {
@@ -207,19 +215,13 @@ static int uring_prep(queue *q, int slot, int reading, int64_t offset, size_t le
     return 0;
 }
 
+static long uring_submit_from(queue *q, int done) {
+    return syscall(__NR_io_uring_enter, q->ring, (unsigned)(q->staged - done), 0u, 0u, NULL, 0);
+}
+
 static int uring_commit(queue *q) {
     __atomic_store_n(RING_U32(q->sq, q->params.sq_off.tail), q->sq_tail, __ATOMIC_RELEASE);
-    int done = 0;
-    while (done < q->staged) {
-        long r = syscall(__NR_io_uring_enter, q->ring, (unsigned)(q->staged - done), 0u, 0u, NULL, 0);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        done += (int)r;
-    }
-    q->staged = 0;
-    return done;
+    return submit_staged(q, uring_submit_from);
 }
 
 static int uring_reap(queue *q, int min, int max, int *slots, int64_t *res) {

@@ -30,6 +30,15 @@ def offsets_of(path, bs: int = 4096) -> list[int]:
     return [int(row[4]) // bs for row in log_rows(path)]
 
 
+def our_run(tmp_path, text: str) -> dict:
+    """Our JSON entry of the first job of this job file's text, run in tmp_path."""
+    job = tmp_path / "job.fio"
+    job.write_text(text)
+    proc = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["jobs"][0]
+
+
 def logged_blocks(tmp_path, options: str, prefix: str) -> list[int]:
     """Run a 4 KiB job with these options, its I/Os logged with their offsets: the blocks, in order."""
     job = tmp_path / f"{prefix}.fio"
@@ -344,12 +353,8 @@ def test_block_size_mixes_give_fios_bytes_and_shares(tmp_path, mix):
 def test_verify_with_several_block_sizes(tmp_path):
     """Blocks of several sizes written at depth with verify: each carries its own length, the
     read-back checks every one."""
-    job = tmp_path / "vb.fio"
-    job.write_text(f"[vb]\nioengine=io_uring\niodepth=8\ndirect=1\nfilename={tmp_path / 'data'}\nsize=1m\n"
-                   "rw=randwrite\nbssplit=4k/50:16k/30:64k/20\nverify=md5\n")
-    proc = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    entry = json.loads(proc.stdout)["jobs"][0]
+    entry = our_run(tmp_path, f"[vb]\nioengine=io_uring\niodepth=8\ndirect=1\nfilename={tmp_path / 'data'}\n"
+                               "size=1m\nrw=randwrite\nbssplit=4k/50:16k/30:64k/20\nverify=md5\n")
     assert entry["write"]["io_bytes"] == entry["read"]["io_bytes"] == 1 << 20
     assert entry["write"]["total_ios"] == entry["read"]["total_ios"]
 
@@ -358,12 +363,8 @@ def test_verify_reads_back_only_whole_blocks_when_writes_overlap(tmp_path):
     """Two passes of random writes of several sizes without the random map overlap each other in
     part: the read-back checks the last write of each place and passes over blocks a later write
     cut into (a false alarm otherwise), and still checks most of what was written."""
-    job = tmp_path / "ov.fio"
-    job.write_text(f"[ov]\nfilename={tmp_path / 'data'}\nsize=256k\nio_size=1m\nrw=randwrite\nnorandommap\n"
-                   "bssplit=4k/50:16k/50\nverify=crc32c\n")
-    proc = iobench(job, "--output-format", "json", "--overwrite", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    entry = json.loads(proc.stdout)["jobs"][0]
+    entry = our_run(tmp_path, f"[ov]\nfilename={tmp_path / 'data'}\nsize=256k\nio_size=1m\nrw=randwrite\n"
+                               "norandommap\nbssplit=4k/50:16k/50\nverify=crc32c\n")
     assert entry["write"]["io_bytes"] == 1 << 20
     assert 0 < entry["read"]["io_bytes"] <= 256 << 10  # never more than the region: one check per place
 
