@@ -31,20 +31,20 @@ def _per_io(result, suffix: str) -> np.ndarray:
 
 def _averaged(result, suffix: str, window_ms: int) -> list[tuple]:
     """(msec, value, direction) per window and direction that completed I/Os in it."""
-    rows = []
+    rows, seconds = [], window_ms / 1000
     window = (result.completed_s * 1000 // window_ms).astype(np.int64)
+    latencies = _per_io(result, suffix) if suffix not in ("bw", "iops") else None  # once, not per window
     for w in np.unique(window).tolist():
         for direction in (0, 1):
             pick = (window == w) & (result.kinds == direction)
             if not pick.any():
                 continue
-            seconds = window_ms / 1000
             if suffix == "bw":
                 value = int(result.sizes[pick].sum() / 1024 / seconds)
             elif suffix == "iops":
                 value = int(pick.sum() / seconds)
             else:
-                value = int(_per_io(result, suffix)[pick].mean())
+                value = int(latencies[pick].mean())
             rows.append(((w + 1) * window_ms, value, direction))
     return rows
 
