@@ -64,17 +64,26 @@ NodeName=$host CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
   chown munge:munge /run/munge
-  # by its socket, not its process: a munged of another root (a chroot's host) serves another /run
-  [ -S /run/munge/munge.socket.2 ] || munged --force
-  pgrep -x slurmctld >/dev/null || slurmctld
-  pgrep -x slurmd >/dev/null || slurmd
-  for _ in $(seq 1 30); do  # idle within a few seconds when healthy
-    if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then echo "slurm up: $(sinfo -h -o '%P %D %t')"; return 0; fi
+  # a munged that answers, not a process of that name or a socket file: a chroot sees its host's
+  # munged (serving another /run), and a munged that died leaves its socket behind
+  munge -n </dev/null >/dev/null 2>&1 || munged --force
+  started slurmctld "$dir/ctld.pid" || slurmctld
+  started slurmd "$dir/d.pid" || slurmd
+  # idle within a few seconds when healthy; each sinfo waits ~10 s for a controller that is not
+  # there, so the wait is bounded by the clock, not by a number of tries
+  local deadline=$((SECONDS + 60))
+  while [ $SECONDS -lt $deadline ]; do
+    if timeout 10 sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
+      echo "slurm up: $(sinfo -h -o '%P %D %t')"; return 0
+    fi
     sleep 1
   done
-  echo "slurm did not come up; see $dir/ctld.log and $dir/d.log" >&2
+  echo "slurm did not come up within 60 s; see $dir/ctld.log and $dir/d.log" >&2
   return 1
 }
+
+# started NAME PIDFILE: whether the daemon this script started is still running
+started() { [ -f "$2" ] && ours "$(cat "$2")" "$1"; }
 
 down() {
   local pids=""
@@ -91,7 +100,7 @@ down() {
   echo "slurm down"
 }
 
-status() { sinfo 2>/dev/null || { echo "slurm not running"; return 1; }; }
+status() { timeout 10 sinfo 2>/dev/null || { echo "slurm not running"; return 1; }; }
 
 case "${1:-}" in
   up) up ;;

@@ -8,6 +8,7 @@ checked against the exact sum; a disagreement must end in the same error on ever
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .conftest import python_cmd, run_mpi
@@ -57,7 +58,10 @@ def two_ranks(tmp_path: Path, mode: str, env0: dict, env1: dict):
 
 
 def reports(proc) -> dict[int, list[str]]:
-    found = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    """Each rank's report wherever it lies: mpirun forwards each rank's output as it comes, so one
+    rank's report can land before the other's newline, on the same line."""
+    decoder = json.JSONDecoder()
+    found = [decoder.raw_decode(proc.stdout, at.start())[0] for at in re.finditer(r'\{"rank"', proc.stdout)]
     return {r["rank"]: r["chosen"] for r in found}
 
 
