@@ -1,7 +1,7 @@
 /* Asynchronous I/O at a queue depth for `hpc-train iobench`: fio's libaio, io_uring and posixaio engines.
  *
  * A queue (`open`) holds one job copy's kernel context and buffers; each `run` on it
- * takes a list of I/Os (offsets, read or write) on its file descriptor, keeping up to
+ * takes a list of I/Os (file descriptor, offset, read or write, size), keeping up to
  * `depth` in flight as fio does: I/Os are staged, committed
  * to the kernel every `batch_submit` (io_submit, or io_uring_enter), and reaped when
  * the queue is full or nothing is left to stage, waiting for at least `complete_min`
@@ -37,7 +37,6 @@ static int64_t now_ns(void) {
 
 typedef struct queue queue;
 struct queue {
-    int fd;
     int depth;
     size_t bs;
     char *buffers; /* depth blocks of bs, page-aligned (O_DIRECT) */
@@ -59,18 +58,18 @@ struct queue {
     char *busy; /* submitted, not yet reaped */
     /* all */
     int staged;
-    int (*prep)(queue *, int slot, int reading, int64_t offset, size_t len);
+    int (*prep)(queue *, int slot, int fd, int reading, int64_t offset, size_t len);
     int (*commit)(queue *);                                          /* staged I/Os submitted, or -errno */
     int (*reap)(queue *, int min, int max, int *slots, int64_t *res); /* completions, or -errno */
 };
 
 /* ---- libaio ---------------------------------------------------------------------------- */
 
-static int aio_prep(queue *q, int slot, int reading, int64_t offset, size_t len) {
+static int aio_prep(queue *q, int slot, int fd, int reading, int64_t offset, size_t len) {
     struct iocb *cb = &q->iocbs[slot];
     memset(cb, 0, sizeof *cb);
     cb->aio_lio_opcode = reading ? IOCB_CMD_PREAD : IOCB_CMD_PWRITE;
-    cb->aio_fildes = (uint32_t)q->fd;
+    cb->aio_fildes = (uint32_t)fd;
     cb->aio_buf = (uint64_t)(uintptr_t)(q->buffers + (size_t)slot * q->bs);
     cb->aio_nbytes = len;
     cb->aio_offset = offset;
@@ -130,10 +129,10 @@ static int aio_open(queue *q) {
 
 /* ---- posixaio (glibc's POSIX AIO: its own threads do the I/O) --------------------------- */
 
-static int posix_prep(queue *q, int slot, int reading, int64_t offset, size_t len) {
+static int posix_prep(queue *q, int slot, int fd, int reading, int64_t offset, size_t len) {
     struct aiocb *cb = &q->aiocbs[slot];
     memset(cb, 0, sizeof *cb);
-    cb->aio_fildes = q->fd;
+    cb->aio_fildes = fd;
     cb->aio_buf = q->buffers + (size_t)slot * q->bs;
     cb->aio_nbytes = len;
     cb->aio_offset = offset;
@@ -199,12 +198,12 @@ static int posix_open(queue *q) {
 
 #define RING_U32(base, off) ((unsigned *)((base) + (off)))
 
-static int uring_prep(queue *q, int slot, int reading, int64_t offset, size_t len) {
+static int uring_prep(queue *q, int slot, int fd, int reading, int64_t offset, size_t len) {
     unsigned index = q->sq_tail & *RING_U32(q->sq, q->params.sq_off.ring_mask);
     struct io_uring_sqe *e = &q->sqes[index];
     memset(e, 0, sizeof *e);
     e->opcode = reading ? IORING_OP_READ : IORING_OP_WRITE;
-    e->fd = q->fd;
+    e->fd = fd;
     e->addr = (uint64_t)(uintptr_t)(q->buffers + (size_t)slot * q->bs);
     e->len = (uint32_t)len;
     e->off = (uint64_t)offset;
@@ -284,6 +283,7 @@ static void queue_close(queue *q) {
 }
 
 typedef struct {
+    const int32_t *fds; /* each I/O's file (a job copy may have several: nrfiles) */
     const int64_t *offsets;
     const uint8_t *reads;
     const int64_t *sizes; /* each I/O's length, at most the queue's bs */
@@ -326,7 +326,7 @@ static int64_t run_queue(queue *q, run_args *a) {
             staged_index[q->staged] = next;
             if (a->per_io && !a->reads[next])
                 memcpy(q->buffers + (size_t)slot * q->bs, a->data + (size_t)next * q->bs, (size_t)a->sizes[next]);
-            q->prep(q, slot, a->reads[next], a->offsets[next], (size_t)a->sizes[next]);
+            q->prep(q, slot, a->fds[next], a->reads[next], a->offsets[next], (size_t)a->sizes[next]);
             next++;
             if (q->staged >= a->batch_submit) break;
         }
@@ -419,13 +419,13 @@ static void handle_free(PyObject *capsule) {
     }
 }
 
-/* open(engine, fd, depth, bs) -> queue: the kernel context and depth buffers of one job copy,
+/* open(engine, depth, bs) -> queue: the kernel context and depth buffers of one job copy,
  * set up once (io_destroy waits for an RCU grace period: milliseconds, too slow per run). */
 static PyObject *open_queue(PyObject *self, PyObject *args) {
     const char *engine;
-    int fd, depth;
+    int depth;
     Py_ssize_t bs;
-    if (!PyArg_ParseTuple(args, "siin", &engine, &fd, &depth, &bs)) return NULL;
+    if (!PyArg_ParseTuple(args, "sin", &engine, &depth, &bs)) return NULL;
     if (depth < 1 || bs < 1) {
         PyErr_SetString(PyExc_ValueError, "aio.open: depth and bs must be positive");
         return NULL;
@@ -447,7 +447,6 @@ static PyObject *open_queue(PyObject *self, PyObject *args) {
     }
     h->q = q;
     q->ring = -1;
-    q->fd = fd;
     q->depth = depth;
     q->bs = (size_t)bs;
     int err = posix_memalign((void **)&q->buffers, 4096, (size_t)depth * (size_t)bs) ? -ENOMEM : 0;
@@ -479,8 +478,8 @@ static PyObject *run(PyObject *self, PyObject *args) {
     PyObject *capsule;
     int batch_submit, complete_min, complete_max, depth_low;
     long long deadline_ns;
-    Py_buffer offsets, reads, sizes, data, set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit;
-    if (!PyArg_ParseTuple(args, "Oy*y*y*w*iiiiLw*w*w*w*w*w*w*", &capsule, &offsets, &reads, &sizes, &data,
+    Py_buffer fds, offsets, reads, sizes, data, set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit;
+    if (!PyArg_ParseTuple(args, "Oy*y*y*y*w*iiiiLw*w*w*w*w*w*w*", &capsule, &fds, &offsets, &reads, &sizes, &data,
                           &batch_submit,
                           &complete_min, &complete_max, &depth_low, &deadline_ns, &set_up, &issued, &reaped, &res,
                           &submit_calls, &complete_calls, &depth_at_commit))
@@ -493,8 +492,9 @@ static PyObject *run(PyObject *self, PyObject *args) {
         if (h) PyErr_SetString(PyExc_ValueError, "aio.run: the queue is closed");
         goto release;
     }
-    if (reads.len < n || sizes.len < n * (Py_ssize_t)sizeof(int64_t) || data.len < bs) {
-        PyErr_SetString(PyExc_ValueError, "aio.run: reads or sizes shorter than offsets, or data shorter than bs");
+    if (fds.len < n * (Py_ssize_t)sizeof(int32_t) || reads.len < n || sizes.len < n * (Py_ssize_t)sizeof(int64_t) ||
+        data.len < bs) {
+        PyErr_SetString(PyExc_ValueError, "aio.run: fds, reads or sizes shorter than offsets, or data shorter than bs");
         goto release;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -513,9 +513,10 @@ static PyObject *run(PyObject *self, PyObject *args) {
     int per_io = data.len >= n * bs;
     if (!per_io) /* one block for every write: into every slot once */
         for (int s = 0; s < q->depth; s++) memcpy(q->buffers + (size_t)s * q->bs, data.buf, q->bs);
-    run_args a = {offsets.buf, reads.buf, sizes.buf, n, deadline_ns, batch_submit < 1 ? q->depth : batch_submit, complete_min,
-                  complete_max, depth_low < 1 ? q->depth : depth_low, set_up.buf, issued.buf, reaped.buf, res.buf,
-                  submit_calls.buf, complete_calls.buf, 0, 0, depth_at_commit.buf, data.buf, per_io};
+    run_args a = {fds.buf, offsets.buf, reads.buf, sizes.buf, n, deadline_ns,
+                  batch_submit < 1 ? q->depth : batch_submit, complete_min, complete_max,
+                  depth_low < 1 ? q->depth : depth_low, set_up.buf, issued.buf, reaped.buf, res.buf, submit_calls.buf,
+                  complete_calls.buf, 0, 0, depth_at_commit.buf, data.buf, per_io};
     if (a.batch_submit > q->depth) a.batch_submit = q->depth;
     int64_t done;
     Py_BEGIN_ALLOW_THREADS
@@ -528,6 +529,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
         result = Py_BuildValue("LLL", (long long)done, (long long)a.n_submit_calls, (long long)a.n_complete_calls);
     }
 release:
+    PyBuffer_Release(&fds);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&reads);
     PyBuffer_Release(&sizes);
@@ -543,10 +545,10 @@ release:
 }
 
 static PyMethodDef methods[] = {
-    {"open", open_queue, METH_VARARGS, "open(engine, fd, depth, bs) -> queue (libaio, io_uring or posixaio)"},
+    {"open", open_queue, METH_VARARGS, "open(engine, depth, bs) -> queue (libaio, io_uring or posixaio)"},
     {"close", close_queue, METH_VARARGS, "close(queue): release the kernel context and buffers now"},
     {"run", run, METH_VARARGS,
-     "run(queue, offsets, reads, sizes, data, batch_submit, complete_min, complete_max, depth_low, deadline_ns, "
+     "run(queue, fds, offsets, reads, sizes, data, batch_submit, complete_min, complete_max, depth_low, deadline_ns, "
      "set_up, issued, reaped, res, submit_calls, complete_calls, depth_at_commit) -> (issued, submits, reaps)"},
     {NULL, NULL, 0, NULL}};
 

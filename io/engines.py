@@ -8,12 +8,14 @@ first use). mpiio: MPI.File read_at / write_at, or the collective read_at_all / 
 collective=1. hdf5: h5py on the mpio driver, one 1-D byte dataset `data`, hyperslab reads
 and writes, independent or collective, contiguous or chunked (hdf5_chunk=).
 
-Every engine runs a list of I/Os with `run(offsets, reads, sizes, view, stride, deadline_ns)`
-and returns their stamps (`Stamps`); `view` is one block that every I/O uses (its first `size`
-bytes), or a block per I/O every `stride` bytes (what verify= writes and checks); the
-synchronous engines do it one I/O at a time through their `read`/`write`. `ENGINES` is the
-registry: a name, and what the runner and the job-file checks need to know of each (`on_fd`: a POSIX file descriptor, so
-direct=1 applies and instances run as threads; `queued`: iodepth applies; `needs_file`:
+Every engine opens a job copy's files (`paths`: several with nrfiles=; mpiio and hdf5 take one)
+and runs a list of I/Os with `run(offsets, reads, sizes, files, view, stride, deadline_ns)`, each
+I/O on the file `files` names by its place in `paths`, returning their stamps (`Stamps`); `view`
+is one block that every I/O uses (its first `size` bytes), or a block per I/O every `stride`
+bytes (what verify= writes and checks); the synchronous engines do it one I/O at a time through
+their `read`/`write`. `ENGINES` is the registry: a name, and what the runner and the job-file
+checks need to know of each (`on_fd`: POSIX file descriptors, so direct=1 applies, a job copy
+may have several files and instances run as threads; `queued`: iodepth applies; `needs_file`:
 the job's files are laid out, checked and unlinked).
 """
 
@@ -51,18 +53,19 @@ class SyncEngine:
     queued = False
     needs_file = True
 
-    def run(self, offsets: np.ndarray, reads: np.ndarray, sizes: np.ndarray, view, stride: int,
+    def run(self, offsets: np.ndarray, reads: np.ndarray, sizes: np.ndarray, files: np.ndarray, view, stride: int,
             deadline_ns: int) -> Stamps:
         n = len(offsets)
         set_up, reaped, result = (np.zeros(n, np.int64) for _ in range(3))
         per_io = len(view) >= n * stride
         done = 0
-        for offset, reading, size in zip(offsets.tolist(), reads.tolist(), sizes.tolist(), strict=True):
+        for offset, reading, size, file in zip(offsets.tolist(), reads.tolist(), sizes.tolist(), files.tolist(),
+                                               strict=True):
             t0 = time.perf_counter_ns()  # CLOCK_MONOTONIC, as the C engines' stamps
             if deadline_ns and t0 >= deadline_ns:
                 break
             block = view[done * stride : done * stride + size] if per_io else view[:size]
-            result[done] = self.read(block, offset) if reading else self.write(block, offset)
+            result[done] = self.read(block, offset, file) if reading else self.write(block, offset, file)
             set_up[done], reaped[done] = t0, time.perf_counter_ns()
             done += 1
         ones = np.ones(done, np.int64)
@@ -78,38 +81,54 @@ def drop_cache(path) -> None:
         os.close(fd)
 
 
+def open_files(paths, options: dict, writable: bool) -> list[int]:
+    """A descriptor per file (O_DIRECT with direct=1; the page cache dropped first with
+    invalidate=1); none left open if one fails."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_DIRECT if options["direct"] else 0)
+    fds: list[int] = []
+    try:
+        for path in paths:
+            if options["invalidate"]:
+                drop_cache(path)
+            fds.append(os.open(path, flags))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 class PsyncEngine(SyncEngine):
     on_fd = True
 
-    def __init__(self, path, options: dict, writable: bool, comm=None):
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_DIRECT if options["direct"] else 0)
-        if options["invalidate"]:
-            drop_cache(path)
-        self.fd = os.open(path, flags)
+    def __init__(self, paths, options: dict, writable: bool, comm=None):
+        self.fds = open_files(paths, options, writable)
 
-    def read(self, view, offset: int) -> int:
-        return os.preadv(self.fd, [view], offset)
+    def read(self, view, offset: int, file: int) -> int:
+        return os.preadv(self.fds[file], [view], offset)
 
-    def write(self, view, offset: int) -> int:
-        return os.pwritev(self.fd, [view], offset)
+    def write(self, view, offset: int, file: int) -> int:
+        return os.pwritev(self.fds[file], [view], offset)
 
     def sync(self, data_only: bool = False) -> None:
-        (os.fdatasync if data_only else os.fsync)(self.fd)
+        for fd in self.fds:
+            (os.fdatasync if data_only else os.fsync)(fd)
 
     def close(self) -> None:
-        os.close(self.fd)
+        for fd in self.fds:
+            os.close(fd)
 
 
 class SyncEngineAtPosition(PsyncEngine):
     """fio's sync: the offset set with lseek, then read / write at the file position."""
 
-    def read(self, view, offset: int) -> int:
-        os.lseek(self.fd, offset, os.SEEK_SET)
-        return os.readv(self.fd, [view])
+    def read(self, view, offset: int, file: int) -> int:
+        os.lseek(self.fds[file], offset, os.SEEK_SET)
+        return os.readv(self.fds[file], [view])
 
-    def write(self, view, offset: int) -> int:
-        os.lseek(self.fd, offset, os.SEEK_SET)
-        return os.writev(self.fd, [view])
+    def write(self, view, offset: int, file: int) -> int:
+        os.lseek(self.fds[file], offset, os.SEEK_SET)
+        return os.writev(self.fds[file], [view])
 
 
 class NullEngine(SyncEngine):
@@ -119,10 +138,10 @@ class NullEngine(SyncEngine):
     on_fd = True
     needs_file = False
 
-    def __init__(self, path, options: dict, writable: bool, comm=None):
+    def __init__(self, paths, options: dict, writable: bool, comm=None):
         pass
 
-    def read(self, view, offset: int) -> int:
+    def read(self, view, offset: int, file: int) -> int:
         return len(view)
 
     write = read
@@ -143,7 +162,7 @@ class QueuedEngine:
     needs_file = True
     kind = ""
 
-    def __init__(self, path, options: dict, writable: bool, comm=None):
+    def __init__(self, paths, options: dict, writable: bool, comm=None):
         from .. import native
 
         self.module = native.load("hpc_train.io", "aio.c", "_aio")
@@ -151,11 +170,12 @@ class QueuedEngine:
             raise EngineUnavailable(f"ioengine={self.kind} needs its C module, which could not be built here "
                                     "(see the warning above); use ioengine=psync")
         self.options = options
-        self.fd = PsyncEngine(path, options, writable).fd
+        self.descriptors = PsyncEngine(paths, options, writable)  # the files, opened as psync opens them
+        self.fds = np.asarray(self.descriptors.fds, np.int32)
         try:  # the kernel context once per job copy: tearing one down costs milliseconds
-            self.queue = self.module.open(self.kind, self.fd, options["iodepth"], options["bs_max"])
+            self.queue = self.module.open(self.kind, options["iodepth"], options["bs_max"])
         except OSError as exc:
-            os.close(self.fd)
+            self.descriptors.close()
             raise self._unavailable(exc) from None
 
     def _unavailable(self, exc: OSError) -> EngineUnavailable:
@@ -163,14 +183,14 @@ class QueuedEngine:
                                  "kernel's interface (kernel.io_uring_disabled can turn io_uring off; libaio or "
                                  "psync may serve)")
 
-    def run(self, offsets: np.ndarray, reads: np.ndarray, sizes: np.ndarray, view, stride: int,
+    def run(self, offsets: np.ndarray, reads: np.ndarray, sizes: np.ndarray, files: np.ndarray, view, stride: int,
             deadline_ns: int) -> Stamps:
         o, n = self.options, len(offsets)
         out = [np.zeros(n, np.int64) for _ in range(7)]
         try:  # the queue's slots are `stride` (bs_max) bytes: the stride of a per-I/O buffer too
             issued, submits, reaps = self.module.run(
-                self.queue, np.ascontiguousarray(offsets, np.int64), np.ascontiguousarray(reads, np.uint8),
-                np.ascontiguousarray(sizes, np.int64), view,
+                self.queue, self.fds[files], np.ascontiguousarray(offsets, np.int64),
+                np.ascontiguousarray(reads, np.uint8), np.ascontiguousarray(sizes, np.int64), view,
                 o["iodepth_batch_submit"], o["iodepth_batch_complete_min"], o["iodepth_batch_complete_max"],
                 o["iodepth_low"], deadline_ns, *out)
         except OSError as exc:
@@ -180,11 +200,11 @@ class QueuedEngine:
                       submit_calls[:submits], complete_calls[:reaps])
 
     def sync(self, data_only: bool = False) -> None:
-        (os.fdatasync if data_only else os.fsync)(self.fd)
+        self.descriptors.sync(data_only)
 
     def close(self) -> None:
         self.module.close(self.queue)
-        os.close(self.fd)
+        self.descriptors.close()
 
 
 class LibaioEngine(QueuedEngine):
@@ -204,9 +224,12 @@ class EngineUnavailable(OSError):
 
 
 class MPIIOEngine(SyncEngine):
-    def __init__(self, path, options: dict, writable: bool, comm):
+    """One file (paths[0]), opened on the job's communicator."""
+
+    def __init__(self, paths, options: dict, writable: bool, comm):
         from mpi4py import MPI
 
+        path = paths[0]
         if options["invalidate"]:
             drop_cache(path)
         self.byte = MPI.BYTE
@@ -215,11 +238,11 @@ class MPIIOEngine(SyncEngine):
         self._read = self.fh.Read_at_all if collective else self.fh.Read_at
         self._write = self.fh.Write_at_all if collective else self.fh.Write_at
 
-    def read(self, view, offset: int) -> int:
+    def read(self, view, offset: int, file: int) -> int:
         self._read(offset, [view, self.byte])
         return len(view)
 
-    def write(self, view, offset: int) -> int:
+    def write(self, view, offset: int, file: int) -> int:
         self._write(offset, [view, self.byte])
         return len(view)
 
@@ -231,11 +254,14 @@ class MPIIOEngine(SyncEngine):
 
 
 class HDF5Engine(SyncEngine):
-    def __init__(self, path, options: dict, writable: bool, comm):
+    """One file (paths[0]) of one byte dataset, opened on the job's communicator."""
+
+    def __init__(self, paths, options: dict, writable: bool, comm):
         from h5py import h5fd, h5p
 
         from .hdf5 import open_parallel
 
+        path = paths[0]
         if options["invalidate"]:
             drop_cache(path)
         self.file = open_parallel(path, "r+" if writable else "r", comm)
@@ -250,12 +276,12 @@ class HDF5Engine(SyncEngine):
         file_space.select_hyperslab((offset,), (n,))
         return h5s.create_simple((n,)), file_space
 
-    def read(self, view, offset: int) -> int:
+    def read(self, view, offset: int, file: int) -> int:
         memory_space, file_space = self._spaces(offset, len(view))
         self.dset.read(memory_space, file_space, np.frombuffer(view, np.uint8), dxpl=self.xfer)
         return len(view)
 
-    def write(self, view, offset: int) -> int:
+    def write(self, view, offset: int, file: int) -> int:
         memory_space, file_space = self._spaces(offset, len(view))
         self.dset.write(memory_space, file_space, np.frombuffer(view, np.uint8), dxpl=self.xfer)
         return len(view)

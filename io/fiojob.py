@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import JobFileError
 from ..units import parse_size
 from .engines import ENGINES
+from .files import parse_file_service, split_names
 
 RW_MODES = {"read": "read", "write": "write", "randread": "randread", "randwrite": "randwrite",
             "rw": "rw", "readwrite": "rw", "randrw": "randrw"}
@@ -96,16 +97,18 @@ def parse_time_range(text: str) -> tuple[float, float]:
     return bounds
 
 
+def parse_size_range(text: str) -> tuple[int, int]:
+    """SIZE or LOW-HIGH (filesize=): bounds in bytes, LOW <= HIGH, both positive."""
+    low, sep, high = text.partition("-")
+    bounds = (parse_size(low), parse_size(high) if sep else parse_size(low))
+    if not 0 < bounds[0] <= bounds[1]:
+        raise ValueError(f"{text!r}: expected SIZE or LOW-HIGH with 0 < LOW <= HIGH")
+    return bounds
+
+
 def parse_bsrange(text: str) -> tuple:
     """bsrange=LOW-HIGH (or reads,writes): a size from LOW to HIGH in steps of LOW, uniformly."""
-    def one(part: str) -> tuple[int, int]:
-        low, sep, high = part.partition("-")
-        bounds = (parse_size(low), parse_size(high) if sep else parse_size(low))
-        if not 0 < bounds[0] <= bounds[1]:
-            raise ValueError(f"{part!r}: expected LOW-HIGH with 0 < LOW <= HIGH")
-        return bounds
-
-    return parse_pair(lambda part: one(part) if part.strip() else None)(text)
+    return parse_pair(lambda part: parse_size_range(part) if part.strip() else None)(text)
 
 
 MAX_SPLIT_ENTRIES = 64  # fio's BSSPLIT_MAX
@@ -184,8 +187,13 @@ OPTIONS = {
     "size": (parse_size, None),
     "offset": (parse_size, 0),
     "offset_increment": (parse_size, 0),  # job copy k starts at offset + k * offset_increment
-    "filename": (str.strip, None),
+    "filename": (str.strip, None),  # one file, or a:b:c, shared by the job's copies
     "directory": (str.strip, None),
+    "nrfiles": (parse_int(1, 1 << 20), 1),  # files per job copy (io/files.py)
+    "filesize": (parse_size_range, None),  # each file's size (LOW-HIGH: drawn per file); default size / nrfiles
+    "filename_format": (str.strip, "$jobname.$jobnum.$filenum"),
+    "file_service_type": (parse_file_service, ("roundrobin", (1,))),
+    "openfiles": (parse_int(0), 0),  # at most this many files open at once (0: nrfiles)
     "numjobs": (parse_int(1), 1),
     "direct": (parse_bool, False),
     "invalidate": (parse_bool, True),
@@ -371,20 +379,29 @@ def parse(text: str, source: str = "<job file>", first_line: int = 1) -> JobFile
         merged = {key: default for key, (_, default) in OPTIONS.items()} | DERIVED
         merged.update(global_values)
         merged.update(values)
-        if merged["size"] is None:
-            raise JobFileError(f"{source}:{section_line}: job '{section}' has no size (set size=, e.g. size=1g)")
+        if merged["size"] is None and merged["filesize"] is None:
+            raise JobFileError(f"{source}:{section_line}: job '{section}' has no size (set size=, e.g. size=1g, "
+                               "or filesize=)")
         if merged["bssplit"] != (None, None) and merged["bsrange"] != (None, None):
             raise JobFileError(f"{source}:{section_line}: job '{section}': set bssplit= or bsrange=, not both")
         merged["block_sizes"] = block_sizes(merged)
         every = [size for sizes, _ in merged["block_sizes"] for size in sizes]
         merged["bs"], merged["bs_max"] = min(every), max(every)
-        if merged["bs"] <= 0 or merged["size"] < merged["bs_max"]:
-            raise JobFileError(f"{source}:{section_line}: job '{section}': size ({merged['size']}) must be at least "
+        smallest = merged["size"] // merged["nrfiles"] if merged["filesize"] is None else \
+            merged["filesize"][0] - merged["offset"] - (merged["numjobs"] - 1) * merged["offset_increment"]
+        if merged["bs"] <= 0 or smallest < merged["bs_max"]:
+            what = f"filesize less the last copy's offset ({smallest})" if merged["filesize"] else \
+                f"size ({smallest})" if merged["nrfiles"] == 1 else f"size / nrfiles ({smallest})"
+            raise JobFileError(f"{source}:{section_line}: job '{section}': {what} must be at least "
                                f"the largest block size ({merged['bs_max']}), and block sizes positive")
         on_fd = [name for name, engine in ENGINES.items() if engine.on_fd]
         if merged["direct"] and merged["ioengine"] not in on_fd:
             raise JobFileError(f"{source}:{section_line}: job '{section}': direct=1 works with ioengine="
                                f"{', '.join(on_fd)} only")
+        several = merged["nrfiles"] > 1 if not merged["filename"] else len(split_names(merged["filename"])) > 1
+        if several and merged["ioengine"] not in on_fd:
+            raise JobFileError(f"{source}:{section_line}: job '{section}': several files per job (nrfiles=, "
+                               f"filename=a:b) work with ioengine={', '.join(on_fd)} only")
         if merged["collective"] and merged["ioengine"] in on_fd:
             raise JobFileError(f"{source}:{section_line}: job '{section}': collective=1 needs ioengine=mpiio or hdf5")
         if merged["collective"] and not merged["filename"]:

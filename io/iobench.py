@@ -25,6 +25,7 @@ import numpy as np
 
 from . import diskstats
 from .engines import ENGINES, EngineUnavailable, Stamps, create_hdf5_file
+from .files import FileRegion, FileSet, file_names, region_lengths
 from .fiojob import Job
 from .iostats import (
     call_sizes,
@@ -35,7 +36,7 @@ from .iostats import (
     summary,
     windowed_rates,
 )
-from .pattern import CHUNK, Pacer, Pattern, chunks
+from .pattern import CHUNK, Pacer, chunks
 from .verify import Verifier, VerifyUnavailable
 
 MARKER_SUFFIX = ".hpc_train-iobench"
@@ -50,9 +51,14 @@ class IOBenchError(RuntimeError):
 class Instance:
     job: Job
     jobnum: int
-    path: Path
+    files: list  # FileRegion: the copy's files (several with nrfiles= or filename=a:b)
     number: int = 1  # fio's job number (1, 2, ... over every copy of every job): names its log files
     comm: object = None  # mpiio / hdf5: the communicator the file is opened on
+
+    @property
+    def owned(self) -> list:
+        """The files this copy lays out, checks and unlinks (the first copy that uses a file)."""
+        return [f for f in self.files if f.owner]
 
     def __getstate__(self):  # results travel to rank 0 without the (unpicklable) communicator
         return {**self.__dict__, "comm": None}
@@ -85,13 +91,26 @@ class Result:
 
 
 def instances(jobs: list[Job]) -> list[Instance]:
-    """Every job's numjobs copies, with fio's file names ($jobname.$jobnum.0 in `directory`)."""
-    out = []
+    """Every job's numjobs copies with their files (io/files.py: names in `directory`, regions
+    from the copy's offset); a file that several copies use is laid out, by the first, to the
+    end of the furthest region in it. The same on every rank (seeded)."""
+    out, extents = [], {}
     for job in jobs:
         o = job.options
         for k in range(o["numjobs"]):
-            name = o["filename"] or f"{job.name}.{k}.0"
-            out.append(Instance(job, k, Path(o["directory"] or ".") / name, number=len(out) + 1))
+            start = o["offset"] + k * o["offset_increment"]
+            paths = [Path(o["directory"] or ".") / name for name in file_names(job, k)]
+            rng = np.random.default_rng([o["randseed"], job.index, k, 1])  # filesize=LOW-HIGH draws
+            regions = [FileRegion(path, start, length) for path, length in
+                       zip(paths, region_lengths(o, len(paths), start, rng), strict=True)]
+            for region in regions:
+                region.owner = region.path not in extents
+                extents[region.path] = max(extents.get(region.path, 0), region.start + region.length,
+                                           o["filesize"][1] if o["filesize"] else 0)
+            out.append(Instance(job, k, regions, number=len(out) + 1))
+    for inst in out:
+        for region in inst.files:
+            region.extent = extents[region.path]
     return out
 
 
@@ -129,9 +148,9 @@ def _claim(path: Path) -> None:
     Path(str(path) + MARKER_SUFFIX).write_text("created by hpc-train iobench\n")
 
 
-def check_writable(inst: Instance, overwrite: bool) -> None:
-    if inst.path.exists() and not _is_ours(inst.path) and not overwrite:
-        raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}' would write {inst.path}, "
+def check_writable(inst: Instance, path: Path, overwrite: bool) -> None:
+    if path.exists() and not _is_ours(path) and not overwrite:
+        raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}' would write {path}, "
                            "which hpc-train iobench did not create; pass --overwrite to allow it")
 
 
@@ -139,19 +158,14 @@ def writes(job: Job) -> bool:
     return job.options["rw"] in ("write", "randwrite", "rw", "randrw")
 
 
-def _extent(o: dict) -> int:
-    """The bytes a job's file must hold: up to the last copy's offset + size."""
-    return o["offset"] + o["size"] + (o["numjobs"] - 1) * o["offset_increment"]
-
-
-def layout_bytes(inst: Instance) -> int:
-    """What layout() will add to the file system for this instance (0 for a file already there)."""
-    o = inst.job.options
-    if (o["filename"] and inst.jobnum != 0) or not ENGINES[o["ioengine"]].needs_file:
+def layout_bytes(inst: Instance, region: FileRegion) -> int:
+    """What layout() will add to the file system for this file (0 for a file already there)."""
+    path = region.path
+    if not region.owner or not ENGINES[inst.job.options["ioengine"]].needs_file:
         return 0
-    if o["ioengine"] == "hdf5":
-        return 0 if inst.path.exists() and _is_ours(inst.path) else _extent(o)
-    return max(0, _extent(o) - (inst.path.stat().st_size if inst.path.exists() else 0))
+    if inst.job.options["ioengine"] == "hdf5":
+        return 0 if path.exists() and _is_ours(path) else region.extent
+    return max(0, region.extent - (path.stat().st_size if path.exists() else 0))
 
 
 def mount_of(path: Path) -> tuple[str, str, str]:
@@ -175,11 +189,11 @@ SHARED_FILE_SYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3"
 def _my_demands(mine: list[Instance]) -> dict:
     """This rank's layout bytes by file system: key -> [bytes, free bytes, where, job names]."""
     demands: dict = {}
-    for inst in mine:
-        nbytes = layout_bytes(inst)
+    for inst, region in ((copy, region) for copy in mine for region in copy.files):
+        nbytes = layout_bytes(inst, region)
         if not nbytes:
             continue
-        directory = inst.path.parent.resolve()
+        directory = region.path.parent.resolve()
         while not directory.exists():  # layout creates the missing folders
             directory = directory.parent
         point, fstype, source = mount_of(directory)
@@ -223,29 +237,28 @@ def check_space(mine: list[Instance], comm) -> None:
                 f"{_human_bytes(total['free'])} free; lower size or numjobs, or use another directory")
 
 
-def layout(inst: Instance, overwrite: bool) -> None:
-    """Create and fill the file up to offset+size before a job reads it (fio lays files out too).
+def layout(inst: Instance, region: FileRegion, overwrite: bool) -> None:
+    """Create and fill a file up to its extent before a job reads it (fio lays files out too).
 
-    A shared file (filename=) is laid out by the job's instance 0 alone.
+    A file several copies use is laid out by the first of them alone.
     """
-    o = inst.job.options
-    needed = _extent(o)
-    if (o["filename"] and inst.jobnum != 0) or not ENGINES[o["ioengine"]].needs_file:
+    o, path, needed = inst.job.options, region.path, region.extent
+    if not region.owner or not ENGINES[o["ioengine"]].needs_file:
         return
     if o["ioengine"] == "hdf5":
-        if not inst.path.exists() or not _is_ours(inst.path):
-            check_writable(inst, overwrite)
-            inst.path.parent.mkdir(parents=True, exist_ok=True)
-            _claim(inst.path)
-            create_hdf5_file(inst.path, needed, o["hdf5_chunk"])
+        if not path.exists() or not _is_ours(path):
+            check_writable(inst, path, overwrite)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _claim(path)
+            create_hdf5_file(path, needed, o["hdf5_chunk"])
         return
-    if inst.path.exists() and inst.path.stat().st_size >= needed:
+    if path.exists() and path.stat().st_size >= needed:
         return
-    check_writable(inst, overwrite)
-    inst.path.parent.mkdir(parents=True, exist_ok=True)
-    _claim(inst.path)
+    check_writable(inst, path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _claim(path)
     block = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
-    with open(inst.path, "r+b" if inst.path.exists() else "wb") as f:
+    with open(path, "r+b" if path.exists() else "wb") as f:
         allocate(f.fileno(), needed, o["fallocate"])
         f.seek(0, os.SEEK_END)
         while f.tell() < needed:
@@ -274,11 +287,6 @@ def allocate(fd: int, nbytes: int, mode: str) -> None:
                 raise OSError(err, os.strerror(err))
 
 
-def start_offset(inst: Instance) -> int:
-    o = inst.job.options
-    return o["offset"] + inst.jobnum * o["offset_increment"]
-
-
 def seed(inst: Instance):
     """The copy's random seed: randseed, the job and the copy (the same offsets on every run:
     randrepeat=1); collective copies share one (every rank issues the same I/Os in the same
@@ -293,64 +301,69 @@ VERIFY_CHUNK_BYTES = 16 << 20  # verify keeps a block per I/O of a run: runs of 
 
 
 def _issue(engine, inst: Instance, run: tuple, view, deadline: int) -> Stamps:
-    """One run (offsets, reads, sizes) on the engine; IOBenchError naming file, offset and errno
-    for a failed I/O."""
-    offsets, reads, sizes = run
-    stamps = engine.run(offsets, reads, sizes, view, inst.job.options["bs_max"], deadline)
+    """One run (offsets, reads, sizes, files) on the engine; IOBenchError naming file, offset and
+    errno for a failed I/O."""
+    offsets, reads, sizes, files = run
+    stamps = engine.run(offsets, reads, sizes, files, view, inst.job.options["bs_max"], deadline)
     failed = np.nonzero(stamps.result != sizes[: len(stamps.result)])[0]
     if len(failed):
         k, res = failed[0], int(stamps.result[failed[0]])
-        raise IOBenchError(f"{inst.path}: {'read' if reads[k] else 'write'} at offset {offsets[k]} failed: "
+        raise IOBenchError(f"{inst.files[files[k]].path}: {'read' if reads[k] else 'write'} at offset {offsets[k]} "
+                           "failed: "
                            + (os.strerror(-res) if res < 0 else f"short, {res} of {sizes[k]} bytes"))
     return stamps
 
 
 def _blocks(run: tuple, view, stride: int, reading: bool):
-    """(block, offset) of a run's reads or writes, each I/O's block at its place in the buffer."""
-    offsets, reads, sizes = run
+    """(block, offset, file) of a run's reads or writes, each I/O's block at its place in the buffer."""
+    offsets, reads, sizes, files = run
     for k in np.flatnonzero(reads if reading else ~reads).tolist():
-        yield view[k * stride : k * stride + int(sizes[k])], int(offsets[k])
+        yield view[k * stride : k * stride + int(sizes[k])], int(offsets[k]), int(files[k])
 
 
 def _check(verifier: Verifier, inst: Instance, run: tuple, view, generation) -> None:
-    for block, offset in _blocks(run, view, inst.job.options["bs_max"], reading=True):
+    for block, offset, file in _blocks(run, view, inst.job.options["bs_max"], reading=True):
         with block:
-            problem = verifier.check(block, offset, inst.path, generation)
+            problem = verifier.check(block, offset, inst.files[file].path, generation)
         if problem:
             raise IOBenchError(problem)
 
 
-def _written_once(offsets: np.ndarray, sizes: np.ndarray, unit: int) -> tuple:
+def _written_once(offsets: np.ndarray, sizes: np.ndarray, files: np.ndarray, unit: int) -> tuple:
     """The writes a read-back must find, in the order of their last write: each block's last
     write, and no earlier write that a later one overlapped even in part (its block is no longer
-    whole: fio drops such pieces from its verify list too)."""
-    first = int(offsets.min()) if len(offsets) else 0
-    taken = np.zeros((int((offsets + sizes).max()) - first) // unit + 1 if len(offsets) else 0, bool)
+    whole: fio drops such pieces from its verify list too). Files are laid end to end for this."""
+    span = -(-int((offsets + sizes).max()) // unit) * unit if len(offsets) else 0
+    place = offsets + files * span
+    first = int(place.min()) if len(place) else 0
+    taken = np.zeros((int((place + sizes).max()) - first) // unit + 1 if len(place) else 0, bool)
     keep = []
-    for k in range(len(offsets) - 1, -1, -1):  # latest first
-        lo, hi = (int(offsets[k]) - first) // unit, -(-(int(offsets[k] + sizes[k]) - first) // unit)
+    for k in range(len(place) - 1, -1, -1):  # latest first
+        lo, hi = (int(place[k]) - first) // unit, -(-(int(place[k] + sizes[k]) - first) // unit)
         if not taken[lo:hi].any():
             keep.append(k)
         taken[lo:hi] = True
     keep = np.array(keep[::-1], np.int64)
-    return offsets[keep], np.ones(len(keep), bool), sizes[keep]
+    return offsets[keep], np.ones(len(keep), bool), sizes[keep], files[keep]
 
 
 @dataclass
 class _Record:
-    """What a job copy's runs did, in order: their stamps, directions, offsets and sizes."""
+    """What a job copy's runs did, in order: their stamps, directions, offsets, sizes and files."""
 
     stamps: list = field(default_factory=list)
     kinds: list = field(default_factory=list)
     offsets: list = field(default_factory=list)
     sizes: list = field(default_factory=list)
+    files: list = field(default_factory=list)
 
     def add(self, stamps: Stamps, run: tuple) -> None:
-        offsets, reads, sizes = (column[: len(stamps.set_up)] for column in run)
+        offsets, reads, sizes, files = (column[: len(stamps.set_up)] for column in run)
         self.stamps.append(stamps)
         self.kinds.append(np.where(reads, READ, WRITE).astype(np.int8))
         self.offsets.append(offsets)
         self.sizes.append(sizes)
+        self.files.append(files)
 
     def joined(self, name: str, dtype=np.int64) -> np.ndarray:
         parts = getattr(self, name)
@@ -363,14 +376,14 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     o = inst.job.options
     stride = o["bs_max"]  # a buffer of one block, or (verify) of a block per I/O of a run
     try:
-        engine = ENGINES[o["ioengine"]](inst.path, o, writes(inst.job), inst.comm)
+        engine = ENGINES[o["ioengine"]]([region.path for region in inst.files], o, writes(inst.job), inst.comm)
         verifier = Verifier(o["verify"], int.from_bytes(os.urandom(8), "little")) if o["verify"] != "none" \
             else None
     except (EngineUnavailable, VerifyUnavailable) as exc:
         raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': {exc}") from None
     except OSError as exc:
         raise IOBenchError(f"{inst.job.source}:{inst.job.line}: job '{inst.job.name}': cannot open "
-                           f"{inst.path}: {exc.strerror or exc}") from None
+                           f"{exc.filename or inst.files[0].path}: {exc.strerror or exc}") from None
     rng = np.random.default_rng(seed(inst))
     mix = {"read": 1.0, "randread": 1.0, "write": 0.0, "randwrite": 0.0}.get(o["rw"], o["rwmixread"] / 100)
     pacer = Pacer(o, rng)
@@ -388,7 +401,7 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     start = time.perf_counter_ns()
     deadline = start + int(1e9 * (o["ramp_time"] + o["runtime"])) if o["runtime"] else 0
     try:
-        for *run, sync_first in chunks(o, Pattern(o, start_offset(inst), rng), mix, chunk):
+        for *run, sync_first in chunks(o, FileSet(o, inst.files, rng), mix, chunk):
             if pacer.active:
                 pacer.wait(run[1], run[2], start)
             if sync_first:
@@ -396,7 +409,7 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
                 engine.sync(data_only=bool(o["fdatasync"]))
                 syncs.append(time.perf_counter_ns() - s0)
             if verifier:
-                for block, offset in _blocks(run, view, stride, reading=False):
+                for block, offset, _ in _blocks(run, view, stride, reading=False):
                     with block:  # released now: the buffer is closed at the end
                         verifier.stamp(block, offset)
             stamps = _issue(engine, inst, run, view, deadline)
@@ -408,7 +421,7 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
         if o["end_fsync"] and writes(inst.job):
             engine.sync()
         if verifier and o["do_verify"] and writes(inst.job):
-            written = _written_once(record.joined("offsets"), record.joined("sizes"), o["bs"])
+            written = _written_once(*(record.joined(name) for name in ("offsets", "sizes", "files")), o["bs"])
             for lo in range(0, len(written[0]), chunk):
                 run = tuple(column[lo : lo + chunk] for column in written)
                 stamps = _issue(engine, inst, run, view, 0)
@@ -440,25 +453,26 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
 
 def unlink_files(mine: list[Instance]) -> None:
     """unlink=1: remove the files (and our markers) of this rank's instances once every rank is done;
-    a shared file (filename=) by its instance 0."""
+    a shared file by the copy that laid it out."""
     for inst in mine:
-        if inst.job.options["unlink"] and not (inst.job.options["filename"] and inst.jobnum):
-            inst.path.unlink(missing_ok=True)
-            Path(str(inst.path) + MARKER_SUFFIX).unlink(missing_ok=True)
+        for region in inst.owned if inst.job.options["unlink"] else []:
+            region.path.unlink(missing_ok=True)
+            Path(str(region.path) + MARKER_SUFFIX).unlink(missing_ok=True)
 
 
 def prepare(mine: list[Instance], overwrite: bool) -> None:
     """Check write permission and lay out every file this rank's instances use."""
     for inst in mine:
-        if writes(inst.job) and ENGINES[inst.job.options["ioengine"]].needs_file:
-            check_writable(inst, overwrite)
-        layout(inst, overwrite)
+        for region in inst.files:
+            if writes(inst.job) and ENGINES[inst.job.options["ioengine"]].needs_file:
+                check_writable(inst, region.path, overwrite)
+            layout(inst, region, overwrite)
 
 
 def run_watched(mine: list[Instance], levels: list[int], comm) -> tuple[list[Result], list[str], list[dict]]:
     """run_levels, with fio's disk_util of the block devices under this rank's files over the run."""
-    devices = {device for inst in mine if ENGINES[inst.job.options["ioengine"]].needs_file
-               and (device := diskstats.device_of(inst.path))}
+    devices = {device for inst in mine for region in inst.files if ENGINES[inst.job.options["ioengine"]].needs_file
+               and (device := diskstats.device_of(region.path))}
     before, start = diskstats.snapshot(devices), time.monotonic()
     results, problems = run_levels(mine, levels, comm)
     return results, problems, diskstats.utilization(before, diskstats.snapshot(devices),

@@ -210,33 +210,46 @@ class Pattern:
 
     def passes(self, mix: float):
         """(offsets, reads, sizes) of every pass of one of fio's loops, until io_size bytes (default:
-        size) are done: whole I/Os of a one-size job (fio's count), the last one cut to a multiple
-        of the smallest size otherwise."""
+        size) are done (`cut_to`)."""
         left = self.o["io_size"] or self.o["size"]
         while left >= self.unit:
             if self.variable:
-                offsets, reads, sizes = self._variable_pass(mix)
-                done = np.cumsum(sizes)
-                n = min(len(sizes), int(np.searchsorted(done, left)) + 1)
-                offsets, reads, sizes = offsets[:n], reads[:n], sizes[:n].copy()
-                if done[n - 1] > left:  # the I/O that would pass io_size: a size that fits instead
-                    sizes[-1] = self._fit(bool(reads[-1]), left - int(done[n - 1] - sizes[-1]))
+                columns = self._variable_pass(mix)
             else:
                 offsets = self.one_pass()[: left // self.unit]
-                reads, sizes = self.rng.random(len(offsets)) < mix, np.full(len(offsets), self.unit, np.int64)
+                columns = (offsets, self.rng.random(len(offsets)) < mix, np.full(len(offsets), self.unit, np.int64))
+            offsets, reads, sizes = cut_to(columns, left, self)
             left -= int(sizes.sum())
             yield offsets, reads, sizes
+
+
+def cut_to(columns: tuple, left: int, pattern: Pattern) -> tuple:
+    """The I/Os of `columns` (offsets, reads, sizes, ...) up to `left` bytes: whole I/Os of a
+    one-size job (fio's count), the one that would pass `left` otherwise given a size that fits."""
+    sizes = columns[2]
+    done = np.cumsum(sizes)
+    if not len(sizes) or done[-1] <= left:
+        return columns
+    if not pattern.variable:
+        return tuple(column[: left // pattern.unit] for column in columns)
+    n = int(np.searchsorted(done, left)) + 1
+    columns = tuple(column[:n] for column in columns)
+    sizes = columns[2].copy()
+    if done[n - 1] > left:
+        sizes[-1] = pattern._fit(bool(columns[1][-1]), left - int(done[n - 1] - sizes[-1]))
+    return (*columns[:2], sizes, *columns[3:])
 
 
 class _Stream:
     """The I/Os of every loop as one stream, taken a run at a time (runs may span passes)."""
 
-    def __init__(self, options: dict, pattern: Pattern, mix: float):
+    def __init__(self, options: dict, pattern, mix: float):
         self.pieces = self._loops(options, pattern, mix)
-        self.columns = (np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.int64))  # offsets, reads, sizes
+        empty = np.zeros(0, np.int64)
+        self.columns = (empty, np.zeros(0, bool), empty, empty)  # offsets, reads, sizes, files
 
     @staticmethod
-    def _loops(o: dict, pattern: Pattern, mix: float):
+    def _loops(o: dict, pattern, mix: float):
         loop = 0
         while True:
             yield from pattern.passes(mix)
@@ -244,8 +257,8 @@ class _Stream:
             if not o["time_based"] and loop >= o["loops"]:
                 return
 
-    def peek(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Up to n of the next I/Os (fewer only at the end) as (offsets, reads, sizes), not taken."""
+    def peek(self, n: int) -> tuple:
+        """Up to n of the next I/Os (fewer only at the end) as (offsets, reads, sizes, files), not taken."""
         pieces, have = [self.columns], len(self.columns[0])
         while have < n and (piece := next(self.pieces, None)) is not None:
             pieces.append(piece)
@@ -258,8 +271,9 @@ class _Stream:
         self.columns = tuple(column[n:] for column in self.columns)
 
 
-def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
-    """The job's I/Os as (offsets, reads, sizes, sync_first) runs for an engine: a run ends where fio
+def chunks(options: dict, pattern, mix: float, chunk: int = CHUNK):
+    """The I/Os of `pattern` (a FileSet: passes of (offsets, reads, sizes, files)) as (offsets, reads,
+    sizes, files, sync_first) runs for an engine: a run ends where fio
     syncs (before the I/O after every fsync=/fdatasync= Nth write), at number_ios, or at
     `chunk` I/Os (so a time-based job checks its clock, a rate holds, and memory stays bounded)."""
     o = options
@@ -267,7 +281,7 @@ def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
     stream = _Stream(o, pattern, mix)
     writes_since_sync, sync_first = 0, False
     while left != 0:
-        offsets, reads, sizes = stream.peek(chunk if left < 0 else min(chunk, left))
+        offsets, reads, sizes, files = stream.peek(chunk if left < 0 else min(chunk, left))
         if not len(offsets):
             return
         cut, synced = len(offsets), False
@@ -278,7 +292,7 @@ def chunks(options: dict, pattern: Pattern, mix: float, chunk: int = CHUNK):
                 cut, synced = int(nth[0]) + 1, True
             writes_since_sync = 0 if synced else int(writes[-1])
         stream.take(cut)
-        yield offsets[:cut], reads[:cut], sizes[:cut], sync_first
+        yield offsets[:cut], reads[:cut], sizes[:cut], files[:cut], sync_first
         sync_first = synced
         left -= cut
 
