@@ -374,7 +374,8 @@ def run_iobench(args) -> int:
         problem = str(exc)
     problems = [p for p in comm.allgather(problem) if p]
     if not problems:  # everyone laid out: the levels start together on every rank
-        results, problems, disks = iobench.run_watched(mine, sorted({job.level for job in jobfile.jobs}), comm)
+        results, problems, disks = iobench.run_watched(mine, sorted({job.level for job in jobfile.jobs}), comm,
+                                                       exitall=any(job.options["exitall"] for job in jobfile.jobs))
     gathered = comm.gather((results, socket.gethostname(), disks), root=0)
     comm.Barrier()  # every rank is done with the files
     iobench.unlink_files(mine)

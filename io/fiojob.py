@@ -223,6 +223,8 @@ OPTIONS = {
     "new_group": (parse_bool, False),
     "wait_for": (str.strip, ""),
     "startdelay": (parse_time_range, (0.0, 0.0)),
+    "exitall": (parse_bool, False),  # on any job: a job that finishes stops others (io/exits.py)
+    "exit_what": (parse_choice("group", "all", "stonewall"), "group"),  # which: its group, all, its level
     # offsets
     "norandommap": (parse_bool, False),
     "randrepeat": (parse_bool, True),  # the same offsets on every run (0: a new seed each run)

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import diskstats
 from .engines import ENGINES, EngineUnavailable, Stamps, create_hdf5_file
+from .exits import EXIT_CHECK_BYTES, ExitBoard
 from .files import FileRegion, FileSet, file_names, region_lengths
 from .fiojob import Job
 from .iostats import (
@@ -370,9 +371,10 @@ class _Record:
         return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
-def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
+def run_instance(inst: Instance, start_barrier: threading.Barrier, board: ExitBoard | None = None) -> Result:
     """Run one job copy: its I/Os in runs on its engine, paced and synced as asked, then (verify=
-    on a write job) the read-back of every block it wrote, counted as reads as fio counts them."""
+    on a write job) the read-back of every block it wrote, counted as reads as fio counts them;
+    with exitall (`board`), until another copy's end stops it."""
     o = inst.job.options
     stride = o["bs_max"]  # a buffer of one block, or (verify) of a block per I/O of a run
     try:
@@ -389,6 +391,11 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     pacer = Pacer(o, rng)
     chunk = pacer.chunk() if pacer.active else CHUNK
     chunk = min(chunk, max(1, VERIFY_CHUNK_BYTES // stride)) if verifier else chunk
+    chunk = min(chunk, max(1, EXIT_CHECK_BYTES // stride)) if board else chunk
+
+    def stopped() -> bool:
+        return board is not None and board.stopped(inst.job)
+
     blocks = chunk if verifier else 1
     buffer = mmap.mmap(-1, blocks * stride)  # page-aligned, as O_DIRECT requires
     buffer.write(np.random.default_rng(inst.jobnum).integers(0, 256, stride, dtype=np.uint8).tobytes() * blocks)
@@ -397,11 +404,14 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
     usage_before = resource.getrusage(resource.RUSAGE_THREAD)
     start_barrier.wait()
     low, high = o["startdelay"]
-    time.sleep(rng.uniform(low, high) if high > low else low)
+    if not stopped():  # fio drops a stopped job's start delay
+        time.sleep(rng.uniform(low, high) if high > low else low)
     start = time.perf_counter_ns()
     deadline = start + int(1e9 * (o["ramp_time"] + o["runtime"])) if o["runtime"] else 0
     try:
         for *run, sync_first in chunks(o, FileSet(o, inst.files, rng), mix, chunk):
+            if stopped():
+                break
             if pacer.active:
                 pacer.wait(run[1], run[2], start)
             if sync_first:
@@ -420,7 +430,7 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
                 break
         if o["end_fsync"] and writes(inst.job):
             engine.sync()
-        if verifier and o["do_verify"] and writes(inst.job):
+        if verifier and o["do_verify"] and writes(inst.job) and not stopped():
             written = _written_once(*(record.joined(name) for name in ("offsets", "sizes", "files")), o["bs"])
             for lo in range(0, len(written[0]), chunk):
                 run = tuple(column[lo : lo + chunk] for column in written)
@@ -433,6 +443,8 @@ def run_instance(inst: Instance, start_barrier: threading.Barrier) -> Result:
         engine.close()
         view.release()
         buffer.close()
+    if board:
+        board.finished(inst.job)
     stamps = Stamps(*(np.concatenate([getattr(r, f) for r in record.stamps]) if record.stamps
                       else np.zeros(0, np.int64) for f in Stamps.__dataclass_fields__))
     counted = stamps.reaped - start >= int(1e9 * o["ramp_time"])  # what ends after the ramp is measured
@@ -469,34 +481,44 @@ def prepare(mine: list[Instance], overwrite: bool) -> None:
             layout(inst, region, overwrite)
 
 
-def run_watched(mine: list[Instance], levels: list[int], comm) -> tuple[list[Result], list[str], list[dict]]:
+def run_watched(mine: list[Instance], levels: list[int], comm, exitall: bool = False
+                ) -> tuple[list[Result], list[str], list[dict]]:
     """run_levels, with fio's disk_util of the block devices under this rank's files over the run."""
     devices = {device for inst in mine for region in inst.files if ENGINES[inst.job.options["ioengine"]].needs_file
                and (device := diskstats.device_of(region.path))}
     before, start = diskstats.snapshot(devices), time.monotonic()
-    results, problems = run_levels(mine, levels, comm)
+    results, problems = run_levels(mine, levels, comm, exitall)
     return results, problems, diskstats.utilization(before, diskstats.snapshot(devices),
                                                    1000 * (time.monotonic() - start))
 
 
-def run_levels(mine: list[Instance], levels: list[int], comm) -> tuple[list[Result], list[str]]:
+def run_levels(mine: list[Instance], levels: list[int], comm, exitall: bool = False) -> tuple[list[Result], list[str]]:
     """Run the job levels one after another (stonewall, wait_for), each started together on every
-    rank once every rank is done with the one before; the problems of any rank end the run on all."""
+    rank once every rank is done with the one before; the problems of any rank end the run on all.
+    With exitall (any job's; the same on every rank), a finished copy stops others (io/exits.py)."""
     results: list[Result] = []
-    for level in levels:
-        comm.Barrier()
-        try:
-            results.extend(run_local([inst for inst in mine if inst.job.level == level]))
-            problem = None
-        except (IOBenchError, OSError) as exc:
-            problem = str(exc)
-        problems = [p for p in comm.allgather(problem) if p]
-        if problems:
-            return results, problems
-    return results, []
+    board = ExitBoard(comm) if exitall else None
+    problems: list[str] = []
+    try:
+        for level in levels:
+            comm.Barrier()
+            try:
+                results.extend(run_local([inst for inst in mine if inst.job.level == level], board))
+                problem = None
+            except (IOBenchError, OSError) as exc:
+                problem = str(exc)
+            if board:
+                board.settle()
+            problems = [p for p in comm.allgather(problem) if p]
+            if problems:
+                break
+    finally:
+        if board:
+            board.close()
+    return results, problems
 
 
-def run_local(mine: list[Instance]) -> list[Result]:
+def run_local(mine: list[Instance], board: ExitBoard | None = None) -> list[Result]:
     """Run this rank's prepared instances, started together.
 
     Instances of the file-descriptor engines (and null) run as concurrent threads, as fio runs
@@ -515,7 +537,7 @@ def run_local(mine: list[Instance]) -> list[Result]:
     def work(lane: list[int]) -> None:
         try:
             for position, k in enumerate(lane):
-                results[k] = run_instance(mine[k], start if position == 0 else threading.Barrier(1))
+                results[k] = run_instance(mine[k], start if position == 0 else threading.Barrier(1), board)
         except BaseException as exc:
             errors.append(exc)
             start.abort()

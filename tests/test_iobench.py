@@ -57,7 +57,7 @@ size=2MiB
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[a]\nsize=1m\nzonemode=strided\n", "x.fio:3: option 'zonemode' is not supported by hpc-train iobench; supported: "),
+    ("[a]\nsize=1m\nuid=0\n", "x.fio:3: option 'uid' is not supported by hpc-train iobench; supported: "),
     ("[a]\nsize=1m\nblocksise=4k\n", "x.fio:3: option 'blocksise' is not supported by hpc-train iobench (did you "
                                       "mean 'blocksize'?)"),
     ("[a]\nsize=1m\ndirectory=${HPC_TRAIN_UNSET_FOR_TEST}\n",

@@ -380,3 +380,27 @@ def test_the_shipped_job_files_parse_here_and_in_fio(path):
     if shutil.which("fio") and not any(option in path.read_text() for option in OUR_OPTIONS):
         proc = subprocess.run(["fio", "--parse-only", str(path)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
+
+
+@needs_fio
+@pytest.mark.parametrize("what", ["group", "all", "stonewall"])
+def test_exitall_stops_the_jobs_fio_stops_across_ranks(tmp_path, what):
+    """exitall: `short` ends at once; with exit_what=group it stops `long` (its group) only, with
+    all every job including the later stonewalled one, with stonewall the jobs running then. Under
+    mpirun -n 2 the jobs sit on both ranks (short and other on rank 0, long and later on rank 1).
+    Witness: which jobs fio cuts short on the same file, and each job's bytes."""
+    job = tmp_path / "exit.fio"
+    job.write_text(f"[global]\ndirectory={tmp_path}\nbs=4k\nrw=read\nexitall\nexit_what={what}\n"
+                   "[short]\nsize=64k\n[long]\nsize=16m\nrate=1m\n[other]\nnew_group\nsize=2m\nrate=1m\n"
+                   "[later]\nstonewall\nsize=64k\n")
+    sizes = {"short": 64 << 10, "long": 16 << 20, "other": 2 << 20, "later": 64 << 10}
+
+    def whole(doc):
+        return {j["jobname"]: j["read"]["io_bytes"] == sizes[j["jobname"]] for j in doc["jobs"]}
+
+    fio_doc = json.loads(subprocess.run(["fio", "--output-format=json", str(job)], capture_output=True, text=True,
+                                        check=True, timeout=120, cwd=tmp_path).stdout)
+    proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "iobench", str(job), "--output-format", "json"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected = {"short": True, "long": False, "other": what == "group", "later": what != "all"}
+    assert whole(json.loads(proc.stdout)) == whole(fio_doc) == expected
