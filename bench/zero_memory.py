@@ -1,8 +1,11 @@
 """Per-rank bytes of parameters + gradients + optimizer state, data parallel vs ZeRO 1-3, measured.
 
     mpirun -n 2 python bench/zero_memory.py [--bucket-mb 0.25] [--json results/zero_memory.json]
+        [--model cnn | --model mlp --width 2048 --depth 4]
 
-Builds the reference `cnn` with Adam (float32), wraps it as stage 0
+Builds the reference `cnn` (or an MLP of `depth` hidden layers of `width`: at the defaults 18.9 M
+parameters, whose ~300 MB of parameters, gradients and Adam state dwarf the first step's
+one-time costs, so that the resident figure resolves what ZeRO saves) with Adam (float32), wraps it as stage 0
 (DistributedOptimizer) and stages 1-3 (ShardedOptimizer), trains two steps on
 random data and counts the bytes each rank holds: persistent arrays plus the
 high-water mark of transient ones (gradient buckets in flight, gathered layers).
@@ -58,12 +61,21 @@ def reset_peak_resident() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict, int, int]:
+def build(args):
+    """The model and a batch maker for it."""
+    if args.model == "cnn":
+        return nn.cnn(), lambda rng: rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
+    widths = (3072, *([args.width] * args.depth), 10)
+    return nn.mlp(widths), lambda rng: rng.standard_normal((8, 3072)).astype(np.float32)
+
+
+def measure(stage: int, args, rank: int) -> tuple[int, dict, int, int]:
+    bucket_mb = args.bucket_mb
     gc.collect()
     reset_peak_resident()
     resident_kb = status_kb("VmRSS")
     tracemalloc.start()
-    model = nn.cnn()
+    model, batch = build(args)
     adam = optim.Adam(model, lr=1e-3)
     if stage == 0:
         wrapper = optim.DistributedOptimizer(adam, model, bucket_mb=bucket_mb)
@@ -73,7 +85,7 @@ def measure(stage: int, bucket_mb: float, rank: int) -> tuple[int, dict, int, in
     rng = np.random.default_rng(rank)
     for _ in range(2):
         wrapper.zero_grad()
-        loss.forward(model(rng.standard_normal((8, 32, 32, 3)).astype(np.float32)), rng.integers(0, 10, 8))
+        loss.forward(model(batch(rng)), rng.integers(0, 10, 8))
         model.backward(loss.backward())
         wrapper.step()
     traced_peak = tracemalloc.get_traced_memory()[1]
@@ -87,22 +99,26 @@ def main() -> int:
     parser.add_argument("--bucket-mb", type=float, default=0.25, help="gradient bucket size (default 0.25)")
     parser.add_argument("--stage", type=int, action="append", choices=(0, 1, 2, 3),
                         help="measure this stage (repeatable; default all, in turn: see above for the resident figure)")
+    parser.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
+    parser.add_argument("--width", type=int, default=2048, help="mlp: hidden width (default 2048)")
+    parser.add_argument("--depth", type=int, default=4, help="mlp: hidden layers (default 4)")
     parser.add_argument("--json", default="results/zero_memory.json")
     args = parser.parse_args()
     ht.init()
     p, world = ht.size(), ht.runtime.world()
     rows = []
     for stage in args.stage or (0, 1, 2, 3):
-        n, held, traced, resident = measure(stage, args.bucket_mb, ht.rank())
+        n, held, traced, resident = measure(stage, args, ht.rank())
         worst = max(world.allgather(held), key=lambda h: h["total"])
         traced, resident = max(world.allgather(traced)), max(world.allgather(resident))
-        rows.append({"ranks": p, "stage": stage, "parameters": n, "bucket_mb": args.bucket_mb,
+        rows.append({"ranks": p, "stage": stage, "model": args.model, "parameters": n, "bucket_mb": args.bucket_mb,
                      "measured_bytes_per_rank": worst["total"], "transient_bytes": worst["transient"],
                      "split": {k: worst[k] for k in ("params", "grads", "state")},
                      "theory_bytes_per_rank": theory_bytes(stage, n, p), "traced_peak_bytes": traced,
                      "resident_peak_growth_bytes": resident})
     if ht.rank() == 0:
-        print(f"# cnn ({rows[0]['parameters']} parameters), Adam, float32, {p} rank(s), buckets of "
+        model = "cnn" if args.model == "cnn" else f"mlp {args.depth} x {args.width}"
+        print(f"# {model} ({rows[0]['parameters']} parameters), Adam, float32, {p} rank(s), buckets of "
               f"{args.bucket_mb} MB; max over ranks")
         print(f"{'stage':>5} {'tally MB':>9} {'persistent MB':>14} {'transient MB':>13} {'theory MB':>10} "
               f"{'persistent/theory':>18} {'traced peak MB':>15} {'RSS peak growth MB':>19}")

@@ -31,17 +31,44 @@ RECENT = 32  # collectives the engine remembers for a stall report
 FORENSICS_LOGGED = "every rank logged its thread stacks and last collectives at the first stall warning"
 
 
-class Handle:
-    """The pending result of an asynchronous collective."""
+class Flight:
+    """A collective as the flight record keeps it: what it is and where it stands, never its result
+    (a record of results kept the last RECENT collectives' buffers alive: ZeRO 3's gathered layers
+    held several copies of the model that way)."""
 
-    def __init__(self, name: str, sequence: int = 0, detail: str = ""):
+    def __init__(self, name: str, sequence: int, detail: str):
         self.name, self.detail = name, detail  # detail: what it moves (operation, shape, dtype)
         self.sequence = sequence  # 1-based position in this rank's submission order
         self.submitted = time.perf_counter()
         self.started = self.finished = None  # perf_counter() on the engine thread
+        self.failure: str | None = None  # the error's type, if it failed
+
+    def describe(self, now: float) -> str:
+        """One line for a flight record: sequence, name, what it moves, and where it stands."""
+        if self.started is None:
+            state = f"queued for {now - self.submitted:.1f} s"
+        elif self.finished is None:
+            state = f"RUNNING for {now - self.started:.1f} s"
+        else:
+            outcome = f"failed ({self.failure})" if self.failure is not None else "done"
+            state = f"{outcome} in {1e3 * (self.finished - self.started):.2f} ms"
+        return f"#{self.sequence} {self.name!r} {self.detail}: {state}".replace("  ", " ")
+
+
+class Handle:
+    """The pending result of an asynchronous collective; its `flight` is what the engine remembers."""
+
+    def __init__(self, name: str, sequence: int = 0, detail: str = ""):
+        self.flight = Flight(name, sequence, detail)
         self._done = threading.Event()
         self._result = None
         self._error: BaseException | None = None
+
+    name = property(lambda self: self.flight.name)
+    detail = property(lambda self: self.flight.detail)
+    sequence = property(lambda self: self.flight.sequence)
+    started = property(lambda self: self.flight.started)
+    finished = property(lambda self: self.flight.finished)
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -55,19 +82,15 @@ class Handle:
         return self._result
 
     def describe(self, now: float) -> str:
-        """One line for a flight record: sequence, name, what it moves, and where it stands."""
-        if self.started is None:
-            state = f"queued for {now - self.submitted:.1f} s"
-        elif self.finished is None:
-            state = f"RUNNING for {now - self.started:.1f} s"
-        else:
-            outcome = f"failed ({type(self._error).__name__})" if self._error is not None else "done"
-            state = f"{outcome} in {1e3 * (self.finished - self.started):.2f} ms"
-        return f"#{self.sequence} {self.name!r} {self.detail}: {state}".replace("  ", " ")
+        return self.flight.describe(now)
+
+    def _start(self) -> None:
+        self.flight.started = time.perf_counter()
 
     def _finish(self, result=None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
-        self.finished = time.perf_counter()
+        self.flight.failure = type(error).__name__ if error is not None else None
+        self.flight.finished = time.perf_counter()
         self._done.set()
 
 
@@ -175,7 +198,7 @@ class Engine:
         self.comm = comm.Dup()
         self.board = open_board(self.comm)
         self.submitted = 0
-        self.recent: collections.deque[Handle] = collections.deque(maxlen=RECENT)  # the flight record
+        self.recent: collections.deque[Flight] = collections.deque(maxlen=RECENT)  # the flight record
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="hpc_train-engine", daemon=True)
         self._thread.start()
@@ -184,7 +207,7 @@ class Engine:
         """Queue fn(comm) -> result; identical submission order on every rank is the caller's duty."""
         self.submitted += 1
         handle = Handle(name, self.submitted, detail)
-        self.recent.append(handle)
+        self.recent.append(handle.flight)
         if self.board is not None:
             self.board.publish(self.submitted)
         self._queue.put((fn, handle))
@@ -226,7 +249,7 @@ class Engine:
             if item is None:
                 return
             fn, handle = item
-            handle.started = time.perf_counter()
+            handle._start()
             try:
                 handle._finish(result=fn(self.comm))
             except BaseException as exc:  # handed to the waiter, re-raised there
@@ -250,10 +273,10 @@ def dump_forensics() -> None:
     and the engine's last RECENT collectives, where the hang is read from when a stall is reported."""
     from .. import runtime
 
-    now, handles = time.perf_counter(), list(engine().recent)
+    now, flights = time.perf_counter(), list(engine().recent)
     where = f"rank {runtime.rank()} on {socket.gethostname()}"
-    lines = [f"--- {where}: the last {len(handles)} collectives of the engine, oldest first ---",
-             *(h.describe(now) for h in handles), f"--- {where}: the stack of every thread ---"]
+    lines = [f"--- {where}: the last {len(flights)} collectives of the engine, oldest first ---",
+             *(f.describe(now) for f in flights), f"--- {where}: the stack of every thread ---"]
     sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)

@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from .. import kernels
-from ..comm import allreduce_async, broadcast, engine, shared_empty
+from ..comm import broadcast, engine
 from ..comm.ops import bfloat16_dtype
 from .layout import Bucket, BucketQueue, GradientLayout, lay_out
+from .reducers import FusedMean, Reducer
 from .strategy import ReplicatedState
 
 COMPRESSIONS = ("fp16", "bf16")
@@ -49,21 +49,6 @@ def broadcast_optimizer_state(optimizer, root: int = 0) -> None:
     optimizer.steps = int(steps[0])
 
 
-def start_mean(grads, wire, size: int, name: str):
-    """Start averaging `grads` over the ranks in place on the engine; the handle. With a `wire` buffer
-    (fp16/bf16) the gradients travel in it, pre-divided by the rank count so that their sum stays in
-    range: `finish_mean` unpacks it once the handle is done."""
-    if wire is None:
-        return allreduce_async(grads, op="mean", out=grads, name=name)
-    kernels.pack(grads, wire, 1.0 / size)
-    return allreduce_async(wire, op="sum", out=wire, name=name)
-
-
-def finish_mean(wire, grads) -> None:
-    """The averaged gradients out of a compressed bucket's wire buffer."""
-    kernels.unpack(wire, grads)
-
-
 def compressed_dtype(compression):
     if compression is None:
         return None
@@ -88,19 +73,22 @@ class DistributedOptimizer(ReplicatedState):
     the job aborts. `timeline` (train.timeline.Timeline) records pack, allreduce and
     unpack per bucket; `exposed_s` is the last step's wait for communication. `layout`
     (`layout.GradientLayout`) places gradients and cuts buckets; by default `lay_out` with
-    buckets of `bucket_mb`.
+    buckets of `bucket_mb`. `reducer` (reducers.py) holds the gradients and reduces a complete
+    bucket: by default `FusedMean`, the fusion buffer allreduced in place.
 
     It is the data-parallel training strategy (`strategy.Strategy`).
     """
 
     def __init__(self, optimizer, model, bucket_mb: float = 25.0, compression: str | None = None,
                  backward_passes_per_step: int = 1, stall_warning_s: float = 60.0,
-                 stall_abort_s: float = 600.0, timeline=None, layout: GradientLayout | None = None):
+                 stall_abort_s: float = 600.0, timeline=None, layout: GradientLayout | None = None,
+                 reducer: Reducer | None = None):
         if backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         self.optimizer, self.model = optimizer, model
         self.passes_per_step = backward_passes_per_step
         self.compressed = compressed_dtype(compression)
+        self.reducer = reducer if reducer is not None else FusedMean(self.compressed)
         named = model.named_parameters()
         self._params = named
         dtypes = {str(p.data.dtype) for p in named.values()}
@@ -115,32 +103,16 @@ class DistributedOptimizer(ReplicatedState):
         self.exposed_s = 0.0
         total = sum(p.size for p in named.values())
         self.layout = layout or lay_out(named, max(1, int(bucket_mb * (1 << 20)) // dtype.itemsize),
-                                        self.split_parameters)
+                                        not self.reducer.whole_parameters)
         if set(self.layout.offsets) != set(named) or self.layout.total != total:
             raise ValueError(f"gradient layout of {len(self.layout.offsets)} parameters ({self.layout.total} elements) "
                              f"does not match the model's {len(named)} ({total} elements)")
         self._offsets, self.buckets = self.layout.offsets, self.layout.buckets
-        self._allocate_gradients(total, dtype, comm)
-        for name, p in named.items():
-            self._bind_gradient(name, p, self._offsets[name])
+        self.reducer.bind(self)
         self.queue = BucketQueue(self.layout, self.passes_per_step)
         broadcast_parameters(named)
         broadcast_optimizer_state(optimizer)
         model.register_grad_hook(self._grad_ready)
-
-    # Buckets may end inside a parameter larger than a bucket (its layer announces row blocks).
-    split_parameters = True
-
-    def _allocate_gradients(self, total: int, dtype, comm) -> None:
-        """The fusion buffer every gradient lives in, in node-shared memory."""
-        self.flat = shared_empty(total, dtype, comm=comm)
-        self.flat[...] = 0
-        self._wire = shared_empty(total, self.compressed, comm=comm) if self.compressed else None
-
-    def _bind_gradient(self, name: str, p, offset: int) -> None:
-        view = self.flat[offset : offset + p.size].reshape(p.data.shape)
-        view[...] = p.grad
-        p.grad = view
 
     def _grad_ready(self, name: str, parameter, start: int, stop: int) -> None:
         offset = self._offsets.get(name)
@@ -150,18 +122,13 @@ class DistributedOptimizer(ReplicatedState):
 
     def _submit(self, bucket: Bucket) -> None:
         start = time.perf_counter()
+        grads = self.reducer.gradients(bucket)
         for name in bucket.names:  # parameters no backward reached hold stale values
             self._params[name].materialize()
-        grads = self.flat[bucket.start : bucket.stop]
         if self.passes_per_step > 1:
             grads /= self.passes_per_step
-        bucket.handle = self._reduce(bucket, grads, f"bucket{bucket.index}")
+        bucket.handle = self.reducer.start(bucket, grads, f"bucket{bucket.index}")
         self._record(f"pack bucket{bucket.index}", "comm", start, time.perf_counter())
-
-    def _reduce(self, bucket: Bucket, grads, name: str):
-        """Start averaging a bucket's gradients on the engine; the handle."""
-        wire = None if self.compressed is None else self._wire[bucket.start : bucket.stop]
-        return start_mean(grads, wire, self.size, name)
 
     def synchronize(self) -> None:
         """Submit what backward did not, wait for every bucket, and unpack compressed ones."""
@@ -171,20 +138,15 @@ class DistributedOptimizer(ReplicatedState):
         for bucket in self.buckets:
             handle = bucket.handle
             self._engine.wait_watched(handle, self.stall_warning_s, self.stall_abort_s)
-            self._record(f"{self.reduction} {handle.name}", "comm", handle.started, handle.finished, tid="engine")
-            self._reduced(bucket)
+            self._record(f"{self.reducer.collective} {handle.name}", "comm", handle.started, handle.finished,
+                         tid="engine")
+            start = time.perf_counter()
+            self.reducer.finish(bucket)
+            if self.compressed is not None:
+                self._record(f"unpack {handle.name}", "comm", start, time.perf_counter())
         self.queue.reset()
         self.exposed_s = time.perf_counter() - waiting
         self._record("wait for gradients", "comm", waiting, waiting + self.exposed_s)
-
-    reduction = "allreduce"
-
-    def _reduced(self, bucket: Bucket) -> None:
-        """After a bucket's collective: unpack a compressed bucket into the fusion buffer."""
-        if self.compressed is not None:
-            start = time.perf_counter()
-            finish_mean(self._wire[bucket.start : bucket.stop], self.flat[bucket.start : bucket.stop])
-            self._record(f"unpack {bucket.handle.name}", "comm", start, time.perf_counter())
 
     def _record(self, name, cat, start, end, tid="main") -> None:
         if self.timeline is not None:
@@ -197,7 +159,7 @@ class DistributedOptimizer(ReplicatedState):
     def held_bytes(self) -> dict:
         """Bytes this rank holds for parameters, gradients (fusion and wire buffers) and optimizer state."""
         params = sum(p.data.nbytes for p in self._params.values())
-        grads = self.flat.nbytes + (self._wire.nbytes if self._wire is not None else 0)
+        grads = self.reducer.nbytes()
         state = sum(a.nbytes for a in self.optimizer.state_arrays().values())
         return {"params": params, "grads": grads, "state": state, "total": params + grads + state, "transient": 0}
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import time
 
 from .. import runtime
-from ..comm import node_barrier, node_piece, node_shared_array, reduce_scatter_node_async
+from ..comm import node_barrier, node_piece, node_shared_array
 from ..nn.module import Parameter
 from .distributed import DistributedOptimizer
+from .reducers import NodeMean
 
 
 class NodeSharedOptimizer(DistributedOptimizer):
@@ -33,15 +34,14 @@ class NodeSharedOptimizer(DistributedOptimizer):
     Gradient compression is not offered (pieces are reduced in float32 where they lie).
     """
 
-    reduction = "reduce-scatter"
-
     def __init__(self, optimizer, model, **kwargs):
         if kwargs.get("compression"):
             raise ValueError(f"node-shared data parallelism reduces gradients in place: compression "
                              f"{kwargs['compression']!r} is only available without it")
-        super().__init__(optimizer, model, **kwargs)  # parameters and state broadcast into private arrays
+        super().__init__(optimizer, model, reducer=NodeMean(), **kwargs)  # parameters, state broadcast privately
         comm = self._engine.comm
-        total, dtype = self.flat.size, self.flat.dtype
+        grads = self.reducer.flat
+        total, dtype = grads.size, grads.dtype
         a, b = node_piece(total, comm=comm)
         self.params_flat = self._share({name: p.data for name, p in self._params.items()}, total, dtype, a, b)
         created = optimizer.state if optimizer.has_state else {}  # never created: the node's copy starts at zero
@@ -57,7 +57,7 @@ class NodeSharedOptimizer(DistributedOptimizer):
             lo, hi = node_piece(bucket.stop - bucket.start, comm=comm)
             lo, hi = bucket.start + lo, bucket.start + hi
             piece = Parameter(self.params_flat[lo:hi])
-            piece.grad = self.flat[lo:hi]
+            piece.grad = grads[lo:hi]
             key = f"bucket{bucket.index}"
             self._pieces[key] = piece
             self._piece_state[key] = {kind: flat[lo:hi] for kind, flat in self.state_flat.items()}
@@ -77,9 +77,6 @@ class NodeSharedOptimizer(DistributedOptimizer):
                 flat[lo:hi] = array.reshape(-1)[lo - offset : hi - offset]
         return flat
 
-    def _reduce(self, bucket, grads, name: str):
-        return reduce_scatter_node_async(grads, "mean", name=name)
-
     def step(self) -> None:
         self.synchronize()
         self.optimizer.apply(self._pieces, self._piece_state)  # this rank's pieces of the node's copy
@@ -94,5 +91,5 @@ class NodeSharedOptimizer(DistributedOptimizer):
         share = runtime.local_size()
         params = self.params_flat.nbytes // share
         state = sum(flat.nbytes for flat in self.state_flat.values()) // share
-        grads = self.flat.nbytes
+        grads = self.reducer.nbytes()
         return {"params": params, "grads": grads, "state": state, "total": params + grads + state, "transient": 0}

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..optim.distributed import finish_mean, start_mean
+from ..optim.reducers import finish_mean, start_mean
 
 
 class Placement(Protocol):
