@@ -16,9 +16,10 @@ created whole before being sharded) and what the tally leaves out on purpose
 (activations, im2col buffers), but not MPI shared-memory windows (the fusion buffer
 of stages 0 and 1, which the tally counts). And the growth of the peak resident set
 (VmHWM, reset through /proc/self/clear_refs before the model is built, minus VmRSS
-then), which sees everything the process touches, shared windows included. The
-allocator keeps freed memory, so the resident figure means something only for the
-first stage a process runs: measure it one stage a launch,
+then; once after the strategy is built, before any step, and once after two steps), which
+sees everything the process touches, shared windows included. The allocator keeps freed
+memory, so the resident figure means something only for the first stage a process runs:
+measure it one stage a launch,
 
     for s in 0 1 2 3; do mpirun -n 2 python bench/zero_memory.py --stage $s; done
 
@@ -69,7 +70,7 @@ def build(args):
     return nn.mlp(widths), lambda rng: rng.standard_normal((8, 3072)).astype(np.float32)
 
 
-def measure(stage: int, args, rank: int) -> tuple[int, dict, int, int]:
+def measure(stage: int, args, rank: int) -> tuple[int, dict, int, int, int]:
     bucket_mb = args.bucket_mb
     gc.collect()
     reset_peak_resident()
@@ -81,6 +82,7 @@ def measure(stage: int, args, rank: int) -> tuple[int, dict, int, int]:
         wrapper = optim.DistributedOptimizer(adam, model, bucket_mb=bucket_mb)
     else:
         wrapper = optim.ShardedOptimizer(adam, model, stage=stage, bucket_mb=bucket_mb)
+    at_start = 1024 * (status_kb("VmHWM") - resident_kb)  # built and wrapped, before any step
     loss = nn.SoftmaxCrossEntropy()
     rng = np.random.default_rng(rank)
     for _ in range(2):
@@ -91,7 +93,7 @@ def measure(stage: int, args, rank: int) -> tuple[int, dict, int, int]:
     traced_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     resident_growth = 1024 * (status_kb("VmHWM") - resident_kb)
-    return model.num_parameters(), wrapper.held_bytes(), traced_peak, resident_growth
+    return model.num_parameters(), wrapper.held_bytes(), traced_peak, at_start, resident_growth
 
 
 def main() -> int:
@@ -108,26 +110,26 @@ def main() -> int:
     p, world = ht.size(), ht.runtime.world()
     rows = []
     for stage in args.stage or (0, 1, 2, 3):
-        n, held, traced, resident = measure(stage, args, ht.rank())
+        n, held, traced, at_start, resident = measure(stage, args, ht.rank())
         worst = max(world.allgather(held), key=lambda h: h["total"])
-        traced, resident = max(world.allgather(traced)), max(world.allgather(resident))
+        traced, at_start, resident = (max(world.allgather(v)) for v in (traced, at_start, resident))
         rows.append({"ranks": p, "stage": stage, "model": args.model, "parameters": n, "bucket_mb": args.bucket_mb,
                      "measured_bytes_per_rank": worst["total"], "transient_bytes": worst["transient"],
                      "split": {k: worst[k] for k in ("params", "grads", "state")},
                      "theory_bytes_per_rank": theory_bytes(stage, n, p), "traced_peak_bytes": traced,
-                     "resident_peak_growth_bytes": resident})
+                     "resident_peak_at_start_bytes": at_start, "resident_peak_growth_bytes": resident})
     if ht.rank() == 0:
         model = "cnn" if args.model == "cnn" else f"mlp {args.depth} x {args.width}"
         print(f"# {model} ({rows[0]['parameters']} parameters), Adam, float32, {p} rank(s), buckets of "
               f"{args.bucket_mb} MB; max over ranks")
         print(f"{'stage':>5} {'tally MB':>9} {'persistent MB':>14} {'transient MB':>13} {'theory MB':>10} "
-              f"{'persistent/theory':>18} {'traced peak MB':>15} {'RSS peak growth MB':>19}")
+              f"{'persistent/theory':>18} {'traced peak MB':>15} {'RSS at start MB':>16} {'RSS peak growth MB':>19}")
         for r in rows:
             measured, theory = r["measured_bytes_per_rank"] / 1e6, r["theory_bytes_per_rank"] / 1e6
             transient = r["transient_bytes"] / 1e6
             print(f"{r['stage']:>5} {measured:9.3f} {measured - transient:14.3f} {transient:13.3f} {theory:10.3f} "
                   f"{(measured - transient) / theory:18.3f} {r['traced_peak_bytes'] / 1e6:15.3f} "
-                  f"{r['resident_peak_growth_bytes'] / 1e6:19.3f}")
+                  f"{r['resident_peak_at_start_bytes'] / 1e6:16.3f} {r['resident_peak_growth_bytes'] / 1e6:19.3f}")
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
