@@ -55,7 +55,9 @@ class Reducer(Protocol):
     - `gradients(bucket)`: the bucket's gradients as one array, every parameter's in place.
     - `start(bucket, grads, name)`: start reducing them on the engine (a handle); `finish(bucket)`
       once the handle is done.
-    - `nbytes()`: the gradient memory it holds (transient buffers at their peak included).
+    - `nbytes()`: the gradient memory it holds (transient buffers are tallied by the strategy).
+
+    `ShardedBuckets` also takes the model's layer events (`on_layer`), which ZeRO forwards to it.
     """
 
     collective: str
