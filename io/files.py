@@ -138,7 +138,7 @@ class FileSet:
             yield offsets, reads, sizes, files
 
     def _one_pass(self, k: int, mix: float) -> tuple:
-        return next(self.patterns[k].passes(mix))
+        return self.patterns[k].whole_pass(mix)
 
     def _uniform(self, mix: float) -> tuple:
         """One pass over every file, each file's I/Os in their order, interleaved as the service type says."""

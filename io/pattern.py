@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 CHUNK = 4096  # I/Os handed to an engine at once
+PIECE = 1 << 20  # I/Os of a one-size pass generated at a time (a 1 TiB region at 4 KiB holds 268 M)
 ZIPF_MAX_TERMS = 10_000_000  # fio's ZIPF_MAX_GEN: the zeta sum stops there
 GOLDEN = 0.6180339887
 
@@ -81,6 +82,37 @@ def normal_ranks(rng: np.random.Generator, n: int, blocks: int, deviation: float
     return (ranks + jitter) % blocks
 
 
+class Permutation:
+    """A pseudo-random bijection of [0, n): fio's random map for a pass, evaluated a piece at a time
+    with no table of n entries. A 4-round Feistel network over the next even number of bits, with
+    values that land outside [0, n) moved on through it until they are inside (cycle walking:
+    still a bijection, and the domain is under 4n, so few walk)."""
+
+    MIX = np.uint64(0x9E3779B97F4A7C15)
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        bits = max(2, (n - 1).bit_length())
+        bits += bits & 1
+        self.n, self.half = n, np.uint64(bits // 2)
+        self.mask = np.uint64((1 << (bits // 2)) - 1)
+        self.keys = [np.uint64(k) for k in rng.integers(0, 1 << 62, 4)]
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            mixed = (right + key) * self.MIX  # wraps modulo 2^64
+            left, right = right, left ^ ((mixed ^ (mixed >> np.uint64(29))) & self.mask)
+        return (left << self.half) | right
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        out = self._encrypt(index.astype(np.uint64))
+        outside = np.flatnonzero(out >= self.n)
+        while len(outside):
+            out[outside] = self._encrypt(out[outside])
+            outside = outside[out[outside] >= self.n]
+        return out.astype(np.int64)
+
+
 class Pattern:
     """The offsets and sizes of one job copy's I/Os, a pass over its region at a time.
 
@@ -103,12 +135,11 @@ class Pattern:
         self.mapped = self.random and not o["norandommap"] and o["random_distribution"][0] == "random"
 
     def _random_blocks(self, n: int) -> np.ndarray:
+        """n blocks drawn independently by the job's distribution (not the random map)."""
         name, values = self.o["random_distribution"]
         blocks = self.blocks
         if name == "random":
-            if not self.mapped:
-                return self.rng.integers(0, blocks, n)
-            return self.rng.permutation(blocks)[:n]
+            return self.rng.integers(0, blocks, n)
         if name == "zipf":
             picked = _scramble(zipf_ranks(self.rng, n, blocks, values[0]), blocks)
         elif name == "pareto":
@@ -118,17 +149,24 @@ class Pattern:
         centre = values[1] if len(values) > 1 else 0.0
         return (picked + int(centre * blocks)) % blocks
 
-    def one_pass(self) -> np.ndarray:
-        """Offsets of one pass of a one-size job: every block once (sequential, or the random map),
-        or `blocks` draws."""
-        bs = self.unit
+    def one_pass(self):
+        """Offsets of one pass of a one-size job, in pieces of at most PIECE: every block once
+        (sequential, or the random map), or `blocks` draws; with rw=randX:N, runs of N blocks from
+        a random head each."""
+        bs, blocks = self.unit, self.blocks
         if not self.random:
-            return self.start + np.arange(0, self.blocks * bs - bs + 1, bs + self.every, dtype=np.int64)
-        if self.every <= 1:
-            return self.start + self._random_blocks(self.blocks) * bs
-        heads = self._random_blocks(-(-self.blocks // self.every))  # one random block per run of `every`
-        runs = (heads[:, None] + np.arange(self.every)[None, :]) % self.blocks
-        return self.start + runs.reshape(-1)[: self.blocks] * bs
+            count = (blocks * bs - bs) // (bs + self.every) + 1
+            for lo in range(0, count, PIECE):
+                yield self.start + np.arange(lo, min(count, lo + PIECE), dtype=np.int64) * (bs + self.every)
+            return
+        permutation = Permutation(blocks, self.rng) if self.mapped else None
+        every = max(1, self.every)
+        heads, step = -(-blocks // every), max(1, PIECE // every)
+        for lo in range(0, heads, step):
+            hi = min(heads, lo + step)
+            picked = permutation(np.arange(lo, hi)) if permutation else self._random_blocks(hi - lo)
+            runs = (picked[:, None] + np.arange(every)[None, :]) % blocks
+            yield self.start + runs.reshape(-1)[: blocks - lo * every] * bs
 
     def _sizes(self, reads: np.ndarray) -> np.ndarray:
         """Each I/O's size, drawn from its direction's sizes by their shares."""
@@ -208,19 +246,29 @@ class Pattern:
             cut.append(min(size, (last + 1 - first) * self.unit))
         return np.array(offsets, np.int64), np.array(cut, np.int64)
 
+    def pieces(self, mix: float):
+        """(offsets, reads, sizes) of one pass: a several-size one whole, a one-size one in pieces."""
+        if self.variable:
+            yield self._variable_pass(mix)
+            return
+        for offsets in self.one_pass():
+            yield offsets, self.rng.random(len(offsets)) < mix, np.full(len(offsets), self.unit, np.int64)
+
+    def whole_pass(self, mix: float) -> tuple:
+        """One pass's (offsets, reads, sizes) in one piece (where passes are interleaved: files)."""
+        return tuple(np.concatenate(column) for column in zip(*self.pieces(mix), strict=True))
+
     def passes(self, mix: float):
-        """(offsets, reads, sizes) of every pass of one of fio's loops, until io_size bytes (default:
-        size) are done (`cut_to`)."""
+        """(offsets, reads, sizes) of every pass of one of fio's loops, a piece at a time, until
+        io_size bytes (default: size) are done (`cut_to`)."""
         left = self.o["io_size"] or self.o["size"]
         while left >= self.unit:
-            if self.variable:
-                columns = self._variable_pass(mix)
-            else:
-                offsets = self.one_pass()[: left // self.unit]
-                columns = (offsets, self.rng.random(len(offsets)) < mix, np.full(len(offsets), self.unit, np.int64))
-            offsets, reads, sizes = cut_to(columns, left, self)
-            left -= int(sizes.sum())
-            yield offsets, reads, sizes
+            for columns in self.pieces(mix):
+                offsets, reads, sizes = cut_to(columns, left, self)
+                left -= int(sizes.sum())
+                yield offsets, reads, sizes
+                if left < self.unit:
+                    return
 
 
 def cut_to(columns: tuple, left: int, pattern: Pattern) -> tuple:
