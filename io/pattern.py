@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 CHUNK = 4096  # I/Os handed to an engine at once
-PIECE = 1 << 20  # I/Os of a one-size pass generated at a time (a 1 TiB region at 4 KiB holds 268 M)
+PIECE = 1 << 18  # I/Os of a one-size pass made at a time (~20 MB of columns; a 1 TiB region at 4 KiB holds 268 M)
 ZIPF_MAX_TERMS = 10_000_000  # fio's ZIPF_MAX_GEN: the zeta sum stops there
 GOLDEN = 0.6180339887
 

@@ -424,4 +424,4 @@ def test_a_random_pass_over_a_huge_region_is_made_in_pieces(tmp_path):
         return int(proc.stderr.strip().splitlines()[-1]) / 1024
 
     small, huge = peak_mb("64m"), peak_mb("1t")
-    assert huge - small < 64, (small, huge)
+    assert huge - small < 256, (small, huge)  # a piece of the pass and its arrays; the whole pass: 10 GB
