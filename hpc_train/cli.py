@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "on the hosts that still answer after a failure (job section [elastic])")
     train.add_argument("--hostfile", metavar="PATH", help="--elastic: the hosts and slots (Open MPI's format)")
 
+    sub.add_parser("keys", help="every job-file key: its type, default, valid values and meaning (Markdown)")
+
     data = sub.add_parser("data", help="write, convert and inspect HDF5 training datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     layout = argparse.ArgumentParser(add_help=False)
@@ -413,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_train(args)
     if args.command == "data":
         return run_data(args)
+    if args.command == "keys":
+        from .train.config import reference
+
+        print(reference(), end="")
+        return 0
     if args.command == "info":
         from . import info, runtime
 

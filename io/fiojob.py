@@ -194,7 +194,7 @@ OPTIONS = {
     "filename_format": (str.strip, "$jobname.$jobnum.$filenum"),
     "file_service_type": (parse_file_service, ("roundrobin", (1,))),
     "openfiles": (parse_int(0), 0),  # at most this many files open at once (0: nrfiles)
-    "numjobs": (parse_int(1), 1),
+    "numjobs": (parse_int(1, 4096), 1),  # fio's own limit (REAL_MAX_JOBS): copies are threads and buffers
     "direct": (parse_bool, False),
     "invalidate": (parse_bool, True),
     "runtime": (parse_seconds, None),

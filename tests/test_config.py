@@ -71,6 +71,15 @@ def test_shipped_jobs_are_valid(name):
     ("[optimizer]\nmomentum = 1.5\n", r"'optimizer.momentum' must be <= 1.0, got 1.5"),
     ("[train]\nmax_steps = -1\n", r"'train.max_steps' must be >= 0, got -1"),
     ("[data]\nprefetch = 0\n", r"'data.prefetch' must be positive, got 0"),
+    ("widths = [3072, -5, 10]\n", r"'model.widths\[1\]' must be positive, got -5"),
+    ("widths = [3072, \"x\", 10]\n", r"'model.widths\[1\]' must be integer, got 'x'"),
+    ("widths = [3072]\n", r"'model.widths' must have at least 2 elements, got 1"),
+    ("[data]\nshape = [32, 0, 3]\n", r"'data.shape\[1\]' must be positive, got 0"),
+    ("[optimizer]\nbetas = [0.9, 1.0]\n", r"'optimizer.betas\[1\]' must be < 1.0, got 1.0"),
+    ("[optimizer]\nbetas = [0.9]\n", r"'optimizer.betas' must have 2 elements, got 1"),
+    ("[train]\nseed = -1\n", r"'train.seed' must be >= 0, got -1"),
+    ("[data]\nseed = 4294967296\n", r"'data.seed' must be <= 4294967295, got 4294967296"),
+    ("[checkpoint]\nsignals = [10]\n", r"'checkpoint.signals\[0\]' must be string, got 10"),
 ])
 def test_values_out_of_range_are_named(tmp_path, text, message):
     with pytest.raises(JobFileError, match=message):
@@ -87,3 +96,19 @@ def test_sections_are_typed_and_frozen(tmp_path):
     changed = job.replace("log", metrics="elsewhere.jsonl")
     assert changed.log.metrics == "elsewhere.jsonl" and job.log.metrics == "results/metrics.jsonl"
     assert changed.to_dict()["train"]["epochs"] == 2
+
+
+def test_every_key_documented_with_its_range_in_docs():
+    """docs/job-keys.md is `hpc-train keys` (made from the declarations): a key added or changed
+    without regenerating the page fails here. Regenerate: `hpc-train keys` into the page's table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "job-keys.md").read_text()
+    table = page[page.index("| key |"):]
+    keys = subprocess.run([sys.executable, "-m", "hpc_train", "keys"], capture_output=True, text=True, timeout=60)
+    assert keys.returncode == 0, keys.stderr
+    assert table == keys.stdout, "docs/job-keys.md is stale: regenerate its table with `hpc-train keys`"
+    numbers = [line for line in table.splitlines()[2:] if "| integer |" in line or "| number |" in line]
+    assert numbers and all(line.split("|")[4].strip() for line in numbers), "a numeric key without a range"

@@ -67,6 +67,7 @@ size=2MiB
     ("[a]\nsize=1m\nrw=trim\n", "x.fio:3: bad value for option 'rw'"),
     ("[a]\nsize=1m\nioengine=spdk\n", "ioengine 'spdk' is not supported here"),
     ("[a]\nsize=1m\nrwmixread=101\n", "x.fio:3: bad value for option 'rwmixread'"),
+    ("[a]\nsize=1m\nnumjobs=100000000\n", "x.fio:3: bad value for option 'numjobs': 100000000 is outside [1, 4096]"),
     ("[a]\nrw=read\n", "x.fio:1: job 'a' has no size"),
     ("[a]\nsize=1m\nbs=0\n", "size (1048576) must be at least the largest block size (0), and block sizes positive"),
     ("[a]\nsize=1k\nbs=4k\n", "size (1024) must be at least the largest block size (4096)"),

@@ -203,6 +203,22 @@ def test_reference_models_sizes():
     assert nn.cnn()(np.zeros((2, 32, 32, 3), np.float32)).dtype == np.float32
 
 
+@pytest.mark.parametrize("widths", [(3072, 1024, 512, 10), (8, 4), (5, 7, 3, 2)])
+def test_mlp_parameter_count_without_building_equals_the_built_model(widths):
+    assert nn.mlp_parameters(widths) == nn.mlp(widths).num_parameters()
+
+
+@pytest.mark.parametrize("channels, hidden, classes, shape, batchnorm", [
+    ((32, 64, 128), 256, 10, (32, 32, 3), False), ((4, 8), 16, 3, (28, 20, 1), True), ((5,), 7, 2, (9, 9, 2), True)])
+def test_cnn_parameter_count_without_building_equals_the_built_model(channels, hidden, classes, shape, batchnorm):
+    model = nn.cnn(channels, hidden, classes, input_shape=shape, batchnorm=batchnorm)
+    statistics = sum(layer.running_mean.size + layer.running_var.size for layer in model.layers
+                     if isinstance(layer, nn.BatchNorm))
+    assert nn.cnn_parameters(channels, hidden, classes, input_shape=shape, batchnorm=batchnorm) == \
+        model.num_parameters() + statistics
+    assert model(np.zeros((2, *shape), np.float32)).shape == (2, classes)
+
+
 @pytest.mark.parametrize("build", [lambda: nn.cnn(channels=(4, 8), hidden=16, seed=11),
                                    lambda: nn.mlp((3072, 64, 10), dropout=0.2, seed=11)],
                          ids=["cnn", "mlp-dropout"])

@@ -146,13 +146,17 @@ def test_max_steps_bounds_the_whole_run_and_steps_per_epoch_each_epoch(tmp_path)
     assert epochs == [0] * 4 + [1] * 3 and summary["steps"] == 7
 
 
-@pytest.mark.parametrize("data, key, value, message", [
-    ("synthetic", "data.train_samples", "1000000000000", "every rank builds the whole synthetic set"),
-    ("synthetic", "data.shape", "[100000, 100000, 3]", "every rank builds the whole synthetic set"),
-    ("synthetic", "train.global_batch", "2000000000000", "samples of shape [32, 32, 3] a rank need about"),
-    ("hdf5", "train.global_batch", "2000000000000", "samples of shape [32, 32, 3] a rank need about"),
+@pytest.mark.parametrize("data, sets, message", [
+    ("synthetic", ["data.train_samples=1000000000000"], "every rank builds the whole synthetic set"),
+    ("synthetic", ["data.shape=[100000, 100000, 3]"], "every rank builds the whole synthetic set"),
+    ("synthetic", ["train.global_batch=2000000000000"], "samples of shape [32, 32, 3] a rank need about"),
+    ("hdf5", ["train.global_batch=2000000000000"], "samples of shape [32, 32, 3] a rank need about"),
+    ("synthetic", ["model.widths=[3072, 2000000000, 10]"],
+     "model.widths = [3072, 2000000000, 10]: 6,166,000,000,010 parameters"),
+    ("synthetic", ["model.name='cnn'", "model.hidden=4000000000"],
+     "model.channels = [32, 64, 128], model.hidden = 4000000000: 8,236,000,093,258 parameters"),
 ])
-def test_data_that_would_not_fit_in_memory_is_refused_before_allocation(tmp_path, data, key, value, message):
+def test_data_or_model_that_would_not_fit_in_memory_is_refused_before_allocation(tmp_path, data, sets, message):
     if data == "hdf5":
         for name, n in (("train.h5", 64), ("val.h5", 32)):
             made = run_mpi(2, python_cmd("-m", "hpc_train.cli", "data", "synth", str(tmp_path / name), "--samples",
@@ -160,11 +164,20 @@ def test_data_that_would_not_fit_in_memory_is_refused_before_allocation(tmp_path
             assert made.returncode == 0, made.stderr
     job = tmp_path / "job.toml"
     job.write_text(SMALL_JOB)
-    sets = [f"{key}={value}"] + (["data.name='hdf5'", f"data.path='{tmp_path / 'train.h5'}'",
-                                        f"data.val_path='{tmp_path / 'val.h5'}'"] if data == "hdf5" else [])
+    sets = sets + (["data.name='hdf5'", f"data.path='{tmp_path / 'train.h5'}'",
+                    f"data.val_path='{tmp_path / 'val.h5'}'"] if data == "hdf5" else [])
     started = time.monotonic()
     proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "train", str(job), *(f"--set={s}" for s in sets)),
                    timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count(message) == 2 and proc.stderr.count("of memory available") == 2, proc.stderr
     assert time.monotonic() - started < 60
+
+
+def test_a_cnn_with_more_stages_than_the_image_can_halve_is_refused(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(SMALL_JOB)
+    proc = run_mpi(2, python_cmd("-m", "hpc_train.cli", "train", str(job), "--set=model.name='cnn'",
+                                 "--set=model.channels=[8, 8, 8, 8, 8, 8]"), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("6 stages halve (32, 32) images to nothing (at most 5 stages)") == 2, proc.stderr

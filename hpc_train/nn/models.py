@@ -49,5 +49,21 @@ def cnn(channels=(32, 64, 128), hidden: int = 256, classes: int = 10, *, input_s
     return Sequential(*layers)
 
 
+def mlp_parameters(widths) -> int:
+    """How many parameters `mlp(widths)` has, without building it (a job's size is checked first)."""
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=False))
+
+
+def cnn_parameters(channels=(32, 64, 128), hidden: int = 256, classes: int = 10, *, input_shape=(32, 32, 3),
+                   batchnorm: bool = False) -> int:
+    """How many parameters and statistics `cnn(...)` has, without building it."""
+    height, width, previous = input_shape
+    count = 0
+    for c in channels:
+        count += previous * c * 9 + c + (4 * c if batchnorm else 0)  # scale, shift, running mean and variance
+        previous, height, width = c, height // 2, width // 2
+    return count + mlp_parameters((height * width * previous, hidden, classes))
+
+
 # The models a job file names ([model] name); build_model in train/build.py passes each its keys.
 MODELS = {"mlp": mlp, "cnn": cnn}

@@ -37,18 +37,28 @@ class NumpyModels:
             raise JobFileError(f"model.name = {spec.name!r} classifies images; the data holds {data.layout} "
                                "(train those with model.name = 'torch' and a loss that fits them)")
         features = int(np.prod(input_shape))
+        host_ranks, available = runtime.topology().host_ranks, memory.available_bytes(runtime.world())
         if spec.name == "mlp":
             widths = tuple(spec.widths)
             if widths[0] != features or widths[-1] < classes:
                 raise JobFileError(f"model.widths = {list(widths)} does not fit the data: images of shape "
                                    f"{tuple(input_shape)} have {features} features and there are {classes} classes")
+            memory.check_model(f"model.widths = {list(widths)}", nn.mlp_parameters(widths), host_ranks, available)
             return nn.Classifier(nn.mlp(widths, activation=spec.activation, dropout=spec.dropout,
                                         seed=spec.seed))
         if len(input_shape) != 3:
             raise JobFileError(f"model.name = 'cnn' needs (height, width, channels) images, data has {input_shape}")
+        if min(input_shape[:2]) >> len(spec.channels) == 0:
+            raise JobFileError(f"model.channels = {list(spec.channels)}: {len(spec.channels)} stages halve "
+                               f"{tuple(input_shape[:2])} images to nothing (at most "
+                               f"{min(input_shape[:2]).bit_length() - 1} stages)")
         sync = spec.sync_batchnorm
-        return nn.Classifier(nn.cnn(tuple(spec.channels), spec.hidden, classes, input_shape=tuple(input_shape),
-                                    seed=spec.seed, batchnorm=spec.batchnorm or sync, sync_batchnorm=sync))
+        shape = dict(input_shape=tuple(input_shape), batchnorm=spec.batchnorm or sync)
+        memory.check_model(f"model.channels = {list(spec.channels)}, model.hidden = {spec.hidden}",
+                           nn.cnn_parameters(tuple(spec.channels), spec.hidden, classes, **shape), host_ranks,
+                           available)
+        return nn.Classifier(nn.cnn(tuple(spec.channels), spec.hidden, classes, seed=spec.seed,
+                                    sync_batchnorm=sync, **shape))
 
     @staticmethod
     def strategy(job, model, total_steps: int, timeline):

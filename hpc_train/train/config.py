@@ -27,13 +27,17 @@ from ..optim.distributed import COMPRESSIONS
 from . import tensorboard_log
 
 REQUIRED = object()  # a field default meaning "the job file must give it" (also used by study files)
+SEED_MAX = 2**32 - 1  # numpy and torch both take seeds in [0, 2^32)
 
 
 def key(default=REQUIRED, *, choices: tuple = (), minimum: float | None = None, above: float | None = None,
-        maximum: float | None = None, doc: str = ""):
+        maximum: float | None = None, below: float | None = None, each: type | None = None,
+        items: tuple[int, int | None] = (0, None), doc: str = ""):
     """A job-file key: its default (lists are copied), allowed values, inclusive `minimum`/`maximum`,
-    exclusive lower bound `above`, and what it means."""
-    meta = {"choices": tuple(choices), "minimum": minimum, "above": above, "maximum": maximum, "doc": doc}
+    exclusive `above`/`below`, and what it means. For an array, `each` is its elements' type (the
+    bounds then hold for every element) and `items` the (fewest, most) elements it may have."""
+    meta = {"choices": tuple(choices), "minimum": minimum, "above": above, "maximum": maximum, "below": below,
+            "each": each, "items": items, "doc": doc}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -57,14 +61,15 @@ class Section(Mapping):
 @dataclass(frozen=True)
 class ModelSection(Section):
     name: str = key(choices=(*nn.MODELS, "torch"), doc="which model of nn.MODELS, or 'torch': model.factory's")
-    widths: list = key([3072, 1024, 512, 10], doc="mlp: layer widths, input first, classes last")
-    activation: str = key("relu", choices=tuple(nn.ACTIVATIONS))
-    dropout: float = key(0.0, minimum=0.0, maximum=0.99)
-    channels: list = key([32, 64, 128], doc="cnn: channels of the conv stages")
+    widths: list = key([3072, 1024, 512, 10], each=int, minimum=1, items=(2, None),
+                       doc="mlp: layer widths, input first, classes last")
+    activation: str = key("relu", choices=tuple(nn.ACTIVATIONS), doc="mlp: between linear layers")
+    dropout: float = key(0.0, minimum=0.0, maximum=0.99, doc="mlp: share of activations zeroed in training")
+    channels: list = key([32, 64, 128], each=int, minimum=1, items=(1, None), doc="cnn: channels of the conv stages")
     hidden: int = key(256, minimum=1, doc="cnn: width of the hidden linear layer")
-    batchnorm: bool = key(False)
+    batchnorm: bool = key(False, doc="cnn: batch normalization after each conv (statistics of the rank's batch)")
     sync_batchnorm: bool = key(False, doc="cnn, torch: statistics over every rank's batch")
-    seed: int = key(0)
+    seed: int = key(0, minimum=0, maximum=SEED_MAX, doc="initial parameters (the same on every rank)")
     factory: str = key("", doc="torch: \"package.module:function\" returning a torch.nn.Module")
     kwargs: dict = key({}, doc="torch: keyword arguments of model.factory")
     loss: str = key("cross_entropy", doc="torch: one of hpc_train.torch.trainable.LOSSES")
@@ -72,58 +77,58 @@ class ModelSection(Section):
 
 @dataclass(frozen=True)
 class DataSection(Section):
-    name: str = key("synthetic", choices=data.DATASETS)
+    name: str = key("synthetic", choices=data.DATASETS, doc="synthetic: made in memory; hdf5: data.path")
     path: str = key("", doc="hdf5: the training file")
     val_path: str = key("", doc="hdf5: the validation file")
     collective: bool = key(True, doc="hdf5: collective MPI-IO reads")
     prefetch: int = key(2, minimum=1, doc="hdf5: batches read ahead (the queue between reader and trainer)")
-    train_samples: int = key(8000, minimum=1)
-    val_samples: int = key(2000, minimum=1)
-    shape: list = key([32, 32, 3])
-    classes: int = key(10, minimum=1)
-    noise: float = key(1.0, minimum=0.0)
-    seed: int = key(1)
+    train_samples: int = key(8000, minimum=1, doc="synthetic: training samples (every rank builds them all)")
+    val_samples: int = key(2000, minimum=1, doc="synthetic: validation samples")
+    shape: list = key([32, 32, 3], each=int, minimum=1, items=(1, None), doc="synthetic: a sample's shape")
+    classes: int = key(10, minimum=1, maximum=2**24, doc="synthetic: labels 0..classes-1")
+    noise: float = key(1.0, minimum=0.0, doc="synthetic: spread of samples around their class")
+    seed: int = key(1, minimum=0, maximum=SEED_MAX, doc="synthetic: the data drawn")
 
 
 @dataclass(frozen=True)
 class OptimizerSection(Section):
-    name: str = key("sgd", choices=factory.OPTIMIZERS)
-    lr: float = key(0.05, minimum=0.0)
-    momentum: float = key(0.9, minimum=0.0, maximum=1.0)
-    nesterov: bool = key(False)
-    weight_decay: float = key(0.0, minimum=0.0)
-    betas: list = key([0.9, 0.999])
-    eps: float = key(1e-8, above=0.0)
+    name: str = key("sgd", choices=factory.OPTIMIZERS, doc="the update rule")
+    lr: float = key(0.05, minimum=0.0, doc="learning rate (before the schedule)")
+    momentum: float = key(0.9, minimum=0.0, maximum=1.0, doc="sgd")
+    nesterov: bool = key(False, doc="sgd")
+    weight_decay: float = key(0.0, minimum=0.0, doc="L2 (sgd, adam) or decoupled (adamw)")
+    betas: list = key([0.9, 0.999], each=float, minimum=0.0, below=1.0, items=(2, 2), doc="adam, adamw")
+    eps: float = key(1e-8, above=0.0, doc="adam, adamw: added to the denominator")
 
 
 @dataclass(frozen=True)
 class ScheduleSection(Section):
-    name: str = key("constant", choices=factory.SCHEDULES)
-    warmup_steps: int = key(0, minimum=0)
-    min_lr: float = key(0.0, minimum=0.0)
-    step_size: int = key(1000, minimum=1)
-    gamma: float = key(0.1, above=0.0)
+    name: str = key("constant", choices=factory.SCHEDULES, doc="learning rate over the steps")
+    warmup_steps: int = key(0, minimum=0, doc="linear warm-up from 0")
+    min_lr: float = key(0.0, minimum=0.0, doc="cosine: the floor")
+    step_size: int = key(1000, minimum=1, doc="step: steps between decays")
+    gamma: float = key(0.1, above=0.0, doc="step: factor of each decay")
     scale_with_batch: bool = key(False, doc="linear scaling rule")
-    reference_batch: int = key(256, minimum=1)
+    reference_batch: int = key(256, minimum=1, doc="scale_with_batch: the batch lr is given for")
 
 
 @dataclass(frozen=True)
 class TrainSection(Section):
-    epochs: int = key(1, minimum=1)
+    epochs: int = key(1, minimum=1, doc="passes over the training set")
     max_steps: int = key(0, minimum=0, doc="steps of the whole run; 0: epochs * steps per epoch")
     steps_per_epoch: int = key(0, minimum=0, doc="steps of each epoch; 0: the whole training set")
-    global_batch: int = key(128, minimum=1)
-    seed: int = key(0)
-    drop_last: bool = key(False)
+    global_batch: int = key(128, minimum=1, doc="samples a step over all ranks (split evenly)")
+    seed: int = key(0, minimum=0, maximum=SEED_MAX, doc="shuffling of the training set")
+    drop_last: bool = key(False, doc="leave out a last short batch")
 
 
 @dataclass(frozen=True)
 class DistributedSection(Section):
-    bucket_mb: float = key(25.0, above=0.0)
-    compression: str = key("none", choices=("none", *COMPRESSIONS))
-    backward_passes_per_step: int = key(1, minimum=1)
-    stall_warning_s: float = key(60.0, above=0.0)
-    stall_abort_s: float = key(600.0, above=0.0)
+    bucket_mb: float = key(25.0, above=0.0, doc="gradients reduced together (MiB)")
+    compression: str = key("none", choices=("none", *COMPRESSIONS), doc="gradients on the wire")
+    backward_passes_per_step: int = key(1, minimum=1, doc="accumulation: backward passes per update")
+    stall_warning_s: float = key(60.0, above=0.0, doc="a collective waiting this long is reported")
+    stall_abort_s: float = key(600.0, above=0.0, doc="and this long ends the job (> stall_warning_s)")
     zero_stage: int = key(0, choices=(0, *sharded.STAGES), doc="0: data parallel; 1-3: ZeRO")
     node_shared: bool = key(True, doc="plain data parallel keeps one copy of parameters and state per node")
 
@@ -137,27 +142,27 @@ class PsSection(Section):
     tau: int = key(4, minimum=1, doc="easgd: steps between exchanges with the center")
     alpha: float = key(0.5, above=0.0, maximum=1.0, doc="easgd: moving rate")
     servers: int = key(0, minimum=0, doc="ranks hosting parameters: 0 = every rank, K = ranks 0..K-1")
-    slow_rank: int = key(-1, doc="straggler injection: this rank sleeps slow_by_s every step")
-    slow_by_s: float = key(0.0, minimum=0.0)
+    slow_rank: int = key(-1, minimum=-1, doc="straggler injection: this rank sleeps slow_by_s every step (-1: none)")
+    slow_by_s: float = key(0.0, minimum=0.0, doc="straggler injection: seconds")
 
 
 @dataclass(frozen=True)
 class CheckpointSection(Section):
     every_steps: int = key(0, minimum=0, doc="0: no checkpoints")
-    keep_last: int = key(3, minimum=0)
-    directory: str = key("results/checkpoints")
+    keep_last: int = key(3, minimum=0, doc="checkpoints kept (0: all)")
+    directory: str = key("results/checkpoints", doc="where checkpoints are written")
     resume: str = key("", doc="'' | 'auto' (newest complete checkpoint, if any) | a checkpoint path")
-    signals: list = key(list(preemption.DEFAULT_SIGNALS),
+    signals: list = key(list(preemption.DEFAULT_SIGNALS), each=str,
                         doc="signals that stop the run at the next step, after a checkpoint (exit code 75); "
                             "[]: they keep their default action")
 
 
 @dataclass(frozen=True)
 class LogSection(Section):
-    metrics: str = key("results/metrics.jsonl")
-    every_steps: int = key(10, minimum=1)
-    progress: bool = key(True)
-    timeline: str = key("")
+    metrics: str = key("results/metrics.jsonl", doc="JSON lines of steps, epochs and the summary")
+    every_steps: int = key(10, minimum=1, doc="a metrics record every N steps")
+    progress: bool = key(True, doc="a progress bar on rank 0")
+    timeline: str = key("", doc="a Chrome trace of every rank ('': none)")
     tensorboard: str = key("", doc="a folder for TensorBoard event files (extra hpc_train[tensorboard]); '': none")
 
 
@@ -166,7 +171,7 @@ class ElasticSection(Section):
     """`hpc-train train --elastic`: restarts after a lost host (see hpc_train.elastic)."""
 
     min_ranks: int = key(1, minimum=1, doc="never restart on fewer ranks")
-    max_restarts: int = key(3, minimum=0)
+    max_restarts: int = key(3, minimum=0, doc="restarts before giving up")
     probe_port: int = key(22, minimum=1, maximum=65535, doc="TCP port a host's liveness is probed on")
     probe_timeout_s: float = key(3.0, above=0.0, doc="a host silent this long is taken as lost")
 
@@ -195,6 +200,43 @@ class Job(Section):
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Job)[f.name] for f in dataclasses.fields(Job)}
 _KINDS = {int: (int,), float: (int, float), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}
+
+
+def reference() -> str:
+    """Every job-file key as a Markdown table: type, default, valid values and meaning (`hpc-train keys`,
+    docs/job-keys.md), made from the declarations above so that it cannot drift from them."""
+    lines = ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            kind = type_name(hints[f.name]) + (f" of {type_name(meta['each'])}" if meta["each"] else "")
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"| `{name}.{f.name}` | {kind} | `{'(required)' if default is REQUIRED else repr(default)}` | "
+                         f"{_valid(meta)} | {meta['doc'].replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _valid(meta: dict) -> str:
+    """A key's choices and bounds in words: "one of ...", ">= 1", "(0, 1]", "2 elements, each >= 0"."""
+    if meta["choices"]:
+        return "one of " + ", ".join(f"`{c!r}`" for c in meta["choices"])
+    low = ("[", meta["minimum"]) if meta["minimum"] is not None else ("(", meta["above"])
+    high = (meta["maximum"], "]") if meta["maximum"] is not None else (meta["below"], ")")
+    if low[1] is not None and high[0] is not None:
+        bound = f"{low[0]}{low[1]}, {high[0]}{high[1]}"
+    elif low[1] is not None:
+        bound = f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+    elif high[0] is not None:
+        bound = f"{'<=' if high[1] == ']' else '<'} {high[0]}"
+    else:
+        bound = "finite" if meta["each"] is float else ""
+    if meta["each"] is None:
+        return bound
+    fewest, most = meta["items"]
+    count = f"{fewest}" if fewest == most else f"at least {fewest}" if most is None else f"{fewest} to {most}"
+    count += " element" if count.endswith(" 1") or count == "1" else " elements"
+    return ", ".join(part for part in (count if fewest else "", f"each {bound}" if bound else "") if part)
 
 
 def suggest(word: str, options) -> str:
@@ -243,11 +285,26 @@ def load(path: str | Path, overrides: list[str] = ()) -> Job:
 
 def _checked(source: str, dotted: str, value, kind, meta: dict):
     """The value of one key, or JobFileError saying what is wrong with it."""
+    value = _in_range(source, dotted, value, kind, meta)
+    if meta["each"] is not None:
+        fewest, most = meta["items"]
+        if len(value) < fewest or most is not None and len(value) > most:
+            count = f"{fewest}" if fewest == most else f"at least {fewest}" if most is None else f"{fewest}-{most}"
+            raise JobFileError(f"{source}: '{dotted}' must have {count} elements, got {len(value)}: {value!r}")
+        for i, item in enumerate(value):
+            _in_range(source, f"{dotted}[{i}]", item, meta["each"], meta)
+    return value
+
+
+def _in_range(source: str, dotted: str, value, kind, meta: dict):
+    """`value` if it is of `kind` and within the key's choices and bounds (numbers only)."""
     kinds = _KINDS[kind]
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise JobFileError(f"{source}: '{dotted}' must be {type_name(kinds)}, got {value!r}")
     if meta["choices"] and value not in meta["choices"]:
         raise JobFileError(f"{source}: '{dotted}' = {value!r}: expected one of {meta['choices']}")
+    if not isinstance(value, int | float):
+        return value
     if isinstance(value, float) and not math.isfinite(value):
         raise JobFileError(f"{source}: '{dotted}' must be a finite number, got {value!r}")
     if meta["above"] is not None and not value > meta["above"]:
@@ -258,6 +315,8 @@ def _checked(source: str, dotted: str, value, kind, meta: dict):
         raise JobFileError(f"{source}: '{dotted}' must be {what}, got {value}")
     if meta["maximum"] is not None and value > meta["maximum"]:
         raise JobFileError(f"{source}: '{dotted}' must be <= {meta['maximum']}, got {value}")
+    if meta["below"] is not None and not value < meta["below"]:
+        raise JobFileError(f"{source}: '{dotted}' must be < {meta['below']}, got {value}")
     return value
 
 

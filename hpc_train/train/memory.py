@@ -56,6 +56,18 @@ def check_synthetic_set(data, host_ranks: int, available: int | None) -> None:
                            f"the {gib(available)} of memory available")
 
 
+def check_model(what: str, parameters: int, host_ranks: int, available: int | None) -> None:
+    """Every rank builds the whole model before its strategy shards or shares it: one float32 copy
+    of its parameters a rank is the least any strategy needs (gradients and optimizer state come on top)."""
+    if available is None:
+        return
+    per_rank = parameters * FLOAT_BYTES
+    if per_rank * host_ranks > available:
+        raise JobFileError(f"{what}: {parameters:,} parameters, {gib(per_rank)} as float32 on each of this node's "
+                           f"{host_ranks} ranks (every rank builds the whole model), {gib(per_rank * host_ranks)} "
+                           f"in all, more than the {gib(available)} of memory available")
+
+
 def check_batches(global_batch: int, batch: int, sample_shape, stored_bytes: int, prefetch: int, host_ranks: int,
                   available: int | None) -> None:
     """A rank's batches in flight: the one in use, `prefetch` queued and one being read, each as
