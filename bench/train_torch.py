@@ -11,7 +11,11 @@ jobs/torch_gpt.toml, windows of 128 bytes, 16 a rank), batch fixed per rank
 time-boxed; sides are interleaved within a repeat and the median over repeats of each run's median step
 (its slowest rank's) is kept. `plain` is one process training alone; at 2 ranks it is two such processes
 running at once without communicating: the contention baseline of a node whose ranks share memory
-bandwidth. Ranks beyond the machine's cores are oversubscribed (marked in the table).
+bandwidth. `ddp-barrier` is the same DDP script over a backend whose every collective is an MPI barrier and
+moves nothing: DDP's own work (copying gradients into its buckets and back, its hooks) and the ranks
+waiting for each other once a bucket, the least step time any backend can give that script; its
+ranks do not average, so its losses are not compared. Ranks beyond the machine's cores are
+oversubscribed (marked in the table).
 
 Reports step time, samples/s, weak-scaling efficiency t(plain, 1) / t(side, n), exposed communication
 (ours: waiting for buckets after backward plus the node barrier), and the per-step losses of rank 0 for
@@ -31,7 +35,7 @@ from pathlib import Path
 
 from train import WIDTHS, rank_results, timed_steps
 
-SIDES = ("plain", "ddp-gloo", "ddp-hpc", "ours-replicas", "ours-node-shared", "horovod")
+SIDES = ("plain", "ddp-barrier", "ddp-gloo", "ddp-hpc", "ours-replicas", "ours-node-shared", "horovod")
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,50 @@ MODELS = {"mlp": Model("MLP " + "-".join(map(str, WIDTHS)), "mlp", {"widths": li
                        16, (128,), tokens=True)}
 
 
+def register_null_backend() -> None:
+    """The backend "nothing" of the `ddp-barrier` side: every collective is a barrier and moves nothing."""
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    class Done(dist._Work):
+        def __init__(self, outputs):
+            super().__init__()
+            self._future = torch.futures.Future()
+            self._future.set_result(outputs)
+
+        def wait(self, timeout=None) -> bool:
+            return True
+
+        def is_completed(self) -> bool:
+            return True
+
+        def get_future(self):
+            return self._future
+
+    class Nothing(dist.ProcessGroup):
+        def getBackendName(self) -> str:
+            return "nothing"
+
+        def allreduce(self, tensors, opts):
+            MPI.COMM_WORLD.Barrier()
+            return Done(tensors)
+
+        broadcast = allreduce
+
+        def allgather(self, output_lists, inputs, opts):  # DDP's start-up check of parameter shapes
+            for outputs, tensor in zip(output_lists, inputs, strict=True):
+                for output in outputs:
+                    output.copy_(tensor)
+            return Done(output_lists)
+
+        def barrier(self, opts):
+            return self.allreduce([], opts)
+
+    dist.Backend.register_backend("nothing", lambda options, _=None: Nothing(options.group_rank, options.group_size),
+                                  extended_api=True, devices=["cpu"])
+
+
 def worker(args) -> dict:
     import torch
 
@@ -91,8 +139,10 @@ def worker(args) -> dict:
 
             dist.init_process_group("hpc")
         else:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank,
-                                    world_size=size)
+            if args.worker == "ddp-barrier":
+                register_null_backend()
+            dist.init_process_group({"ddp-barrier": "nothing"}.get(args.worker, "gloo"),
+                                    init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=size)
         model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_mb)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     elif args.worker.startswith("ours"):
@@ -211,9 +261,10 @@ def main() -> int:
     if any(r["oversubscribed"] for r in rows):
         print("# * oversubscribed: more ranks than cores")
     for n in ranks:
-        if ("ddp-hpc", n) in by and ("ddp-gloo", n) in by:
-            print(f"# {n} rank(s): ddp-hpc / ddp-gloo step time = "
-                  f"{by[('ddp-hpc', n)]['step_ms'] / by[('ddp-gloo', n)]['step_ms']:.2f}")
+        for ddp in ("ddp-hpc", "ddp-barrier"):
+            if (ddp, n) in by and ("ddp-gloo", n) in by:
+                print(f"# {n} rank(s): {ddp} / ddp-gloo step time = "
+                      f"{by[(ddp, n)]['step_ms'] / by[('ddp-gloo', n)]['step_ms']:.2f}")
         for ours in ("ours-node-shared", "ours-replicas"):
             for other in ("ddp-gloo", "horovod", "plain"):
                 if (ours, n) in by and (other, 1 if other == "plain" else n) in by:

@@ -1,6 +1,7 @@
 """The C flag waits of the shared-memory allreduce (flagshm.c) never spin forever (serial tests
-that launch mpirun): a peer that never arrives becomes an error naming it, and Ctrl-C reaches a
-rank that waits. Plain library programs: no trainer, no stall watchdog."""
+that launch mpirun): a peer that never arrives becomes an error naming it, Ctrl-C reaches a rank
+that waits, and a waiting rank sleeps instead of taking its core. Plain library programs: no
+trainer, no stall watchdog."""
 
 from __future__ import annotations
 
@@ -79,3 +80,29 @@ def test_ctrl_c_reaches_a_rank_waiting_for_its_peers(tmp_path):
     _, err = finish(proc, timeout=60)
     assert proc.returncode != 0 and time.monotonic() - interrupted < 30
     assert "uncaught exception on rank 0" in err and "KeyboardInterrupt" in err, err[-3000:]
+
+
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time, as the kernel counts it."""
+    from pathlib import Path
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("size", [1000, 1_000_000], ids=["small-path", "pipeline"])
+def test_a_rank_waiting_for_a_late_peer_sleeps_instead_of_spinning(tmp_path, size):
+    """A rank shares its core with its own compute (backward beside the engine thread) or, when
+    oversubscribed, with the peer it waits for: after a short spin it must sleep, not take the core."""
+    proc = launch(tmp_path, size, sleeper=1, timeout_s=600)
+    try:
+        waiting = pid_of(tmp_path, 0, proc, time.monotonic() + 120)
+        time.sleep(0.5)  # rank 0 is in the C wait for rank 1, which sleeps
+        before, start = cpu_seconds(waiting), time.monotonic()
+        time.sleep(2)
+        used, elapsed = cpu_seconds(waiting) - before, time.monotonic() - start
+        assert proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert used < 0.2 * elapsed, f"rank 0 used {used:.2f} s of CPU in {elapsed:.2f} s of waiting"

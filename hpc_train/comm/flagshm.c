@@ -3,7 +3,9 @@
  * Every rank owns a segment of a node-shared MPI window laid out as
  *   [0, 8)                    uint64 sequence number of the small path, owner-written
  *   [8, 16)                   uint64 "gave up" flag, owner-written (see below)
- *   [64, 128)                 uint64 step counter of the pipeline, owner-written
+ *   [16, 20)                  uint32 how many peers sleep waiting for the sequence number
+ *   [64, 72)                  uint64 step counter of the pipeline, owner-written
+ *   [80, 84)                  uint32 how many peers sleep waiting for the step counter
  *   [128, 128 + 2*slot)       two data slots of the small path
  *   [.., .. + NBUF*chunk)     the pipeline's ring of chunk buffers
  *
@@ -14,6 +16,12 @@
  * later, after every peer has published the call in between, which they do only
  * once they finished reading it. Everything that can fail is checked before the
  * sequence number is published, so an error never leaves peers half-way.
+ *
+ * Waiting spins for SPIN_NS, then sleeps on the counter (a futex on the shared page): ranks share
+ * their core with their own compute (backward runs beside the engine thread that reduces the
+ * finished buckets), and a spinning waiter took half that core from it until the peer came. A
+ * counter's owner wakes the sleepers after publishing, only when some sleep (the waiter announces
+ * itself, then looks at the counter again, so that a wake is never lost).
  *
  * No endless waits: a wait gives up when a peer has not arrived within the context's
  * timeout, or when the peer it waits for has given up itself; called from the main
@@ -31,11 +39,18 @@
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#ifdef __linux__
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define HEADER 128
 #define NBUF 4
-#define SPINS_BEFORE_YIELD 4000
-#define SPINS_PER_CHECK 1024          /* spins between looks at the clock and the peers' flags */
+#define SPIN_NS 20000LL               /* a wait spins this long, then sleeps until the counter moves */
+#define SLEEP_NS 10000000LL           /* a sleep ends after this long at most, for the checks below */
+#define SPINS_PER_CHECK 256           /* spins between looks at the clock and the peers' flags */
 #define CHECK_NS 100000000LL          /* main thread: Python signal handlers run this often */
 
 typedef struct {
@@ -58,6 +73,44 @@ enum { OP_SUM, OP_PROD, OP_MAX, OP_MIN, OP_MEAN };
 static inline volatile uint64_t *flag_of(Context *c, int q) { return (volatile uint64_t *)c->segments[q]; }
 static inline volatile uint64_t *gave_up_of(Context *c, int q) { return (volatile uint64_t *)(c->segments[q] + 8); }
 static inline volatile uint64_t *step_of(Context *c, int q) { return (volatile uint64_t *)(c->segments[q] + 64); }
+/* The sleepers' count beside a counter (16 bytes on), and the counter's low 32 bits: the futex word. */
+static inline volatile uint32_t *sleepers_of(volatile uint64_t *counter) {
+    return (volatile uint32_t *)((volatile char *)counter + 16);
+}
+static inline uint32_t *futex_word(volatile uint64_t *counter) {
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return (uint32_t *)counter + 1;
+#else
+    return (uint32_t *)counter;
+#endif
+}
+
+/* Set this rank's counter to `value` and wake whoever sleeps on it. The store and the load of the
+ * sleepers' count are sequentially consistent, as are a waiter's announcement and its second look
+ * at the counter: either the waiter sees the new value, or this sees the waiter. */
+static void publish(volatile uint64_t *counter, uint64_t value) {
+    __atomic_store_n(counter, value, __ATOMIC_SEQ_CST);
+#ifdef __linux__
+    if (__atomic_load_n(sleepers_of(counter), __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, futex_word(counter), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+#endif
+}
+
+/* Sleep until the counter moves past `seen` (or SLEEP_NS passes); where there is no futex, yield. */
+static void sleep_on(volatile uint64_t *counter, uint64_t seen, uint64_t value) {
+#ifdef __linux__
+    __atomic_fetch_add(sleepers_of(counter), 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(counter, __ATOMIC_SEQ_CST) < value) {
+        struct timespec most = {0, SLEEP_NS};
+        syscall(SYS_futex, futex_word(counter), FUTEX_WAIT, (uint32_t)seen, &most, NULL, 0);
+    }
+    __atomic_fetch_sub(sleepers_of(counter), 1, __ATOMIC_SEQ_CST);
+#else
+    (void)counter; (void)seen; (void)value;
+    sched_yield();
+#endif
+}
+
 static inline char *ring_of(Context *c, int q, uint64_t chunk) {
     return c->segments[q] + HEADER + 2 * c->slot_bytes + (Py_ssize_t)(chunk % NBUF) * c->chunk_bytes;
 }
@@ -138,18 +191,22 @@ static int wait_for_all(Context *c, volatile uint64_t *(*counter)(Context *, int
     const int64_t start = now_ns();
     int64_t next_signals = start + CHECK_NS;
     for (int q = 0; q < c->size; q++) {
+        volatile uint64_t *peer = counter(c, q);
         long spins = 0;
-        while (__atomic_load_n(counter(c, q), __ATOMIC_ACQUIRE) < value) {
-            if (++spins < SPINS_BEFORE_YIELD) {
+        uint64_t seen;
+        while ((seen = __atomic_load_n(peer, __ATOMIC_ACQUIRE)) < value) {
+            if (++spins % SPINS_PER_CHECK) {
 #if defined(__x86_64__) || defined(__i386__)
                 __builtin_ia32_pause();
 #endif
-            } else {
-                sched_yield(); /* oversubscribed nodes: let the peer we wait for run */
+                continue;
             }
-            if (spins % SPINS_PER_CHECK) continue;
             if (__atomic_load_n(gave_up_of(c, q), __ATOMIC_ACQUIRE)) return WAIT_PEER_GAVE_UP;
-            const int64_t t = now_ns();
+            int64_t t = now_ns();
+            if (t - start > SPIN_NS) {
+                sleep_on(peer, seen, value);
+                t = now_ns();
+            }
             if (c->timeout_ns > 0 && t - start > c->timeout_ns) return WAIT_TIMEOUT;
             if (on_main && t >= next_signals) {
                 PyEval_RestoreThread(*save);
@@ -239,7 +296,7 @@ static PyObject *Context_allreduce(Context *c, PyObject *const *args, Py_ssize_t
     const int on_main = PyThread_get_thread_ident() == c->main_thread;
     uint64_t seq = ++c->seq;
     memcpy(slot_of(c, c->rank, seq), in.buf, (size_t)in.len);
-    __atomic_store_n(flag_of(c, c->rank), seq, __ATOMIC_RELEASE);
+    publish(flag_of(c, c->rank), seq);
     Py_ssize_t n = in.len / in.itemsize;
     Py_BEGIN_ALLOW_THREADS
     waited = wait_for_all(c, flag_of, seq, &_save, on_main);
@@ -310,7 +367,7 @@ static PyObject *Context_pipeline(Context *c, PyObject *const *args, Py_ssize_t 
         }
         if (t <= nchunks) {
             step = ++c->step;
-            __atomic_store_n(step_of(c, r), step, __ATOMIC_RELEASE);
+            publish(step_of(c, r), step);
             waited = wait_for_all(c, step_of, step, &_save, on_main);
             if (waited != WAIT_OK) break;
         }
