@@ -37,6 +37,7 @@ class NumpyModels:
             raise JobFileError(f"model.name = {spec.name!r} classifies images; the data holds {data.layout} "
                                "(train those with model.name = 'torch' and a loss that fits them)")
         features = int(np.prod(input_shape))
+        # read again after the loaders were built: what the data took is no longer available
         host_ranks, available = runtime.topology().host_ranks, memory.available_bytes(runtime.world())
         if spec.name == "mlp":
             widths = tuple(spec.widths)
