@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import hpc_train.torch as htt  # noqa: E402
+from hpc_train.torch.node_shared import ELEMENTWISE  # noqa: E402
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -204,6 +205,18 @@ def test_training_matches_one_process_on_the_global_batch(comm, mode, name, buck
     assert torch.equal(model.unused_head.weight, Net(bf16).unused_head.weight)  # and the optimizer left it alone
     assert model.frozen.weight.grad is None and torch.equal(model.frozen.weight, Net(bf16).frozen.weight)
     assert model.rank0_head.weight.grad is not None  # used on rank 0 only: zeros elsewhere, averaged
+    opt.close()
+
+
+@pytest.mark.parametrize("cls", ELEMENTWISE, ids=lambda cls: cls.__name__)
+def test_node_shared_steps_every_elementwise_optimizer_as_one_process_would(comm, cls):
+    """Including where node-shared mode picks torch's fused kernel for a piece (the user left it unset)."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    make = lambda params: cls(params, lr=0.01)  # noqa: E731
+    model, opt = train_ours(r, make, 3, 1, False, "passes", bucket_mb=0.0002, node_shared=True)
+    reference, reference_opt = train_reference(p, make, 3, 1, False)
+    assert_matches_reference(comm, model, reference, False)
+    assert_same_state(opt.state_dict(), reference_opt.state_dict(), False)
     opt.close()
 
 
@@ -509,6 +522,43 @@ def test_gradients_are_views_of_the_fusion_buffer_and_survive_set_to_none(comm, 
         model(batch(1, r), r).backward()
         opt.zero_grad()
     opt.step()
+    opt.close()
+
+
+class Alternating(torch.nn.Module):
+    """A head each rank uses every other step, the ranks out of phase: last step's gradient of a
+    parameter this rank did not use now must count as zeros, not as what its buffer still holds."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.body, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+    def forward(self, step: int, rank: int):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(100 * step + rank))
+        h = torch.tanh(self.body(x))
+        return h.pow(2).mean() + (self.head(h).pow(2).mean() if (step + rank) % 2 == 0 else 0)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_zero_grad_either_way_leaves_no_stale_gradient(comm, mode, set_to_none):
+    p, r = comm.Get_size(), comm.Get_rank()
+    model, reference = Alternating(), Alternating()
+    opt = htt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
+                                   node_shared=MODES[mode])
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        opt.zero_grad(set_to_none=set_to_none)
+        expected = None if set_to_none else 0.0
+        assert all((q.grad is None) if expected is None else not q.grad.any() for q in model.parameters())
+        model(step, r).backward()
+        opt.step()
+        plain.zero_grad()
+        (sum(reference(step, q) for q in range(p)) / p).backward()
+        plain.step()
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-7), name
     opt.close()
 
 

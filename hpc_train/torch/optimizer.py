@@ -441,15 +441,21 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return root
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the fusion buffers; gradients stay views of them (`set_to_none` is ignored, as in DDP
-        with gradient_as_bucket_view: a None gradient would cost a copy at the next backward)."""
+        """Clear the gradients. With `set_to_none` (torch's default) they become None: backward then
+        hands each new gradient over whole and the hook copies it into its place in the fusion buffer,
+        where zeroing the buffer first would cost a pass over it and make backward add into it. With
+        `set_to_none=False` the buffers are zeroed and the gradients stay views of them."""
         if self._reducing:
             raise RuntimeError("DistributedOptimizer.zero_grad() was called after backward() but before step() "
                                "or synchronize(): gradients are still being reduced")
-        for flat in self._flats:
-            flat[...] = 0
-        for (_, p), view in zip(self._params, self._views, strict=True):
-            p.grad = view
+        if set_to_none:
+            for _, p in self._params:
+                p.grad = None
+        else:
+            for flat in self._flats:
+                flat[...] = 0
+            for (_, p), view in zip(self._params, self._views, strict=True):
+                p.grad = view
         self.queue.reset()
         self._used[:] = 0
 
