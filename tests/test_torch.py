@@ -208,11 +208,13 @@ def test_training_matches_one_process_on_the_global_batch(comm, mode, name, buck
     opt.close()
 
 
-@pytest.mark.parametrize("cls", ELEMENTWISE, ids=lambda cls: cls.__name__)
-def test_node_shared_steps_every_elementwise_optimizer_as_one_process_would(comm, cls):
-    """Including where node-shared mode picks torch's fused kernel for a piece (the user left it unset)."""
+@pytest.mark.parametrize("cls, implementation", [(cls, {}) for cls in ELEMENTWISE] + [
+    (torch.optim.SGD, {"fused": True, "momentum": 0.9}), (torch.optim.AdamW, {"fused": True}),
+    (torch.optim.Adam, {"foreach": True})], ids=lambda value: getattr(value, "__name__", str(value)))
+def test_node_shared_steps_every_elementwise_optimizer_as_one_process_would(comm, cls, implementation):
+    """With the implementation the optimizer names, which each piece's update keeps."""
     p, r = comm.Get_size(), comm.Get_rank()
-    make = lambda params: cls(params, lr=0.01)  # noqa: E731
+    make = lambda params: cls(params, lr=0.01, **implementation)  # noqa: E731
     model, opt = train_ours(r, make, 3, 1, False, "passes", bucket_mb=0.0002, node_shared=True)
     reference, reference_opt = train_reference(p, make, 3, 1, False)
     assert_matches_reference(comm, model, reference, False)

@@ -48,42 +48,13 @@ def refusal(optimizer: torch.optim.Optimizer, compression) -> str | None:
     return None
 
 
-def fused_where_unchosen(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each param group's implementation for the node's update: torch's fused kernel (one pass over
-    parameters, gradients and state instead of one a tensor operation) where the group left the choice
-    to torch (`foreach` and `fused` unset), the class has one that runs on CPU, and its parameters are
-    float32 or float64; else what the group says. In those dtypes the fused kernels round as torch's
-    for-loop does but for an ulp here and there; in 16-bit ones they compute in float32 and round
-    once, which drifts from the for-loop, so those keep it. foreach=False keeps it everywhere."""
-    cls = type(optimizer)
-    chosen = []
-    for group in optimizer.param_groups:
-        choice = {}
-        if ("fused" in inspect.signature(cls.__init__).parameters and group.get("fused") is None
-                and group.get("foreach") is None and not group.get("differentiable")
-                and all(p.dtype in (torch.float32, torch.float64) for p in group["params"])):
-            probe = torch.zeros(2)
-            probe.grad = torch.ones_like(probe)
-            try:  # torch says at the first step whether its kernel runs here
-                _same_kind(optimizer, [[probe] if g is group else [] for g in optimizer.param_groups],
-                           [{"fused": True} if g is group else {} for g in optimizer.param_groups]).step()
-                choice = {"fused": True}
-            except RuntimeError:
-                pass
-        chosen.append(choice)
-    return chosen
-
-
-def _same_kind(optimizer: torch.optim.Optimizer, params_per_group: list[list],
-               implementations: list[dict] | None = None) -> torch.optim.Optimizer:
-    """A fresh optimizer of `optimizer`'s class, each param group's hyperparameters kept (its
-    implementation replaced where `implementations` says), on other tensors."""
+def _same_kind(optimizer: torch.optim.Optimizer, params_per_group: list[list]) -> torch.optim.Optimizer:
+    """A fresh optimizer of `optimizer`'s class, each param group's hyperparameters kept, on other tensors."""
     cls = type(optimizer)
     accepted = inspect.signature(cls.__init__).parameters
     defaults = {key: value for key, value in optimizer.defaults.items() if key in accepted}
-    implementations = implementations or [{} for _ in optimizer.param_groups]
-    groups = [dict(group, params=params, **implementation) for group, params, implementation
-              in zip(optimizer.param_groups, params_per_group, implementations, strict=True)]
+    groups = [dict(group, params=params) for group, params in zip(optimizer.param_groups, params_per_group,
+                                                                   strict=True)]
     return cls(groups, **defaults)
 
 
@@ -95,11 +66,11 @@ class StateKinds(NamedTuple):
     scalars: dict
 
 
-def state_kinds(optimizer: torch.optim.Optimizer, implementations: list[dict] | None = None) -> list[StateKinds]:
+def state_kinds(optimizer: torch.optim.Optimizer) -> list[StateKinds]:
     """Each param group's state entries, from one step of a fresh optimizer of the same class and
     hyperparameters on a two-element stand-in per group (an entry shaped like it is per element)."""
     probes = [torch.zeros(2) for _ in optimizer.param_groups]
-    twin = _same_kind(optimizer, [[probe] for probe in probes], implementations)
+    twin = _same_kind(optimizer, [[probe] for probe in probes])
     for probe in probes:
         probe.grad = torch.ones(2)
     twin.step()
@@ -137,15 +108,13 @@ class _Update:
         by_group = [[] for _ in node.optimizer.param_groups]
         for piece in pieces:
             by_group[node.group_of[piece.index]].append(piece.tensor)
-        self.optimizer = _same_kind(node.optimizer, by_group, node.implementations)
+        self.optimizer = _same_kind(node.optimizer, by_group)
         self.views = [{kind: node._state[kind][piece.k][piece.start : piece.stop]
                        for kind in node.kinds[node.group_of[piece.index]].elementwise} for piece in pieces]
 
     def step(self, used: np.ndarray) -> None:
-        for outer, inner, implementation in zip(self.node.optimizer.param_groups, self.optimizer.param_groups,
-                                                self.node.implementations, strict=True):
-            # hyperparameters as they are now (schedulers set lr there), in this node's implementation
-            inner.update({key: value for key, value in outer.items() if key != "params"}, **implementation)
+        for outer, inner in zip(self.node.optimizer.param_groups, self.optimizer.param_groups, strict=True):
+            inner.update({key: value for key, value in outer.items() if key != "params"})  # schedulers set lr there
         for piece in self.pieces:
             piece.tensor.grad = piece.grad if used[piece.index] else None
         self.optimizer.step()
@@ -198,8 +167,7 @@ class NodeShared:
         self.optimizer, self.params, self.slots, self._grads = optimizer, params, slots, grads
         self._regions = regions
         self._buckets = [grads[k][start:stop] for k, start, stop in regions]  # what is reduce-scattered
-        self.implementations = fused_where_unchosen(optimizer)
-        self.kinds = state_kinds(optimizer, self.implementations)
+        self.kinds = state_kinds(optimizer)
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.group_of = [group_of[id(p)] for _, p in params]
         values = [node_shared_array(g.size, g.dtype, comm=comm) for g in grads]
